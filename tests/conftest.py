@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random Llama (GQA) and, where it matters, the real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+torch.set_num_threads(int(os.environ.get("TYR_THREADS", "0") or 0) or torch.get_num_threads())
+
+
+def compose(config_name: str, overrides: list[str] | None = None):
+    """Compose a config from conf/ the way a recipe would (without running Hydra's app)."""
+    from hydra import compose as _compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return _compose(config_name=config_name, overrides=overrides or [])
+
+
+def load_from_conf(model: str):
+    from hydra.utils import instantiate
+
+    from tyr.models import load_model
+
+    cfg = compose("evaluate", [f"model={model}"])
+    return load_model(cfg.model.name, instantiate(cfg.model.source), cfg.model.dtype)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """tiny-llama from conf/model: 4 layers, hidden 64, 4 query / 2 KV heads, random weights."""
+    return load_from_conf("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model (converted once from the GGUF package, cached)."""
+    return load_from_conf("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tokens"))

@@ -1,0 +1,61 @@
+"""Token sets: built from real text, saved as int32 safetensors with metadata, round-trip exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tyr.data import TextTooShortError, TokenSet, TokenSetSpec, build_token_set, get_token_set, load_text, tokenize_text
+
+
+def test_round_trip(tiny, tmp_path):
+    spec = TokenSetSpec("c4[0:50]", seq_len=64, num_sequences=10, sampling="random", seed=3)
+    ts = build_token_set(spec, tiny.tokenizer, "smollm2-135m")
+    assert ts.input_ids.shape == (10, 64) and ts.input_ids.dtype == torch.int64
+    ts.save(tmp_path / "t.safetensors")
+    back = TokenSet.load(tmp_path / "t.safetensors")
+    assert torch.equal(back.input_ids, ts.input_ids)
+    assert back.metadata == ts.metadata
+    for k in ("source", "seq_len", "seed", "tokenizer", "tokenizer_id", "sampling", "num_sequences"):
+        assert k in back.metadata
+    assert back.metadata["seq_len"] == "64" and back.metadata["source"] == "c4[0:50]"
+
+
+def test_random_windows_seeded_and_distinct(tiny):
+    a = build_token_set(TokenSetSpec("c4[0:50]", 32, 20, seed=1), tiny.tokenizer).input_ids
+    b = build_token_set(TokenSetSpec("c4[0:50]", 32, 20, seed=1), tiny.tokenizer).input_ids
+    c = build_token_set(TokenSetSpec("c4[0:50]", 32, 20, seed=2), tiny.tokenizer).input_ids
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len({tuple(r.tolist()) for r in a}) == 20
+
+
+def test_contiguous_windows_are_the_tokenized_text(tiny):
+    ids = tokenize_text(load_text("ptb_test"), tiny.tokenizer)
+    ts = build_token_set(TokenSetSpec("ptb_test", 128, -1, sampling="contiguous"), tiny.tokenizer)
+    n = len(ids) // 128
+    assert ts.input_ids.shape == (n, 128)
+    assert torch.equal(ts.input_ids.reshape(-1), torch.as_tensor(ids[: n * 128]))
+
+
+def test_calibration_and_search_sources_are_disjoint():
+    calib, search = load_text("c4[0:600]"), load_text("c4[600:1000]")
+    assert calib and search and calib.split("\n\n")[-1] not in search
+
+
+def test_text_too_short_is_a_clear_error(tiny):
+    with pytest.raises(TextTooShortError, match="asked for 100000 windows"):
+        build_token_set(TokenSetSpec("c4[0:2]", 512, 100000), tiny.tokenizer)
+
+
+def test_unknown_source():
+    with pytest.raises(ValueError, match="unknown text source"):
+        load_text("bookcorpus")
+
+
+def test_cache_reuses_file(tiny, tmp_path):
+    spec = TokenSetSpec("c4[0:20]", 32, 4, seed=0)
+    a = get_token_set(spec, tiny.tokenizer, tmp_path)
+    files = list(tmp_path.glob("*.safetensors"))
+    assert len(files) == 1
+    b = get_token_set(spec, tiny.tokenizer, tmp_path)
+    assert torch.equal(a.input_ids, b.input_ids) and list(tmp_path.glob("*.safetensors")) == files

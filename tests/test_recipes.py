@@ -1,0 +1,34 @@
+"""The evaluate recipe end to end on tiny-llama (subprocess, as a user runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_recipe(module: str, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_evaluate_recipe_writes_results(tmp_path):
+    p = run_recipe("tyr.recipes.evaluate", "model=tiny-llama", "eval=smoke", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["perplexity"]) == {"wikitext2", "ptb"}
+    for r in res["perplexity"].values():
+        assert r["windows"] == 2 and r["seq_len"] == 128 and r["ppl"] > 1
+    assert set(res["zero_shot"]["scores"]) == {"arc_easy", "boolq"}
+    assert res["model"] == "tiny-llama" and res["params"]["total"] > 0
+    assert "| tiny-llama (dense)" in p.stdout
+
+
+def test_evaluate_recipe_bad_model_name(tmp_path):
+    p = run_recipe("tyr.recipes.evaluate", "model=nope", f"hydra.run.dir={tmp_path}")
+    assert p.returncode != 0
+    assert "model/nope" in p.stderr and "smollm2-135m" in p.stderr

@@ -1,0 +1,192 @@
+"""Token sets: real text turned into fixed-length int32 windows, saved as safetensors + metadata.
+
+A token set is what every stage consumes (calibration, search fitness, perplexity). It is built
+from a named text source, a tokenizer, a window length, a count and a seed, and cached on disk under
+a key derived from all of them, so that re-running a stage re-uses it byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+TOKENSET_SCHEMA = 1
+
+
+def data_dir() -> Path:
+    """The repo's ``data/`` folder (override with ``$TYR_DATA``)."""
+    env = os.environ.get("TYR_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
+
+
+class TextTooShortError(ValueError):
+    """The source text holds fewer tokens than the token set asks for."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Text sources
+# ------------------------------------------------------------------------------------------------
+
+
+def _read_jsonl_texts(path: Path, key: str, start: int, stop: int | None) -> list[str]:
+    with open(path) as f:
+        docs = [json.loads(line)[key] for line in f if line.strip()]
+    return docs[start:stop]
+
+
+def _lines(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+def load_text(source: str) -> str:
+    """The text of a named source, as one string (documents joined by blank lines).
+
+    Sources: ``wikitext2_test`` (raw test split), ``wikitext2_train`` / ``wikitext2_valid`` (tokenized
+    splits), ``ptb_test`` / ``ptb_valid``, ``c4`` (all 1,000 documents), ``c4[a:b]`` (documents a..b-1).
+    """
+    d = data_dir()
+    if source == "wikitext2_test":
+        # The usual recipe: "\n\n".join(HF rows) == the raw file's text.
+        return _lines(d / "wikitext2" / "wiki.test.raw")
+    if source in ("wikitext2_train", "wikitext2_valid"):
+        return _lines(d / "wikitext2" / f"wiki.{source.split('_')[1]}.tokens")
+    if source in ("ptb_test", "ptb_valid"):
+        # Sentences joined with newlines, as in the files (lm-eval's ptb joins the same way).
+        return _lines(d / "ptb" / f"ptb.{source.split('_')[1]}.txt")
+    if source == "c4" or source.startswith("c4["):
+        start, stop = 0, None
+        if source.startswith("c4["):
+            a, b = source[3:-1].split(":")
+            start, stop = int(a or 0), (int(b) if b else None)
+        return "\n\n".join(_read_jsonl_texts(d / "c4_sample" / "c4_sample.jsonl", "text", start, stop))
+    raise ValueError(
+        f"unknown text source {source!r}; known: wikitext2_test, wikitext2_train, wikitext2_valid, "
+        "ptb_test, ptb_valid, c4, c4[a:b]"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Token sets
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenSetSpec:
+    """What a token set is made of.
+
+    ``sampling='contiguous'``: the first ``num_sequences`` non-overlapping windows of the tokenized
+    text in order (``num_sequences=-1``: all whole windows; the tail shorter than a window is dropped),
+    as for perplexity. ``sampling='random'``: ``num_sequences`` distinct non-overlapping windows drawn
+    with ``seed`` (calibration, search).
+    """
+
+    source: str
+    seq_len: int
+    num_sequences: int
+    sampling: str = "random"
+    seed: int = 0
+
+    def key(self, tokenizer_id: str) -> str:
+        blob = json.dumps({**asdict(self), "tokenizer": tokenizer_id, "schema": TOKENSET_SCHEMA}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TokenSet:
+    input_ids: torch.Tensor  # int64 [N, T] in memory; int32 on disk
+    metadata: dict[str, str]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"input_ids": self.input_ids.to(torch.int32).numpy()}, str(tmp), metadata=self.metadata)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TokenSet":
+        from safetensors import safe_open
+
+        path = Path(path)
+        with safe_open(str(path), "np") as f:
+            meta = dict(f.metadata() or {})
+        arr = load_file(str(path))["input_ids"]
+        return cls(torch.from_numpy(arr.astype(np.int64)), meta)
+
+
+def tokenizer_id(tokenizer) -> str:
+    """A stable identity for a tokenizer: its class, size and a hash of its vocabulary."""
+    vocab = tokenizer.get_vocab()
+    h = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:12]
+    return f"{type(tokenizer).__name__}-{len(vocab)}-{h}"
+
+
+def tokenize_text(text: str, tokenizer) -> np.ndarray:
+    """Token ids of a long text, without special tokens. Tokenised in paragraph chunks so that very
+    long texts neither warn nor blow up memory; chunk borders fall on blank lines."""
+    parts, ids = text.split("\n\n"), []
+    chunk: list[str] = []
+    size = 0
+    for i, p in enumerate(parts):
+        chunk.append(p)
+        size += len(p)
+        if size > 200_000 or i == len(parts) - 1:
+            piece = "\n\n".join(chunk) + ("\n\n" if i < len(parts) - 1 else "")
+            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+            chunk, size = [], 0
+    return np.asarray(ids, dtype=np.int64)
+
+
+def build_token_set(spec: TokenSetSpec, tokenizer, tokenizer_name: str = "") -> TokenSet:
+    if spec.seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {spec.seq_len}")
+    ids = tokenize_text(load_text(spec.source), tokenizer)
+    n_windows = len(ids) // spec.seq_len
+    want = n_windows if spec.num_sequences == -1 else spec.num_sequences
+    if want <= 0 or want > n_windows:
+        raise TextTooShortError(
+            f"token set from {spec.source!r}: asked for {want} windows of {spec.seq_len} tokens "
+            f"({max(want, 0) * spec.seq_len:,} tokens) but the text holds {len(ids):,} tokens "
+            f"({n_windows} whole windows). Use fewer or shorter sequences, or another source."
+        )
+    windows = ids[: n_windows * spec.seq_len].reshape(n_windows, spec.seq_len)
+    if spec.sampling == "contiguous":
+        chosen = windows[:want]
+    elif spec.sampling == "random":
+        rng = np.random.default_rng(spec.seed)
+        chosen = windows[np.sort(rng.choice(n_windows, size=want, replace=False))]
+    else:
+        raise ValueError(f"sampling must be 'random' or 'contiguous', got {spec.sampling!r}")
+    meta = {k: str(v) for k, v in asdict(spec).items()}
+    meta.update(
+        schema=str(TOKENSET_SCHEMA),
+        tokenizer=tokenizer_name,
+        tokenizer_id=tokenizer_id(tokenizer),
+        source_tokens=str(len(ids)),
+    )
+    return TokenSet(torch.from_numpy(np.ascontiguousarray(chosen)), meta)
+
+
+def get_token_set(spec: TokenSetSpec, tokenizer, cache: str | Path, tokenizer_name: str = "") -> TokenSet:
+    """Build a token set once and cache it under ``cache/<key>.safetensors``."""
+    path = Path(cache) / f"{spec.source.replace('[', '_').replace(':', '-').rstrip(']')}-{spec.key(tokenizer_id(tokenizer))}.safetensors"
+    if path.exists():
+        return TokenSet.load(path)
+    ts = build_token_set(spec, tokenizer, tokenizer_name)
+    ts.save(path)
+    log.info("token set %s: %d x %d tokens -> %s", spec.source, *ts.input_ids.shape, path)
+    return ts

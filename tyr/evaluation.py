@@ -1,0 +1,154 @@
+"""Perplexity and zero-shot accuracy of an in-memory model."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tyr.modeling.adapter import get_adapter
+
+log = logging.getLogger(__name__)
+
+
+def token_nll(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Summed negative log-likelihood (float64 scalar) of ``targets`` [B, T] under ``lm_head(hidden)``.
+
+    The vocabulary projection is done in chunks of positions so that a 262K-vocabulary head never
+    materialises [B, T, V] logits at once.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(0, h.shape[0], chunk):
+        logits = lm_head(h[i : i + chunk]).float()
+        total += F.cross_entropy(logits, t[i : i + chunk], reduction="sum").double()
+    return total
+
+
+@torch.inference_mode()
+def perplexity(model, input_ids: torch.Tensor, batch_size: int = 1, desc: str = "ppl") -> dict:
+    """Perplexity over non-overlapping windows ``input_ids`` [N, T]: exp(mean NLL of every token
+    after the first of each window). Returns ppl, nll, tokens and seconds."""
+    adapter = get_adapter(model)
+    base, head = adapter.base_model(model), adapter.lm_head(model)
+    nll, count, t0 = 0.0, 0, time.time()
+    for i in tqdm(range(0, input_ids.shape[0], batch_size), desc=desc, leave=False):
+        x = input_ids[i : i + batch_size]
+        hidden = base(input_ids=x).last_hidden_state
+        nll += float(token_nll(hidden[:, :-1], head, x[:, 1:]))
+        count += x[:, 1:].numel()
+    return {
+        "ppl": math.exp(nll / count),
+        "nll": nll / count,
+        "tokens": count,
+        "windows": int(input_ids.shape[0]),
+        "seq_len": int(input_ids.shape[1]),
+        "seconds": time.time() - t0,
+    }
+
+
+@dataclass
+class ZeroShotResult:
+    scores: dict[str, float]  # task -> reported metric (acc_norm where reported, else acc)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> all metrics
+    samples: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def average(self) -> float:
+        return sum(self.scores.values()) / max(1, len(self.scores))
+
+
+def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 16,
+              task_dir: str | None = None) -> ZeroShotResult:
+    """lm-eval zero-shot accuracy on local task files, run on the in-memory model."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from tyr.tasks import TASKS, write_tasks
+
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_tasks(task_dir or tmp, tasks)
+        tm = TaskManager(include_path=str(folder), include_defaults=False)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
+        out = simple_evaluate(
+            model=lm,
+            tasks=[f"tyr_{t}" for t in tasks],
+            num_fewshot=0,
+            limit=limit,
+            task_manager=tm,
+            bootstrap_iters=0,
+            log_samples=False,
+            verbosity="WARNING",
+        )
+    scores, metrics, samples = {}, {}, {}
+    for t in tasks:
+        r = out["results"][f"tyr_{t}"]
+        m = {k.split(",")[0]: float(v) for k, v in r.items() if k.endswith(",none") and "stderr" not in k}
+        metrics[t] = m
+        scores[t] = m[TASKS[t][2]]
+        samples[t] = int(out.get("n-samples", {}).get(f"tyr_{t}", {}).get("effective", -1))
+    return ZeroShotResult(scores, metrics, samples, time.time() - t0)
+
+
+_PPL_NAMES = {"wikitext2_test": "wikitext2", "ptb_test": "ptb"}
+
+
+def evaluate_model(model, tokenizer, *, perplexity_sources: list[str], seq_len: int, ppl_windows: int,
+                   ppl_batch_size: int, tasks: list[str], limit: int | None, batch_size: int,
+                   token_cache: str, tokenizer_name: str = "") -> dict:
+    """Perplexity on each source's test windows plus lm-eval zero-shot; a JSON-ready dict."""
+    from tyr.data import TokenSetSpec, get_token_set
+    from tyr.modeling.params import parameter_counts
+
+    t0 = time.time()
+    out: dict = {"params": parameter_counts(model), "perplexity": {}, "zero_shot": None}
+    for src in perplexity_sources:
+        spec = TokenSetSpec(src, seq_len, -1, sampling="contiguous")
+        ids = get_token_set(spec, tokenizer, token_cache, tokenizer_name).input_ids
+        if ppl_windows and ppl_windows > 0:
+            ids = ids[:ppl_windows]
+        r = perplexity(model, ids, ppl_batch_size, desc=f"ppl {src}")
+        log.info("%s: ppl %.3f over %d tokens (%d windows of %d) in %.0f s", src, r["ppl"], r["tokens"],
+                 r["windows"], r["seq_len"], r["seconds"])
+        out["perplexity"][_PPL_NAMES.get(src, src)] = r
+    if tasks:
+        zs = zero_shot(model, tokenizer, list(tasks), limit=limit, batch_size=batch_size)
+        out["zero_shot"] = {"scores": zs.scores, "average": zs.average, "metrics": zs.metrics,
+                            "samples": zs.samples, "seconds": zs.seconds, "limit": limit}
+        log.info("zero-shot average %.4f (%s) in %.0f s", zs.average, zs.scores, zs.seconds)
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def results_table(rows: dict[str, dict]) -> str:
+    """A Markdown table, one row per labelled result of :func:`evaluate_model`."""
+    ppl_keys, task_keys = [], []
+    for r in rows.values():
+        ppl_keys += [k for k in r.get("perplexity", {}) if k not in ppl_keys]
+        zs = r.get("zero_shot") or {}
+        task_keys += [k for k in zs.get("scores", {}) if k not in task_keys]
+    head = ["model", "params"] + [f"{k} ppl" for k in ppl_keys] + task_keys + (["avg"] if task_keys else []) + ["time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in rows.items():
+        zs = r.get("zero_shot") or {}
+        cells = [label, f"{r['params']['total'] / 1e6:.1f}M"]
+        cells += [f"{r['perplexity'][k]['ppl']:.2f}" if k in r.get("perplexity", {}) else "-" for k in ppl_keys]
+        cells += [f"{100 * zs['scores'][k]:.2f}" if k in zs.get("scores", {}) else "-" for k in task_keys]
+        if task_keys:
+            cells.append(f"{100 * zs['average']:.2f}" if zs else "-")
+        cells.append(f"{r.get('seconds', 0):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

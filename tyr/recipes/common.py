@@ -1,0 +1,49 @@
+"""What every recipe does with its config: set up the run and load the model. Only recipes (thin
+``@hydra.main`` entry points) import this module; the library below takes typed arguments."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tyr.models import LoadedModel, load_model
+from tyr.utils import setup_run
+
+log = logging.getLogger("tyr")
+
+
+def start(cfg: DictConfig) -> Path:
+    """Seed, threads, cache location; returns the Hydra run directory (config saved there)."""
+    os.environ.setdefault("TYR_CACHE", str(cfg.paths.cache_dir))
+    setup_run(int(cfg.seed), int(cfg.threads))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run directory: %s", run_dir)
+    return run_dir
+
+
+def load(cfg: DictConfig) -> LoadedModel:
+    return load_model(cfg.model.name, instantiate(cfg.model.source), cfg.model.dtype)
+
+
+def token_cache(cfg: DictConfig) -> str:
+    return str(Path(cfg.paths.cache_dir) / "tokens")
+
+
+def eval_kwargs(cfg: DictConfig) -> dict:
+    e = cfg.eval
+    return dict(
+        perplexity_sources=list(e.perplexity), seq_len=int(e.seq_len), ppl_windows=int(e.ppl_windows),
+        ppl_batch_size=int(e.ppl_batch_size), tasks=list(e.tasks),
+        limit=None if e.limit is None else int(e.limit), batch_size=int(e.batch_size),
+        token_cache=token_cache(cfg), tokenizer_name=cfg.model.name,
+    )
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,112 @@
+"""Local lm-eval tasks over the repo's data files (lm-eval's built-in tasks need the Hub).
+
+Each task's documents are normalised once to ``{"query", "choices", "gold"}`` JSONL with the same
+prompts as lm-eval's built-in task of the same name, and a YAML naming that file is written next to
+it; ``TaskManager(include_path=...)`` then finds the tasks by name (``tyr_<name>``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+from tyr.data import data_dir
+
+_LETTERS = "ABCDE"
+
+
+def _jsonl(path: Path) -> Iterator[dict]:
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _arc(path: Path) -> Iterator[dict]:
+    # lm-eval arc_easy / arc_challenge: "Question: {q}\nAnswer:", numeric labels mapped to A-E.
+    for d in _jsonl(path):
+        labels = [c["label"] for c in d["question"]["choices"]]
+        key = d["answerKey"]
+        if key.isdigit() and key not in labels:
+            key = _LETTERS[int(key) - 1]
+        labels = [_LETTERS[int(x) - 1] if x.isdigit() else x for x in labels]
+        yield {
+            "query": f"Question: {d['question']['stem']}\nAnswer:",
+            "choices": [c["text"] for c in d["question"]["choices"]],
+            "gold": labels.index(key if not key.isdigit() else _LETTERS[int(key) - 1]),
+        }
+
+
+def _boolq(path: Path) -> Iterator[dict]:
+    # lm-eval boolq (SuperGLUE): "{passage}\nQuestion: {question}?\nAnswer:", choices no / yes.
+    for d in _jsonl(path):
+        yield {
+            "query": f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:",
+            "choices": ["no", "yes"],
+            "gold": int(bool(d["answer"])),
+        }
+
+
+def _openbookqa(path: Path) -> Iterator[dict]:
+    # lm-eval openbookqa: the question stem as the prompt.
+    for d in _jsonl(path):
+        labels = [c["label"] for c in d["question"]["choices"]]
+        yield {
+            "query": d["question"]["stem"],
+            "choices": [c["text"] for c in d["question"]["choices"]],
+            "gold": labels.index(d["answerKey"].strip()),
+        }
+
+
+def _piqa(path: Path) -> Iterator[dict]:
+    # lm-eval piqa: "Question: {goal}\nAnswer:", choices sol1 / sol2; labels in a separate file.
+    labels = [int(x) for x in (path.parent / "valid-labels.lst").read_text().split()]
+    for d, y in zip(_jsonl(path), labels, strict=True):
+        yield {"query": f"Question: {d['goal']}\nAnswer:", "choices": [d["sol1"], d["sol2"]], "gold": y}
+
+
+# name -> (data file relative to data/, converter, lm-eval metric to report)
+TASKS: dict[str, tuple[str, Callable[[Path], Iterator[dict]], str]] = {
+    "arc_easy": ("arc_easy/ARC-Easy-Test.jsonl", _arc, "acc_norm"),
+    "arc_challenge": ("arc_challenge/ARC-Challenge-Test.jsonl", _arc, "acc_norm"),
+    "boolq": ("boolq/dev.jsonl", _boolq, "acc"),
+    "openbookqa": ("openbookqa/test.jsonl", _openbookqa, "acc_norm"),
+    "piqa": ("piqa/valid.jsonl", _piqa, "acc_norm"),
+}
+
+_YAML = """task: tyr_{name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def write_tasks(out_dir: str | Path, names: list[str] | None = None) -> Path:
+    """Write normalised JSONL + YAML for the named tasks into ``out_dir``; returns it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names or list(TASKS):
+        if name not in TASKS:
+            raise ValueError(f"unknown zero-shot task {name!r}; known: {', '.join(TASKS)}")
+        rel, convert, _ = TASKS[name]
+        docs = list(convert(data_dir() / rel))
+        jsonl = out / f"{name}.jsonl"
+        jsonl.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        (out / f"tyr_{name}.yaml").write_text(_YAML.format(name=name, path=jsonl.resolve()))
+    return out

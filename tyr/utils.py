@@ -1,0 +1,64 @@
+"""Small shared helpers: atomic JSON writes, JSONL metrics, run set-up."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename), so an interrupted write never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_default) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+class JsonlWriter:
+    """Append-only metrics log: one JSON object per line, flushed at once, with a wall-clock stamp."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record: Any) -> None:
+        record.setdefault("time", round(time.time(), 3))
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=_default) + "\n")
+
+
+def setup_run(seed: int = 0, threads: int = 0) -> None:
+    """Seed every RNG and set torch's thread count (0 keeps torch's default)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if threads and threads > 0:
+        torch.set_num_threads(int(threads))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
