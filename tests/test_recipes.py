@@ -32,3 +32,16 @@ def test_evaluate_recipe_bad_model_name(tmp_path):
     p = run_recipe("tyr.recipes.evaluate", "model=nope", f"hydra.run.dir={tmp_path}")
     assert p.returncode != 0
     assert "model/nope" in p.stderr and "smollm2-135m" in p.stderr
+
+
+def test_prune_recipe_tiny(tmp_path):
+    p = run_recipe("tyr.recipes.prune", "model=tiny-llama", "eval=smoke", "pruner=hywia", "target_sparsity=0.5",
+                   "data.calibration.num_sequences=8", "data.calibration.seq_len=64", "data.gradient.num_sequences=4",
+                   "data.gradient.seq_len=64", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert abs(res["achieved_sparsity"] - 0.5) < 0.01 and res["pruner"] == "hywia"
+    assert res["timings"]["prune_total_over_dense_fwd_bwd"] > 0
+    lines = (tmp_path / "layers.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and "alpha_fine" in json.loads(lines[0])["mlp_info"]
+    assert (tmp_path / "fusion_weights.png").stat().st_size > 1000

@@ -1,0 +1,148 @@
+"""The sequential layer loop (sparsegpt / gptq style).
+
+Catch the inputs of every decoder layer once (the embedding output for layer 0, plus the keyword
+arguments each layer is called with: rotary embeddings, masks, per-layer-type variants), then run
+one layer at a time over the whole calibration batch. Statistics are gathered through hooks that
+:func:`hooks` always removes.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from tyr.modeling.adapter import DecoderAdapter, get_adapter
+
+_DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions")
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``idx``: records its call and passes hidden states through."""
+
+    def __init__(self, idx: int, store: dict, stop_after: int | None):
+        super().__init__()
+        self.idx, self.store, self.stop_after = idx, store, stop_after
+        # Some base models read attributes of their layers (e.g. attention_type) while building masks.
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.store.setdefault("kwargs", {})[self.idx] = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS}
+        if self.idx == 0:
+            self.store.setdefault("hidden", []).append(hidden_states.detach())
+        if self.stop_after is not None and self.idx >= self.stop_after:
+            raise _StopForward
+        return hidden_states
+
+
+@contextmanager
+def _swapped_layers(model: nn.Module, adapter: DecoderAdapter, store: dict, stop_after: int | None):
+    layers = adapter.layers(model)
+    originals = list(layers)
+    try:
+        for i, layer in enumerate(originals):
+            rec = _Recorder(i, store, stop_after)
+            for attr in ("attention_type", "layer_type"):
+                if hasattr(layer, attr):
+                    setattr(rec, attr, getattr(layer, attr))
+            layers[i] = rec
+        yield
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, list[dict]]:
+    """Inputs of layer 0 for all sequences [N, T, H] and the keyword arguments of every layer.
+
+    Layers are swapped for pass-through recorders, so this costs the embedding and mask set-up only.
+    The keyword arguments are recorded from a batch of one sequence and broadcast over any batch.
+    """
+    adapter = get_adapter(model)
+    base = adapter.base_model(model)
+    store: dict = {}
+    with _swapped_layers(model, adapter, store, stop_after=None):
+        base(input_ids=input_ids[:1], use_cache=False)
+        kwargs = [store["kwargs"][i] for i in range(adapter.num_layers(model))]
+        store.pop("hidden", None)
+    with _swapped_layers(model, adapter, store, stop_after=0):
+        for i in range(0, input_ids.shape[0], batch_size):
+            try:
+                base(input_ids=input_ids[i : i + batch_size], use_cache=False)
+            except _StopForward:
+                pass
+    return torch.cat(store["hidden"], 0), kwargs
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int = 8,
+              adapter: DecoderAdapter | None = None) -> torch.Tensor:
+    """Outputs of one decoder layer for every sequence of ``hidden`` [N, T, H] (no grad)."""
+    out = torch.empty_like(hidden)
+    with torch.no_grad():
+        for i in range(0, hidden.shape[0], batch_size):
+            y = layer(hidden[i : i + batch_size], **kwargs)
+            out[i : i + batch_size] = y[0] if isinstance(y, tuple) else y
+    return out
+
+
+@contextmanager
+def hooks(registrations: list[tuple[nn.Module, str, Callable]]) -> Iterator[None]:
+    """Register ``(module, kind, fn)`` hooks (kind: 'forward_pre' or 'forward'); always removed."""
+    handles = []
+    try:
+        for module, kind, fn in registrations:
+            if kind == "forward_pre":
+                handles.append(module.register_forward_pre_hook(fn))
+            elif kind == "forward":
+                handles.append(module.register_forward_hook(fn))
+            else:
+                raise ValueError(f"unknown hook kind {kind!r}")
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class InputStats:
+    """Float32 statistics of a linear layer's input over all calibration tokens:
+    H = Σ xᵀx, Σ x and the token count (means and variances follow)."""
+
+    def __init__(self, dim: int):
+        self.H = torch.zeros(dim, dim, dtype=torch.float32)
+        self.sum = torch.zeros(dim, dtype=torch.float32)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.H.addmm_(x.T, x)
+        self.sum += x.sum(0)
+        self.count += x.shape[0]
+
+    def pre_hook(self):
+        def fn(module, args):
+            self.add(args[0])
+        return fn
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(1, self.count)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (torch.diagonal(self.H) / max(1, self.count) - self.mean**2).clamp_min(0)
+
+
+def collect_input_stats(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, modules: dict[str, nn.Linear],
+                        batch_size: int = 8) -> tuple[dict[str, InputStats], torch.Tensor]:
+    """Run ``layer`` over ``hidden`` once, accumulating :class:`InputStats` of each named module's
+    input; returns the stats and the layer output."""
+    stats = {name: InputStats(m.in_features) for name, m in modules.items()}
+    with hooks([(m, "forward_pre", stats[name].pre_hook()) for name, m in modules.items()]):
+        out = run_layer(layer, hidden, kwargs, batch_size)
+    return stats, out

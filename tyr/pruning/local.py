@@ -1,0 +1,60 @@
+"""The local pruner: a scorer chooses the kept units, then the output projection is rebuilt."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tyr.importance import Scorer
+from tyr.pruning.problem import ModuleProblem, Variant, compensating_bias, refit, relative_error
+
+log = logging.getLogger(__name__)
+
+RECONSTRUCTIONS = ("none", "lstsq")
+
+
+@dataclass
+class LocalPruner:
+    """``scorer`` picks units; ``reconstruction='lstsq'`` refits the kept output-projection columns
+    against the dense output (``'none'`` keeps them as they are); ``bias`` adds a compensating bias
+    (FLAP: the removed columns at the mean input, or jointly refit with the columns under lstsq)."""
+
+    scorer: Scorer
+    reconstruction: str = "lstsq"
+    bias: bool = False
+    damp: float = 0.01
+    name: str = ""
+
+    def __post_init__(self):
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {self.reconstruction!r}")
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.scorer.needs_gradients
+
+    def prune(self, problem: ModuleProblem, keep_counts: list[int]) -> list[Variant]:
+        """One variant per requested number of kept units (nested kept sets)."""
+        bad = [k for k in keep_counts if not 0 <= k <= problem.n_units]
+        if bad:
+            raise ValueError(f"keep counts {bad} out of range 0..{problem.n_units} ({problem.kind}, layer {problem.layer})")
+        kept_sets, info = self.scorer.select(problem, list(keep_counts))
+        out = []
+        for keep in kept_sets:
+            W = problem.out_weight[:, problem.columns(keep)].contiguous()
+            if len(keep) == problem.n_units:  # nothing removed: the dense module, exactly
+                out.append(Variant(keep, W, None, 0.0, dict(info)))
+                continue
+            b = compensating_bias(problem, keep) if self.bias else None
+            err = relative_error(problem, keep, W, b)
+            v_info = dict(info, err_unrefit=err)
+            if self.reconstruction == "lstsq":
+                W_r, b_r = refit(problem, keep, bias=self.bias, damp=self.damp)
+                err_r = relative_error(problem, keep, W_r, b_r)
+                # The damped solve can in principle lose to the plain slice; never accept that.
+                if err_r <= err:
+                    W, b, err = W_r, b_r, err_r
+                else:
+                    v_info["refit_rejected"] = True
+            out.append(Variant(keep, W, b, err, v_info))
+        return out

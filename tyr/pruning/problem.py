@@ -1,0 +1,130 @@
+"""One module (attention heads or MLP channels) of one layer, as the local pruner sees it, and the
+least-squares reconstruction of its output projection.
+
+Notation: the output projection (``o_proj`` / ``down_proj``) has dense weight W₀ [out, in] and input
+X [tokens, in] with H = XᵀX, s = Σx, n tokens (float32). A unit owns ``unit_width`` consecutive input
+columns (head_dim for a head, 1 for a channel). Keeping units K, the refit solves
+min ‖X_K W_Kᵀ (+ b) − X W₀ᵀ‖² ⇒ W_Kᵀ = (H_KK + λI)⁻¹ (H W₀ᵀ)_K, λ = damp·mean(diag H),
+with the bias column folded into an augmented H when ``bias`` is on (FLAP-style compensation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tyr.layerwise.engine import InputStats
+from tyr.modeling.adapter import DecoderAdapter
+
+
+@dataclass
+class ModuleProblem:
+    kind: str  # "attn" or "mlp"
+    layer: int
+    unit_width: int
+    n_units: int
+    out_weight: torch.Tensor  # W₀ [out, in], float32
+    members: dict[str, tuple[torch.Tensor, str]]  # projection -> (float32 weight, "rows" | "cols")
+    stats: InputStats  # input statistics of the output projection
+    taylor: dict[str, torch.Tensor] | None = None  # per-unit Taylor reductions (see importance.taylor)
+
+    def columns(self, units) -> torch.Tensor:
+        units = torch.as_tensor(list(units), dtype=torch.long)
+        if self.unit_width == 1:
+            return units
+        return (units[:, None] * self.unit_width + torch.arange(self.unit_width)).reshape(-1)
+
+    def unit_sum(self, per_weight: torch.Tensor, how: str) -> torch.Tensor:
+        """Sum a per-weight tensor of one member projection over each unit's weights → [n_units]."""
+        w = self.unit_width
+        if how == "rows":
+            return per_weight.reshape(self.n_units, -1).sum(1)
+        return per_weight.reshape(per_weight.shape[0], self.n_units, w).sum((0, 2))
+
+
+def attention_problem(adapter: DecoderAdapter, layer, index: int, stats: InputStats,
+                      taylor: dict | None = None) -> ModuleProblem:
+    attn = adapter.attention(layer)
+    geo = adapter.geometry(layer)
+    return ModuleProblem(
+        "attn", index, geo.head_dim, geo.num_heads, attn.o_proj.weight.detach().float(),
+        {"q_proj": (attn.q_proj.weight.detach().float(), "rows"), "o_proj": (attn.o_proj.weight.detach().float(), "cols")},
+        stats, taylor,
+    )
+
+
+def mlp_problem(adapter: DecoderAdapter, layer, index: int, stats: InputStats, taylor: dict | None = None) -> ModuleProblem:
+    mlp = adapter.mlp(layer)
+    return ModuleProblem(
+        "mlp", index, 1, mlp.gate_proj.out_features, mlp.down_proj.weight.detach().float(),
+        {"gate_proj": (mlp.gate_proj.weight.detach().float(), "rows"), "up_proj": (mlp.up_proj.weight.detach().float(), "rows"),
+         "down_proj": (mlp.down_proj.weight.detach().float(), "cols")},
+        stats, taylor,
+    )
+
+
+@dataclass
+class Variant:
+    """A pruned module: kept units, the kept output-projection columns (refit or sliced) and bias."""
+
+    keep: list[int]
+    out_weight: torch.Tensor  # [out, len(keep) * unit_width], float32
+    out_bias: torch.Tensor | None
+    rel_error: float  # ‖ΔY‖² / ‖Y‖² on the calibration inputs
+    info: dict = field(default_factory=dict)
+
+
+def _augmented(stats: InputStats) -> torch.Tensor:
+    H, s, n = stats.H.double(), stats.sum.double(), float(stats.count)
+    d = H.shape[0]
+    Ha = torch.empty(d + 1, d + 1, dtype=torch.float64)
+    Ha[:d, :d], Ha[:d, d], Ha[d, :d], Ha[d, d] = H, s, s, n
+    return Ha
+
+
+def relative_error(problem: ModuleProblem, keep: list[int], weight: torch.Tensor, bias: torch.Tensor | None) -> float:
+    """‖X_K Wᵀ + b − X W₀ᵀ‖² / ‖X W₀ᵀ‖², exactly, from the input statistics."""
+    W0 = problem.out_weight.double()
+    D = -W0.clone()
+    cols = problem.columns(keep)
+    D[:, cols] += weight.double()
+    b = torch.zeros(W0.shape[0], dtype=torch.float64) if bias is None else bias.double()
+    Da = torch.cat([D, b[:, None]], 1)
+    Ha = _augmented(problem.stats)
+    num = torch.einsum("oi,ij,oj->", Da, Ha, Da)
+    den = torch.einsum("oi,ij,oj->", W0, Ha[:-1, :-1], W0)
+    return float((num / den.clamp_min(1e-30)).clamp_min(0))
+
+
+def refit(problem: ModuleProblem, keep: list[int], bias: bool = False, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Least-squares refit of the kept columns (and a bias if ``bias``) against the dense output."""
+    W0 = problem.out_weight.double()
+    cols = problem.columns(keep)
+    if len(cols) == 0:
+        if not bias:
+            return torch.zeros(W0.shape[0], 0), None
+        return torch.zeros(W0.shape[0], 0), (W0 @ problem.stats.mean.double()).float()
+    Ha = _augmented(problem.stats)
+    d = W0.shape[1]
+    idx = torch.cat([cols, torch.tensor([d])]) if bias else cols
+    A = Ha[idx][:, idx].clone()
+    lam = damp * torch.diagonal(Ha[:d, :d]).mean().clamp_min(1e-12)
+    A.diagonal()[: len(cols)] += lam
+    B = Ha[idx][:, :d] @ W0.T  # (ZᵀX) W₀ᵀ
+    try:
+        L = torch.linalg.cholesky(A)
+        sol = torch.cholesky_solve(B, L)
+    except RuntimeError:  # not positive definite (degenerate statistics): fall back to lstsq
+        sol = torch.linalg.lstsq(A, B).solution
+    W = sol[: len(cols)].T.float().contiguous()
+    b = sol[len(cols)].float() if bias else None
+    return W, b
+
+
+def compensating_bias(problem: ModuleProblem, keep: list[int]) -> torch.Tensor:
+    """FLAP's baseline bias: the removed columns' contribution at the mean input, W₀[:, R] · E[x_R]."""
+    W0 = problem.out_weight.double()
+    mask = torch.ones(W0.shape[1], dtype=torch.bool)
+    mask[problem.columns(keep)] = False
+    return (W0[:, mask] @ problem.stats.mean.double()[mask]).float()

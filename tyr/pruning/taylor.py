@@ -1,0 +1,31 @@
+"""Per-unit Taylor statistics of every layer, from one layer-at-a-time gradient pass."""
+
+from __future__ import annotations
+
+import torch
+
+from tyr.importance import taylor_reductions
+from tyr.layerwise.gradients import layerwise_gradients
+from tyr.modeling.adapter import get_adapter
+
+ATTN_MEMBERS = {"q_proj": "rows", "o_proj": "cols"}
+MLP_MEMBERS = {"gate_proj": "rows", "up_proj": "rows", "down_proj": "cols"}
+
+
+def collect_taylor(model, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = True) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    """``{layer: {"attn": {key: [heads]}, "mlp": {key: [channels]}}}`` (keys: importance.TAYLOR_KEYS)."""
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    out: dict[int, dict] = {}
+
+    def on_layer(li: int, grads: dict) -> None:
+        proj = adapter.projections(layers[li])
+        geo = adapter.geometry(layers[li])
+        members = {n: (proj[n].weight.detach().float(), how) for n, how in ATTN_MEMBERS.items()}
+        attn = taylor_reductions(members, grads, geo.num_heads, geo.head_dim)
+        members = {n: (proj[n].weight.detach().float(), how) for n, how in MLP_MEMBERS.items()}
+        mlp = taylor_reductions(members, grads, adapter.intermediate_size(layers[li]), 1)
+        out[li] = {"attn": attn, "mlp": mlp}
+
+    layerwise_gradients(model, input_ids, on_layer, batch_size=batch_size, progress=progress)
+    return out
