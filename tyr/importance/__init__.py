@@ -52,7 +52,9 @@ class Scorer:
     def score(self, problem: ModuleProblem) -> torch.Tensor:
         raise NotImplementedError
 
-    def select(self, problem: ModuleProblem, keep_counts: list[int]) -> tuple[list[list[int]], dict]:
+    def select(self, problem: ModuleProblem, keep_counts: list[int], probe: int | None = None) -> tuple[list[list[int]], dict]:
+        """Nested kept sets for ``keep_counts``; ``probe`` is the count that matters most (the
+        supernet's centre level), used by scorers that calibrate themselves on one count."""
         return nested_top(self.score(problem), keep_counts), {}
 
 
@@ -149,9 +151,9 @@ class HyWIA(Scorer):
         logits = torch.tensor([-math.log(e) / self.temperature for e in errs], dtype=torch.float64)
         return torch.softmax(logits, 0), errs
 
-    def select(self, p, keep_counts):
+    def select(self, p, keep_counts, probe=None):
         fine, coarse = self.components(p)
-        probe = _probe_count(keep_counts, p.n_units)
+        probe = _probe_count(keep_counts, p.n_units) if probe is None or not 0 < probe < p.n_units else probe
         alpha, errs = self.weights(p, probe)
         fused = alpha[0] * fine + alpha[1] * coarse
         info = {"alpha_fine": float(alpha[0]), "alpha_coarse": float(alpha[1]), "probe_keep": probe,
@@ -172,7 +174,7 @@ class OBS(Scorer):
         self.rounds = {"attn": int(rounds_attn), "mlp": int(rounds_mlp)}
         self.damp = float(damp)
 
-    def select(self, p, keep_counts):
+    def select(self, p, keep_counts, probe=None):
         H = p.stats.H.double().clone()
         H.diagonal().add_(self.damp * torch.diagonal(H).mean().clamp_min(1e-12))
         Hinv = torch.linalg.inv(H)

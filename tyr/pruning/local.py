@@ -33,12 +33,14 @@ class LocalPruner:
     def needs_gradients(self) -> bool:
         return self.scorer.needs_gradients
 
-    def prune(self, problem: ModuleProblem, keep_counts: list[int]) -> list[Variant]:
-        """One variant per requested number of kept units (nested kept sets)."""
+    def prune(self, problem: ModuleProblem, keep_counts: list[int], centre: int | None = None) -> list[Variant]:
+        """One variant per requested number of kept units (nested kept sets). ``centre`` indexes the
+        count that matters most (default: the middle one)."""
         bad = [k for k in keep_counts if not 0 <= k <= problem.n_units]
         if bad:
             raise ValueError(f"keep counts {bad} out of range 0..{problem.n_units} ({problem.kind}, layer {problem.layer})")
-        kept_sets, info = self.scorer.select(problem, list(keep_counts))
+        probe = keep_counts[len(keep_counts) // 2 if centre is None else centre]
+        kept_sets, info = self.scorer.select(problem, list(keep_counts), probe=probe)
         out = []
         for keep in kept_sets:
             W = problem.out_weight[:, problem.columns(keep)].contiguous()

@@ -1,0 +1,201 @@
+"""Supernet: level grids, EEA, storage (resume, integrity) and assembly, on tiny-llama."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import compose
+from tyr.data import TokenSetSpec, build_token_set
+from tyr.layerwise.engine import capture_layer_inputs, collect_input_stats, run_layer
+from tyr.modeling.adapter import get_adapter
+from tyr.modeling.slicing import slice_attention, slice_mlp
+from tyr.pruning.problem import attention_problem, mlp_problem
+from tyr.pruning.taylor import collect_taylor
+from tyr.pruning.uniform import prune_uniform
+from tyr.search import SearchSpace, mutate, Allocation
+from tyr.supernet.assemble import Assembler
+from tyr.supernet.builder import build_supernet, eea_weights, full_weight
+from tyr.supernet.grid import LayerShape, layer_shapes, make_grid, module_levels
+from tyr.supernet.store import SupernetError, SupernetStore
+
+MODEL = {"name": "tiny-llama", "revision": "random-seed:0", "dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def calib(tiny):
+    return build_token_set(TokenSetSpec("c4[0:100]", 48, 8, seed=0), tiny.tokenizer).input_ids
+
+
+@pytest.fixture(scope="module")
+def taylor(tiny, calib):
+    return collect_taylor(tiny.model, calib[:4], progress=False)
+
+
+def _pruner(name="hywia"):
+    return instantiate(compose("prune", [f"pruner={name}"]).pruner)
+
+
+def _build(tiny, calib, taylor, root, eea="expectation", sparsity=0.5, path=None, centre=None, pruner="hywia"):
+    grid = make_grid(layer_shapes(tiny.model), sparsity, interval=0.25, n_levels=5, min_channels=8, centre=centre)
+    store = SupernetStore.create_or_resume(root, model=MODEL, grid=grid, eea=eea, config={"pruner": pruner, "path": path})
+    build_supernet(tiny.model, _pruner(pruner), calib, grid, store, eea=eea, taylor=taylor, path=path, progress=False)
+    return store, grid
+
+
+def test_module_levels():
+    assert module_levels(9, 4, 0.125, 9, 1) == ((8, 7, 6, 5, 4, 3, 2, 1, 0), 4)
+    assert module_levels(1536, 768, 0.125, 9, 32) == ((1536, 1344, 1152, 960, 768, 576, 384, 192, 0), 4)
+    keep, c = module_levels(4, 1, 0.125, 9, 1)  # tiny layer: clipped and merged, not crashed
+    assert keep == (4, 3, 2, 1, 0) and keep[c] == 1
+    with pytest.raises(ValueError):
+        module_levels(4, 5, 0.125, 9, 1)
+
+
+def test_level_moves_keep_the_budget_exact():
+    shapes = [LayerShape(32, 1000.0, 4096, 30.0)] * 6
+    grid = make_grid(shapes, 0.5)
+    space = SearchSpace.from_costs(grid.costs())
+    start = Allocation(grid.centre_levels())
+    rng = np.random.default_rng(0)
+    a = start
+    for _ in range(500):
+        a = mutate(space, a, rng)
+        assert grid.allocation_params(a.to_json()) == grid.allocation_params(start.to_json())
+    assert abs(1 - grid.allocation_params(start.to_json()) / grid.dense_params() - 0.5) < 0.01
+
+
+def test_eea_expectation_equals_weighted_average_of_variant_outputs(tiny, calib, taylor):
+    model = tiny.model
+    a = get_adapter(model)
+    x, kw = capture_layer_inputs(model, calib)
+    layer = a.layers(model)[1]
+    grid = make_grid(layer_shapes(model), 0.5, interval=0.25, n_levels=5, min_channels=8)
+    st, _ = collect_input_stats(layer, x, kw[1], {"o": a.attention(layer).o_proj, "d": a.mlp(layer).down_proj})
+    for kind, prob in (("attn", attention_problem(a, layer, 1, st["o"], taylor[1]["attn"])),
+                       ("mlp", mlp_problem(a, layer, 1, st["d"], taylor[1]["mlp"]))):
+        g = grid.modules[kind][1]
+        variants = _pruner().prune(prob, list(g.keep))
+        w = eea_weights(g, "expectation")
+        dens = [k / g.n_units for k in g.keep]
+        assert np.allclose(w, np.array(dens) / sum(dens))
+        W_exp, _ = full_weight(prob, variants, w)
+        # explicit: each variant's module output through a sliced layer, averaged with the weights
+        outs = []
+        for v in variants:
+            lay = copy.deepcopy(layer)
+            if len(v.keep) < g.n_units:
+                (slice_attention if kind == "attn" else slice_mlp)(a, lay, v.keep, v.out_weight, v.out_bias)
+            outs.append(run_layer(lay, x, kw[1]))
+        explicit = sum(wi * o for wi, o in zip(w, outs))
+        lay = copy.deepcopy(layer)
+        target = a.attention(lay).o_proj if kind == "attn" else a.mlp(lay).down_proj
+        with torch.no_grad():
+            target.weight.copy_(W_exp)
+        if kind == "attn":
+            # the attention output is linear in o_proj; compare the attention block outputs
+            pass
+        got = run_layer(lay, x, kw[1])
+        if kind == "mlp":
+            torch.testing.assert_close(got, explicit, atol=1e-4, rtol=1e-4)
+        else:
+            # the MLP is non-linear in its input, so compare at the attention block output instead
+            o_in = {}
+            h = a.attention(lay).o_proj.register_forward_pre_hook(lambda m, args: o_in.setdefault("x", args[0]))
+            run_layer(lay, x, kw[1], batch_size=len(x))
+            h.remove()
+            y_exp = o_in["x"] @ W_exp.T
+            y_explicit = sum(wi * (o_in["x"][..., prob.columns(v.keep)] @ v.out_weight.T) for wi, v in zip(w, variants))
+            torch.testing.assert_close(y_exp, y_explicit, atol=1e-4, rtol=1e-4)
+
+
+def _digests(root):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.glob("layer_*.safetensors"))}
+
+
+def test_resume_gives_identical_shards_and_detects_corruption(tiny, calib, taylor, tmp_path, monkeypatch):
+    full, _ = _build(tiny, calib, taylor, tmp_path / "full")
+    ref = _digests(tmp_path / "full")
+    assert len(ref) == 4 and full.manifest["complete"]
+    # interrupted build: fail while storing layer 2
+    import tyr.supernet.store as store_mod
+
+    real = store_mod.SupernetStore.write_layer
+
+    def crashing(self, layer, *a, **k):
+        if layer == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, layer, *a, **k)
+
+    monkeypatch.setattr(store_mod.SupernetStore, "write_layer", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        _build(tiny, calib, taylor, tmp_path / "resumed")
+    monkeypatch.setattr(store_mod.SupernetStore, "write_layer", real)
+    partial = SupernetStore.create_or_resume(tmp_path / "resumed", model=MODEL, grid=full.grid, eea="expectation",
+                                             config={"pruner": "hywia", "path": None})
+    assert partial.completed_layers() == [0, 1] and not partial.manifest["complete"]
+    with pytest.raises(SupernetError, match="not complete"):
+        SupernetStore.open(tmp_path / "resumed")
+    _build(tiny, calib, taylor, tmp_path / "resumed")
+    assert _digests(tmp_path / "resumed") == ref
+    # a flipped byte is detected, naming the file
+    shard = tmp_path / "full" / "layer_001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    store = SupernetStore.open(tmp_path / "full")
+    with pytest.raises(SupernetError, match="layer_001.safetensors"):
+        store.variant(1, "mlp", 0)
+    # a manifest from another model or config is refused
+    with pytest.raises(SupernetError, match="not other-model"):
+        SupernetStore.create_or_resume(tmp_path / "full", model={**MODEL, "name": "other-model"}, grid=full.grid,
+                                       eea="expectation", config={"pruner": "hywia", "path": None})
+    with pytest.raises(SupernetError, match="another configuration"):
+        SupernetStore.create_or_resume(tmp_path / "full", model=MODEL, grid=full.grid, eea="none",
+                                       config={"pruner": "hywia", "path": None})
+
+
+def test_compact_storage(tiny, calib, taylor, tmp_path):
+    store, grid = _build(tiny, calib, taylor, tmp_path / "s")
+    ours = store.manifest["disk_bytes"]
+    # Týr's layout: every variant as zero-padded full q, k, v, o, gate, up, down tensors
+    per_layer = sum(lin.weight.numel() for lin in get_adapter(tiny.model).projections(get_adapter(tiny.model).layers(tiny.model)[0]).values())
+    tyr_layout = sum(len(grid.modules[k][l].keep) for k in ("attn", "mlp") for l in range(4)) * per_layer * 4 // 2
+    assert ours * 2 < tyr_layout
+
+
+@pytest.mark.parametrize("mode", ["none", "uniform", "expectation"])
+def test_modes_build_and_assemble(tiny, calib, taylor, tmp_path, mode):
+    store, grid = _build(tiny, calib, taylor, tmp_path / mode, eea=mode)
+    model = copy.deepcopy(tiny.model)
+    asm = Assembler(model, store)
+    changed = asm.assemble(grid.centre_levels())
+    assert changed == [0, 1, 2, 3]
+    levels = grid.centre_levels()
+    levels["mlp"][2] = 0
+    assert asm.assemble(levels) == [2]  # only the changed layer is rebuilt
+    with torch.no_grad():
+        assert torch.isfinite(model(calib[:2]).logits).all()
+    errs = store.errors()
+    for kind in ("attn", "mlp"):
+        for l in range(4):
+            assert errs[kind][l][0] == 0.0  # level 0 keeps everything
+            assert all(e >= 0 for e in errs[kind][l])
+
+
+def test_assembly_at_centre_equals_uniform_pruning(tiny, calib, taylor, tmp_path):
+    pruned = copy.deepcopy(tiny.model)
+    rep = prune_uniform(pruned, _pruner(), calib, 0.5, taylor, progress=False)
+    centre = {"attn": [r["heads_kept"] for r in rep["layers"]], "mlp": [r["channels_kept"] for r in rep["layers"]]}
+    grid = make_grid(layer_shapes(tiny.model), 0.5, interval=0.25, n_levels=5, min_channels=8, centre=centre)
+    path = grid.centre_levels()
+    store, grid = _build(tiny, calib, taylor, tmp_path / "p", eea="path", path=path, centre=centre)
+    model = copy.deepcopy(tiny.model)
+    Assembler(model, store).assemble(path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(calib[:3]).logits, pruned(calib[:3]).logits, atol=1e-4, rtol=1e-4)

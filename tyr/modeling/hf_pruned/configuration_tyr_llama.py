@@ -1,0 +1,100 @@
+"""Configuration of a structurally pruned Llama-family decoder with per-layer widths.
+
+This file is self-contained (it imports only ``transformers`` and ``huggingface_hub``): it is copied
+into exported model folders and loaded with ``trust_remote_code=True``.
+
+The global ``num_attention_heads`` / ``num_key_value_heads`` / ``intermediate_size`` keep the values
+of the dense model the checkpoint was pruned from (so ``LlamaConfig``'s checks and any code that
+reads them still see a valid dense geometry); the actual shapes of every layer come from the
+per-layer lists:
+
+- ``layer_num_heads[i]``: query head slots of layer ``i`` (0 = no attention block). With the default
+  padded layout, uneven GQA groups are padded with zero query heads, so this is
+  ``layer_num_kv_heads[i] * group_i`` and includes the zero heads;
+- ``layer_num_kv_heads[i]``: key/value heads of layer ``i``;
+- ``layer_intermediate_size[i]``: MLP channels of layer ``i`` (0 = no MLP block);
+- ``layer_o_bias[i]`` / ``layer_down_bias[i]``: whether ``o_proj`` / ``down_proj`` (or the empty
+  block standing in for them) has a bias (bias compensation after pruning);
+- ``layer_kv_of_head[i]`` (optional, index-map layout): the KV head read by each query head; when
+  given, groups may be uneven and K/V are expanded with ``index_select`` instead of zero padding;
+- ``layer_head_ids[i]`` (optional, informational): the original query head of each slot, -1 for a
+  zero padding head.
+
+``attention_qkv_bias`` (Qwen2: q/k/v have a bias, o has none) and ``mlp_gate_up_bias`` replace
+``LlamaConfig.attention_bias`` / ``mlp_bias``, which the pruned modeling code ignores (they are kept
+False). Sliding-window attention is not supported.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers.models.llama.configuration_llama import LlamaConfig
+
+
+@strict
+class TyrLlamaConfig(LlamaConfig):
+    """``LlamaConfig`` plus per-layer attention heads, KV heads, MLP widths and bias flags."""
+
+    model_type = "tyr_llama"
+
+    layer_num_heads: list[int] | None = None
+    layer_num_kv_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+    layer_o_bias: list[bool] | None = None
+    layer_down_bias: list[bool] | None = None
+    layer_kv_of_head: list[list[int] | None] | None = None
+    layer_head_ids: list[list[int]] | None = None
+    attention_qkv_bias: bool = False
+    mlp_gate_up_bias: bool = False
+    pruned_from_model_type: str | None = None
+
+    def __post_init__(self, **kwargs):
+        n = self.num_hidden_layers
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        # Unset lists mean "dense": every layer has the global sizes.
+        if self.layer_num_heads is None:
+            self.layer_num_heads = [int(self.num_attention_heads)] * n
+        if self.layer_num_kv_heads is None:
+            self.layer_num_kv_heads = [int(self.num_key_value_heads)] * n
+        if self.layer_intermediate_size is None:
+            self.layer_intermediate_size = [int(self.intermediate_size)] * n
+        if self.layer_o_bias is None:
+            self.layer_o_bias = [False] * n
+        if self.layer_down_bias is None:
+            self.layer_down_bias = [False] * n
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Part of ``@strict`` validation: per-layer lists are consistent (no ``hidden % heads`` rule)."""
+        if self.head_dim is None or self.head_dim <= 0:
+            raise ValueError("TyrLlamaConfig needs an explicit positive head_dim")
+        n = self.num_hidden_layers
+        for name in ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size", "layer_o_bias", "layer_down_bias"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"{name} has {len(value)} entries, expected num_hidden_layers={n}")
+        for name in ("layer_kv_of_head", "layer_head_ids"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"{name} has {len(value)} entries, expected num_hidden_layers={n}")
+        if self.layer_num_heads is None or self.layer_num_kv_heads is None:
+            return
+        for i, (nh, nkv) in enumerate(zip(self.layer_num_heads, self.layer_num_kv_heads)):
+            if nh < 0 or nkv < 0 or (nh == 0) != (nkv == 0):
+                raise ValueError(f"layer {i}: {nh} query heads and {nkv} KV heads (both or neither must be 0)")
+            kv_map = self.layer_kv_of_head[i] if self.layer_kv_of_head is not None else None
+            if kv_map is not None:
+                if len(kv_map) != nh or any(k < 0 or k >= nkv for k in kv_map):
+                    raise ValueError(f"layer {i}: layer_kv_of_head {kv_map} does not fit {nh} heads / {nkv} KV heads")
+            elif nh and nh % nkv:
+                raise ValueError(
+                    f"layer {i}: {nh} query heads is not a multiple of {nkv} KV heads "
+                    "(pad groups with zero heads or give layer_kv_of_head)"
+                )
+        if self.layer_intermediate_size is not None and any(c < 0 for c in self.layer_intermediate_size):
+            raise ValueError("layer_intermediate_size entries must be >= 0")
+
+    def layer_has_attention(self, layer_idx: int) -> bool:
+        return self.layer_num_heads[layer_idx] > 0
+
+
+__all__ = ["TyrLlamaConfig"]

@@ -1,0 +1,63 @@
+"""Materialise pruned models from the dense weights and a supernet, one allocation after another."""
+
+from __future__ import annotations
+
+import copy
+
+from tyr.modeling.adapter import get_adapter
+from tyr.modeling.slicing import slice_attention, slice_mlp
+from tyr.supernet.grid import KINDS
+from tyr.supernet.store import SupernetError, SupernetStore
+
+
+class Assembler:
+    """Turns ``model`` into the pruned model of any allocation of ``store``'s grid.
+
+    Keeps a pristine copy of every dense layer; :meth:`assemble` rebuilds only the layers whose
+    levels changed since the previous call, so consecutive candidates of a search are cheap.
+    """
+
+    def __init__(self, model, store: SupernetStore):
+        self.model, self.store = model, store
+        self.adapter = get_adapter(model)
+        layers = self.adapter.layers(model)
+        if len(layers) != store.num_layers:
+            raise SupernetError(f"supernet has {store.num_layers} layers, the model {len(layers)}")
+        self.dense = [copy.deepcopy(layer) for layer in layers]
+        self.current: list[tuple[int, int] | None] = [None] * len(layers)  # None = dense
+
+    def layer_for(self, li: int, attn_level: int, mlp_level: int):
+        layer = copy.deepcopy(self.dense[li])
+        grid = self.store.grid
+        for kind, level in (("attn", attn_level), ("mlp", mlp_level)):
+            g = grid.modules[kind][li]
+            if not 0 <= level < len(g.keep):
+                raise SupernetError(f"layer {li} {kind} level {level} outside 0..{len(g.keep) - 1}")
+            v = self.store.variant(li, kind, level)
+            if len(v.keep) == g.n_units and v.bias is None:
+                continue  # the dense module
+            if kind == "attn":
+                slice_attention(self.adapter, layer, v.keep, v.weight, v.bias)
+            else:
+                slice_mlp(self.adapter, layer, v.keep, v.weight, v.bias)
+        return layer
+
+    def assemble(self, levels: dict[str, list[int]]) -> list[int]:
+        """Make the model the pruned model of ``levels``; returns the indices of rebuilt layers."""
+        if any(len(levels[k]) != len(self.current) for k in KINDS):
+            raise SupernetError("allocation does not match the number of layers")
+        layers = self.adapter.layers(self.model)
+        changed = []
+        for li in range(len(layers)):
+            want = (int(levels["attn"][li]), int(levels["mlp"][li]))
+            if self.current[li] != want:
+                layers[li] = self.layer_for(li, *want)
+                self.current[li] = want
+                changed.append(li)
+        return changed
+
+    def restore_dense(self) -> None:
+        layers = self.adapter.layers(self.model)
+        for li, layer in enumerate(self.dense):
+            layers[li] = copy.deepcopy(layer)
+            self.current[li] = None
