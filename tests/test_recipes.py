@@ -45,3 +45,22 @@ def test_prune_recipe_tiny(tmp_path):
     lines = (tmp_path / "layers.jsonl").read_text().splitlines()
     assert len(lines) == 4 and "alpha_fine" in json.loads(lines[0])["mlp_info"]
     assert (tmp_path / "fusion_weights.png").stat().st_size > 1000
+
+
+def test_build_recipe_reruns_resume(tmp_path):
+    args = ["model=tiny-llama", "eval=smoke", "data.calibration.num_sequences=8", "data.calibration.seq_len=64",
+            "data.gradient.num_sequences=4", "data.gradient.seq_len=64", "supernet.min_channels=8",
+            f"paths.output_dir={tmp_path}"]
+    p = run_recipe("tyr.recipes.build", *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    manifest = tmp_path / "build" / "tiny-llama" / "hywia-s0.5-expectation" / "supernet" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    assert m["complete"] and len(m["layers"]) == 4 and m["schema_version"] == 1
+    before = manifest.read_text()
+    p = run_recipe("tyr.recipes.build", *args, "evaluate_centre=true")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "already complete" in p.stderr and manifest.read_text() == before
+    assert json.loads((manifest.parent.parent / "results.json").read_text())["allocation"] == "centre"
+    # another calibration set in the same directory is refused, naming the manifest
+    p = run_recipe("tyr.recipes.build", *args, "data.calibration.seed=5")
+    assert p.returncode != 0 and "manifest.json" in p.stderr and "another configuration" in p.stderr

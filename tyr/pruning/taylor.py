@@ -29,3 +29,28 @@ def collect_taylor(model, input_ids: torch.Tensor, batch_size: int = 8, progress
 
     layerwise_gradients(model, input_ids, on_layer, batch_size=batch_size, progress=progress)
     return out
+
+
+def load_or_collect_taylor(model, input_ids: torch.Tensor, cache_file: str | None, batch_size: int = 8,
+                           progress: bool = True) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    """:func:`collect_taylor`, cached in a safetensors file (the caller keys it by model and tokens)."""
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    if cache_file and Path(cache_file).exists():
+        flat = load_file(cache_file)
+        out: dict[int, dict] = {}
+        for key, t in flat.items():
+            li, kind, name = key.split(".")
+            out.setdefault(int(li), {}).setdefault(kind, {})[name] = t
+        return out
+    out = collect_taylor(model, input_ids, batch_size, progress)
+    if cache_file:
+        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+        flat = {f"{li}.{kind}.{name}": t.contiguous() for li, d in out.items() for kind, dd in d.items() for name, t in dd.items()}
+        tmp = cache_file + ".tmp"
+        save_file(flat, tmp)
+        os.replace(tmp, cache_file)
+    return out

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -43,6 +44,26 @@ def eval_kwargs(cfg: DictConfig) -> dict:
         limit=None if e.limit is None else int(e.limit), batch_size=int(e.batch_size),
         token_cache=token_cache(cfg), tokenizer_name=cfg.model.name,
     )
+
+
+def taylor_for(cfg: DictConfig, lm: LoadedModel, pruner) -> dict | None:
+    """Per-unit Taylor statistics if the pruner needs them (cached per model revision and tokens)."""
+    if not pruner.needs_gradients:
+        return None
+    from tyr.data import TokenSetSpec, get_token_set, tokenizer_id
+    from tyr.pruning.taylor import load_or_collect_taylor
+
+    spec = TokenSetSpec(**cfg.data.gradient)
+    ids = get_token_set(spec, lm.tokenizer, token_cache(cfg), lm.name).input_ids
+    key = hashlib.sha256(f"{lm.name}|{lm.revision}|{spec.key(tokenizer_id(lm.tokenizer))}".encode()).hexdigest()[:16]
+    cache = Path(cfg.paths.cache_dir) / "taylor" / f"{lm.name}-{key}.safetensors"
+    return load_or_collect_taylor(lm.model, ids, str(cache), int(cfg.batch_size))
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -17,9 +17,8 @@ from omegaconf import DictConfig
 from tyr.data import TokenSetSpec, get_token_set
 from tyr.evaluation import evaluate_model, results_table
 from tyr.plots import plot_fusion_weights
-from tyr.pruning.taylor import collect_taylor
 from tyr.pruning.uniform import prune_uniform
-from tyr.recipes.common import eval_kwargs, load, log, start, to_container, token_cache
+from tyr.recipes.common import eval_kwargs, load, log, peak_rss_mb, start, taylor_for, to_container, token_cache
 from tyr.utils import JsonlWriter, write_json
 
 
@@ -45,10 +44,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.measure_dense_pass:
         timings["dense_fwd_bwd"] = dense_pass_seconds(lm.model, calib, int(cfg.batch_size))
     t0 = time.time()
-    taylor = None
-    if pruner.needs_gradients:
-        grad_ids = get_token_set(TokenSetSpec(**cfg.data.gradient), **tok_kw).input_ids
-        taylor = collect_taylor(lm.model, grad_ids, int(cfg.batch_size))
+    taylor = taylor_for(cfg, lm, pruner)
     timings["gradients"] = time.time() - t0
     metrics = JsonlWriter(run_dir / "layers.jsonl")
     report = prune_uniform(lm.model, pruner, calib, float(cfg.target_sparsity), taylor, int(cfg.batch_size),
@@ -62,7 +58,7 @@ def main(cfg: DictConfig) -> None:
     res = evaluate_model(lm.model, lm.tokenizer, **eval_kwargs(cfg))
     res.update(model=lm.name, revision=lm.revision, pruner=cfg.pruner.name, reconstruction=cfg.pruner.reconstruction,
                target_sparsity=report["target_sparsity"], achieved_sparsity=report["achieved_sparsity"],
-               timings=timings, wall_time=time.time() - t_start, config=to_container(cfg),
+               timings=timings, wall_time=time.time() - t_start, peak_rss_mb=peak_rss_mb(), config=to_container(cfg),
                calibration_tokens=int(calib.numel()))
     write_json(run_dir / "results.json", res)
     write_json(run_dir / "prune_report.json", report)
