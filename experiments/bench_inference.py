@@ -88,6 +88,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             weight_bytes += p.numel() * p.element_size()
             if isinstance(p, torch.nn.Parameter):
                 params += p.numel()
+    stored_params = params
+    alloc = Path(args.path) / "tyr_allocation.json"
+    if alloc.exists():  # real parameters of a pruned export: zero padding heads excluded
+        params = int(json.loads(alloc.read_text())["parameters"]["total"])
     ids = torch.load(args.ids)
     prefill_s, decode_s, cache_b = [], [], 0
     with torch.inference_mode():
@@ -113,6 +117,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "model_type": model.config.model_type,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "params": params,
+        "stored_params": stored_params,
         "weight_mb": weight_bytes / 2**20,
         "kv_cache_mb": cache_b / 2**20,
         "load_s": load_s,
