@@ -163,6 +163,21 @@ def _common_flag(widths: list[dict[str, Any]], key: str) -> bool:
     return bool(values.pop()) if values else False
 
 
+def _index_maps(widths: list[dict[str, Any]]) -> tuple[list[int], list[list[int] | None] | None, list[list[int]]]:
+    """Index-map layout of padded layers: (heads per layer, KV head per real head or None, head ids).
+
+    Only layers that hold padding get a map; the others keep their even groups (stock path).
+    """
+    heads, kv_maps, head_ids = [], [], []
+    for w in widths:
+        real = [s for s, h in enumerate(w["head_ids"]) if h >= 0]
+        padded = len(real) != w["num_head_slots"]
+        heads.append(len(real))
+        kv_maps.append([w["kv_of_head"][s] for s in real] if padded else None)
+        head_ids.append([w["head_ids"][s] for s in real])
+    return heads, (kv_maps if any(m is not None for m in kv_maps) else None), head_ids
+
+
 def pruned_config(model: nn.Module, layout: str = "padded") -> TyrLlamaConfig:
     """The ``TyrLlamaConfig`` describing an in-memory pruned model (per-layer widths and biases).
 
@@ -187,16 +202,7 @@ def pruned_config(model: nn.Module, layout: str = "padded") -> TyrLlamaConfig:
         kv_maps = None
         head_ids = [w["head_ids"] for w in widths]
     else:
-        heads = [w["num_heads"] for w in widths]
-        kv_maps = []
-        head_ids = []
-        for w in widths:
-            real = [s for s, h in enumerate(w["head_ids"]) if h >= 0]
-            padded = len(real) != w["num_head_slots"]
-            kv_maps.append([w["kv_of_head"][s] for s in real] if padded else None)
-            head_ids.append([w["head_ids"][s] for s in real])
-        if all(m is None for m in kv_maps):
-            kv_maps = None
+        heads, kv_maps, head_ids = _index_maps(widths)
     cfg = TyrLlamaConfig(
         **kwargs,
         head_dim=adapter.head_dim(base),
@@ -223,14 +229,14 @@ def pruned_config(model: nn.Module, layout: str = "padded") -> TyrLlamaConfig:
 # ------------------------------------------------------------------------------------------------
 
 
-def _cloned_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``state_dict`` with every tensor cloned once (tied weights stay tied)."""
+def _cloned_state_dict(model: nn.Module, clone: bool = True) -> dict[str, torch.Tensor]:
+    """``state_dict`` with every tensor cloned once (tied weights stay tied); ``clone=False`` shares them."""
     memo: dict[tuple, torch.Tensor] = {}
     out = {}
     for k, t in model.state_dict().items():
         key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
         if key not in memo:
-            memo[key] = t.detach().clone()
+            memo[key] = t.detach().clone() if clone else t.detach().contiguous()
         out[k] = memo[key]
     return out
 
@@ -271,14 +277,15 @@ def _index_state(state: dict[str, torch.Tensor], widths: list[dict[str, Any]], h
     return state
 
 
-def to_export_model(model: nn.Module, layout: str = "padded") -> TyrLlamaForCausalLM:
+def to_export_model(model: nn.Module, layout: str = "padded", copy_weights: bool = True) -> TyrLlamaForCausalLM:
     """A ``TyrLlamaForCausalLM`` holding a copy of the in-memory pruned model's weights.
 
     ``layout="padded"`` (default, fast) keeps zero padding heads as stored zeros; ``"index"`` drops
-    them and uses per-layer KV index maps where groups are uneven.
+    them and uses per-layer KV index maps where groups are uneven. ``copy_weights=False`` shares
+    the tensors with ``model`` instead (no extra memory; used by :func:`export_model`).
     """
     config = pruned_config(model, layout)
-    state = _cloned_state_dict(model)
+    state = _cloned_state_dict(model, clone=copy_weights)
     if layout == "index":
         state = _index_state(state, layer_widths(model), config.head_dim)
     out = _build(config, state, getattr(model, "generation_config", None))
@@ -302,18 +309,11 @@ def index_layout_from_padded(model: nn.Module) -> TyrLlamaForCausalLM:
         group = slots // nkv if nkv else 0
         widths.append({"layer": i, "num_head_slots": slots, "head_ids": list(cfg.layer_head_ids[i]),
                        "kv_of_head": [s // group for s in range(slots)] if group else []})
-    kv_maps, heads, head_ids = [], [], []
-    for w in widths:
-        real = [s for s, h in enumerate(w["head_ids"]) if h >= 0]
-        padded = len(real) != w["num_head_slots"]
-        kv_maps.append([w["kv_of_head"][s] for s in real] if padded else None)
-        heads.append(len(real) if padded else w["num_head_slots"])
-        head_ids.append([w["head_ids"][s] for s in real])
+    heads, kv_maps, head_ids = _index_maps(widths)
     d = cfg.to_dict()
     for k in ("model_type", "transformers_version", "auto_map", "architectures"):
         d.pop(k, None)
-    d.update(layer_num_heads=heads, layer_kv_of_head=kv_maps if any(m is not None for m in kv_maps) else None,
-             layer_head_ids=head_ids)
+    d.update(layer_num_heads=heads, layer_kv_of_head=kv_maps, layer_head_ids=head_ids)
     new_cfg = TyrLlamaConfig(**d)
     state = _index_state(_cloned_state_dict(model), widths, cfg.head_dim)
     out = _build(new_cfg, state, getattr(model, "generation_config", None))
@@ -397,7 +397,7 @@ def export_model(
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    export = to_export_model(model, layout)
+    export = to_export_model(model, layout, copy_weights=False)  # only read by save_pretrained
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         export.save_pretrained(tmp, max_shard_size=max_shard_size)
@@ -479,15 +479,19 @@ def verify_export(
     atol: float = 1e-4,
     max_new_tokens: int = 8,
     cache_atol: float | None = None,
+    strict_generation: bool | None = None,
     timeout: float = 900,
 ) -> dict[str, Any]:
     """Load ``out_dir`` in a fresh process (offline, ``trust_remote_code=True``) and check it.
 
     Checks: max |Δ logits| against ``reference_model`` on ``input_ids`` <= ``atol``; logits computed
     token by token through the KV cache match the full forward (<= ``cache_atol``, default
-    ``max(10 * atol, 1e-3)``); greedy ``generate`` with ``use_cache=True`` equals ``use_cache=False``
+    ``max(10 * atol, 1e-4 * max|logits|)`` in float32, ``0.05 * max|logits|`` in 16-bit dtypes, where
+    rounding alone reaches a few percent); greedy ``generate`` with ``use_cache=True`` equals ``use_cache=False``
     for ``max_new_tokens`` tokens; the per-layer widths in the config match the reference.
-    Returns the numbers; raises :class:`ExportVerificationError` listing what failed.
+    Returns the numbers; raises :class:`ExportVerificationError` listing what failed. A generation
+    mismatch only warns when ``strict_generation`` is False (default: strict in float32 only, since
+    16-bit rounding can flip a near-tie between cached and uncached greedy decoding).
     """
     out_dir = Path(out_dir).resolve()
     input_ids = input_ids.detach().cpu().long()
@@ -495,7 +499,6 @@ def verify_export(
         input_ids = input_ids[None]
     if input_ids.shape[1] < 2:
         raise ValueError("input_ids needs at least 2 tokens")
-    cache_atol = max(10 * atol, 1e-3) if cache_atol is None else cache_atol
     dtype = next(reference_model.parameters()).dtype
     cfg = reference_model.config
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else 0)
@@ -509,6 +512,9 @@ def verify_export(
     if (out_dir / ALLOCATION_FILE).exists():
         layout = json.loads((out_dir / ALLOCATION_FILE).read_text()).get("layout", "padded")
     expected = pruned_config(reference_model, layout)
+    if cache_atol is None:  # cached vs full forward differ by rounding, relative to the logits' scale
+        scale = float(ref_logits.abs().max())
+        cache_atol = max(10 * atol, 1e-4 * scale) if dtype == torch.float32 else 0.05 * scale
     with tempfile.TemporaryDirectory(prefix="tyr-verify-") as tmp:
         tmp = Path(tmp)
         torch.save(input_ids, tmp / "ids.pt")
@@ -542,6 +548,7 @@ def verify_export(
             "layer_num_kv_heads": expected.layer_num_kv_heads,
             "layer_intermediate_size": expected.layer_intermediate_size,
         },
+        "cache_atol": float(cache_atol),
         "tyr_imported": bool(res["tyr_imported"]),
         "model_class": res["model_class"],
         "config_class": res["config_class"],
@@ -551,13 +558,19 @@ def verify_export(
     problems = []
     if not report["max_abs_logit_diff"] <= atol:
         problems.append(f"max |Δ logits| vs the in-memory model is {report['max_abs_logit_diff']:.3g} > atol {atol:g}")
-    if not report["max_abs_cache_logit_diff"] <= cache_atol:
+    if not report["max_abs_cache_logit_diff"] <= report["cache_atol"]:
         problems.append(
             f"logits through the KV cache differ from the full forward by {report['max_abs_cache_logit_diff']:.3g} "
             f"> {cache_atol:g}"
         )
+    if strict_generation is None:
+        strict_generation = dtype == torch.float32
     if not report["generate_cache_equals_no_cache"]:
-        problems.append("greedy generate with use_cache=True differs from use_cache=False")
+        msg = "greedy generate with use_cache=True differs from use_cache=False"
+        if strict_generation:
+            problems.append(msg)
+        else:
+            log.warning("%s (%s; not treated as a failure in %s)", msg, out_dir, dtype)
     if not report["config_widths_match"]:
         problems.append(f"per-layer widths in the exported config {res['widths']} do not match the model")
     if report["tyr_imported"]:

@@ -33,3 +33,43 @@ def plot_fusion_weights(layers: list[dict], path: str | Path, title: str = "") -
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_search_history(history: list[dict], path: str | Path) -> Path | None:
+    """Parent fitness (KL) per generation, one line per coarse-to-fine iteration."""
+    if not history:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    its = sorted({h.get("iteration", 0) for h in history})
+    x0 = 0
+    for it in its:
+        hs = [h for h in history if h.get("iteration", 0) == it]
+        ys = [h["best_fitness"] if h.get("best_fitness") is not None else h.get("parent_fitness") for h in hs]
+        ax.plot(range(x0, x0 + len(hs)), ys, marker=".", label=f"iteration {it}")
+        x0 += len(hs)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("KL(dense || pruned) per token")
+    ax.set_title("search fitness")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_allocation(sparsity: dict[str, list[float]], uniform: dict[str, list[float]], path: str | Path, title: str = "") -> Path:
+    """Per-layer sparsity of attention and MLP: searched allocation against uniform."""
+    fig, axes = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    for ax, kind, label in zip(axes, ("attn", "mlp"), ("attention heads", "MLP channels")):
+        L = len(sparsity[kind])
+        ax.bar(range(L), sparsity[kind], color="tab:blue", label="searched")
+        ax.plot(range(L), uniform[kind], color="tab:red", ls="--", label="uniform")
+        ax.set_ylabel(f"{label}\nsparsity")
+        ax.set_ylim(0, 1)
+    axes[0].legend()
+    axes[1].set_xlabel("layer")
+    axes[0].set_title(title or "allocation per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -113,7 +113,7 @@ class DecoderAdapter:
 
 
 _ADAPTERS: tuple[DecoderAdapter, ...] = (
-    DecoderAdapter("llama", ("llama",)),
+    DecoderAdapter("llama", ("llama", "tyr_llama")),  # tyr_llama: exported pruned checkpoints
     DecoderAdapter("mistral", ("mistral",)),
     DecoderAdapter("qwen2", ("qwen2",)),
     DecoderAdapter("gemma3", ("gemma3_text",)),

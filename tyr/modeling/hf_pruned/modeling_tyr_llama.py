@@ -105,8 +105,10 @@ class TyrLlamaAttention(LlamaAttention):
         self.v_proj = nn.Linear(hidden, num_kv * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden, bias=bool(config.layer_o_bias[layer_idx]))
         if config.layer_head_ids is not None and config.layer_head_ids[layer_idx] is not None:
-            # Read by tyr's parameter counting: -1 marks a zero padding head.
+            # Plain attributes read by tyr if the model is loaded back (-1 marks a zero padding head).
             self.tyr_head_ids = tuple(int(h) for h in config.layer_head_ids[layer_idx])
+        if self.kv_of_head is not None:
+            self.tyr_kv_of_head = self.kv_of_head  # uneven grouping, for tyr's geometry
 
     def _kv_index_on(self, device: torch.device) -> torch.Tensor:
         idx = self._kv_index.get(device)

@@ -1,0 +1,120 @@
+"""KL fitness (top-k teacher cache, prefix cache) and the resumable coarse-to-fine driver on tiny-llama."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import compose
+from tyr.coarse_to_fine import SearchSettings, run_search
+from tyr.data import TokenSetSpec, build_token_set
+from tyr.fitness import KLFitness, TeacherCache, kl_sum
+from tyr.modeling.adapter import get_adapter
+from tyr.pruning.taylor import collect_taylor
+from tyr.search import Allocation
+from tyr.supernet.assemble import Assembler
+from tyr.supernet.builder import build_supernet
+from tyr.supernet.grid import layer_shapes, make_grid
+from tyr.supernet.store import SupernetStore
+from tyr.utils import read_json
+
+MODEL = {"name": "tiny-llama", "revision": "random-seed:0", "dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def data(tiny):
+    calib = build_token_set(TokenSetSpec("c4[0:100]", 48, 8, seed=0), tiny.tokenizer).input_ids
+    search = build_token_set(TokenSetSpec("c4[600:700]", 32, 6, seed=1), tiny.tokenizer).input_ids
+    taylor = collect_taylor(tiny.model, calib[:4], progress=False)
+    return calib, search, taylor
+
+
+def _pruner():
+    return instantiate(compose("prune", ["pruner=hywia"]).pruner)
+
+
+def test_topk_kl_equals_exact_kl_when_k_covers_vocab(tiny, data):
+    _, search, _ = data
+    model = copy.deepcopy(tiny.model)
+    teacher = TeacherCache.build(tiny.model, search[:2], k=49152)
+    with torch.no_grad():  # perturb the student
+        for layer in get_adapter(model).layers(model):
+            for p in layer.mlp.parameters():
+                p.mul_(4.0)
+    a = get_adapter(model)
+    with torch.no_grad():
+        h = a.base_model(model)(input_ids=search[:2]).last_hidden_state
+        got = kl_sum(h, a.final_norm(model), a.lm_head(model), teacher, slice(0, 2))
+        lt = torch.log_softmax(tiny.model(search[:2]).logits[:, :-1].double(), -1)
+        ls = torch.log_softmax(model(search[:2]).logits[:, :-1].double(), -1)
+        exact = (lt.exp() * (lt - ls)).sum().item()
+    assert exact > 0.05 and math.isclose(got, exact, rel_tol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def supernet(tiny, data, tmp_path_factory):
+    calib, _, taylor = data
+    grid = make_grid(layer_shapes(tiny.model), 0.5, interval=0.25, n_levels=5, min_channels=8)
+    store = SupernetStore.create_or_resume(tmp_path_factory.mktemp("sn"), model=MODEL, grid=grid, eea="expectation", config={})
+    build_supernet(tiny.model, _pruner(), calib, grid, store, taylor=taylor, progress=False)
+    return SupernetStore.open(store.root), grid
+
+
+def test_kl_fitness_dense_is_zero_and_prefix_cache_is_exact(tiny, data, supernet):
+    _, search, _ = data
+    store, grid = supernet
+    teacher = TeacherCache.build(tiny.model, search, k=64)
+    model = copy.deepcopy(tiny.model)
+    dense = Allocation({k: [0] * 4 for k in ("attn", "mlp")})
+    centre = Allocation(grid.centre_levels())
+    kids = [centre.with_level("mlp", 3, 0), centre.with_level("attn", 2, 3), centre.with_level("mlp", 0, 1)]
+    f_cache = KLFitness(model, Assembler(model, store), teacher, prefix_cache=True)
+    model2 = copy.deepcopy(tiny.model)
+    f_plain = KLFitness(model2, Assembler(model2, store), teacher, prefix_cache=False)
+    assert f_cache([dense], 0, 6 * 32)[0] < 1e-6
+    a = f_cache(kids + [centre], 0, 6 * 32)
+    b = f_plain(kids + [centre], 0, 6 * 32)
+    assert all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-12) for x, y in zip(a, b)), (a, b)
+    assert f_cache.stats.layer_forwards_saved == 3 + 2 + 0  # first changed layers of the three children
+    assert f_plain.stats.layer_forwards_saved == 0
+    assert all(x > 0 for x in a)
+
+
+def _settings(**kw):
+    return SearchSettings(intervals=[0.25, 0.125], n_levels=5, min_channels=8, generations=3, offspring=4,
+                          stages=[(64, 2), (192, 1)], seed=3, batch_size=4, **kw)
+
+
+def test_driver_resumes_to_the_same_allocation(tiny, data, tmp_path, monkeypatch):
+    calib, search, taylor = data
+    teacher = TeacherCache.build(tiny.model, search, k=64)
+    ref = run_search(copy.deepcopy(tiny.model), MODEL, _pruner(), calib, taylor, teacher, 0.5, _settings(), tmp_path / "a")
+    assert len(ref["iterations"]) == 2
+    for it in ref["iterations"]:
+        assert it["cost"] <= it["budget"]
+    # kill during iteration 1 (after a few fitness calls), then rerun the same call
+    import tyr.fitness as fit
+
+    real = fit.KLFitness.__call__
+    calls = {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(fit.KLFitness, "__call__", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(copy.deepcopy(tiny.model), MODEL, _pruner(), calib, taylor, teacher, 0.5, _settings(), tmp_path / "b")
+    monkeypatch.setattr(fit.KLFitness, "__call__", real)
+    partial = read_json(tmp_path / "b" / "search_state.json")
+    assert len(partial["iterations"]) < 2
+    got = run_search(copy.deepcopy(tiny.model), MODEL, _pruner(), calib, taylor, teacher, 0.5, _settings(), tmp_path / "b")
+    for x, y in zip(ref["iterations"], got["iterations"]):
+        assert x["levels"] == y["levels"] and x["keep"] == y["keep"]
+        assert math.isclose(x["fitness"], y["fitness"], rel_tol=1e-6)

@@ -1,0 +1,132 @@
+"""Coarse-to-fine search (Týr): iterate {build supernet → evolutionary search}, halving the level
+interval each time and centring the next grid on the previous best allocation.
+
+One resumable driver. Everything lives under ``run_dir``:
+``iter{i}/supernet/`` (shards + manifest), ``search_state.json`` (iteration, evolution state, results
+so far; rewritten after every generation), ``history.jsonl`` (one line per generation), and at the
+end ``allocation.json``. Killing the driver and calling it again continues where it stopped; with
+the same seed it reaches the same allocation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tyr.fitness import KLFitness, TeacherCache, spearman, surrogate_scores
+from tyr.pruning.local import LocalPruner
+from tyr.search import Allocation, EvolutionConfig, SearchSpace, evolve, mutate
+from tyr.supernet.assemble import Assembler
+from tyr.supernet.builder import build_supernet
+from tyr.supernet.grid import KINDS, SupernetGrid, layer_shapes, make_grid
+from tyr.supernet.store import SupernetStore
+from tyr.utils import JsonlWriter, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchSettings:
+    intervals: list[float] = field(default_factory=lambda: [0.125, 0.0625, 0.03125, 0.015625])
+    n_levels: int = 9
+    min_heads: int = 1
+    min_channels: int = 32
+    eea: str = "expectation"
+    generations: int = 50
+    offspring: int = 128
+    stages: list[tuple[int, int]] = field(default_factory=lambda: [(2048, 16), (16384, 4), (131072, 1)])
+    max_flips: int = 4
+    prescreen_keep: int | None = None  # surrogate first stage: keep this many offspring (None: off)
+    prefix_cache: bool = True
+    prefix_cache_max_mb: float = 4096.0
+    seed: int = 0
+    batch_size: int = 8
+    surrogate_check: int = 0  # evaluate this many random candidates per iteration with both fitnesses
+
+
+def keep_counts(grid: SupernetGrid, levels: dict[str, list[int]]) -> dict[str, list[int]]:
+    return {k: [grid.modules[k][l].keep[levels[k][l]] for l in range(grid.num_layers)] for k in KINDS}
+
+
+def _surrogate_check(space, start, errors, fitness, n, rng, tokens) -> dict:
+    cands, a = [], start
+    for _ in range(n):
+        a = mutate(space, a, rng)
+        cands.append(a)
+    true = fitness(cands + [start], 0, tokens)[:-1]
+    sur = surrogate_scores(errors, cands)
+    return {"n": n, "tokens": tokens, "spearman": spearman(sur, true)}
+
+
+def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tensor, taylor: dict | None,
+               teacher: TeacherCache, target_sparsity: float, settings: SearchSettings, run_dir: str | Path,
+               store_config: dict | None = None) -> dict:
+    """Run (or resume) the whole coarse-to-fine search; returns the final allocation record."""
+    import numpy as np
+
+    run_dir = Path(run_dir)
+    state_file = run_dir / "search_state.json"
+    state = read_json(state_file) if state_file.exists() else {"iterations": [], "current": None}
+    history = JsonlWriter(run_dir / "history.jsonl")
+    shapes = layer_shapes(model)
+    centre = None
+    for done in state["iterations"]:
+        centre = done["keep"]
+    for it, interval in enumerate(settings.intervals):
+        if it < len(state["iterations"]):
+            continue
+        t_it = time.time()
+        grid = make_grid(shapes, target_sparsity, interval, settings.n_levels, settings.min_heads,
+                         settings.min_channels, centre=centre)
+        store = SupernetStore.create_or_resume(
+            run_dir / f"iter{it}" / "supernet", model=model_id, grid=grid, eea=settings.eea,
+            config={**(store_config or {}), "iteration": it, "interval": interval})
+        if not store.manifest["complete"]:
+            log.info("iteration %d: building the supernet (interval %.4f)", it, interval)
+            build_supernet(model, pruner, calib_ids, grid, store, eea=settings.eea, taylor=taylor,
+                           batch_size=settings.batch_size)
+        t_build = time.time() - t_it
+        store = SupernetStore.open(store.root, expect_model=model_id)
+        asm = Assembler(model, store)
+        space = SearchSpace.from_costs(grid.costs(), budget=grid.allocation_params(grid.centre_levels()))
+        start = Allocation(grid.centre_levels())
+        fitness = KLFitness(model, asm, teacher, settings.batch_size, settings.prefix_cache, settings.prefix_cache_max_mb)
+        errors = store.errors()
+        evo = EvolutionConfig(generations=settings.generations, offspring=settings.offspring, stages=list(settings.stages),
+                              seed=settings.seed + it, max_flips=settings.max_flips, prescreen_keep=settings.prescreen_keep)
+        resume = state["current"]["evolution"] if state.get("current") and state["current"]["iteration"] == it else None
+        extra = {}
+        if settings.surrogate_check and resume is None:
+            extra["surrogate"] = _surrogate_check(space, start, errors, fitness, settings.surrogate_check,
+                                                  np.random.default_rng(settings.seed + 1000 + it), settings.stages[0][0])
+            log.info("surrogate rank correlation with KL: %.3f", extra["surrogate"]["spearman"])
+        t_search = time.time()
+
+        def on_generation(record: dict, evo_state: dict, it=it) -> None:
+            record = {**record, "iteration": it, "layer_forwards": fitness.stats.layer_forwards,
+                      "layer_forwards_saved": fitness.stats.layer_forwards_saved}
+            history.write(**record)
+            state["current"] = {"iteration": it, "evolution": evo_state}
+            write_json(state_file, state)
+
+        prescreen = (lambda allocs: surrogate_scores(errors, allocs)) if settings.prescreen_keep else None
+        result = evolve(space, fitness, evo, start=start, state=resume, on_generation=on_generation, prescreen=prescreen)
+        best = result.best.to_json()
+        iteration = {
+            "iteration": it, "interval": interval, "levels": best, "keep": keep_counts(grid, best),
+            "fitness": result.best_fitness, "budget": space.budget, "cost": space.cost(result.best),
+            "supernet": str(store.root), "build_seconds": t_build, "search_seconds": time.time() - t_search,
+            "fitness_stats": {k: v for k, v in asdict(fitness.stats).items() if k != "history"}, **extra,
+        }
+        state["iterations"].append(iteration)
+        state["current"] = None
+        write_json(state_file, state)
+        centre = iteration["keep"]
+        asm.restore_dense()
+        log.info("iteration %d done: KL %.4f, cost %d / budget %d", it, result.best_fitness or float("nan"),
+                 iteration["cost"], space.budget)
+    return state

@@ -1,0 +1,147 @@
+"""The whole job: ``python -m tyr.recipes.pipeline model=smollm2-135m target_sparsity=0.5``.
+
+Stages, each skipped when its artifacts are complete (so a rerun of the same command resumes):
+prepare (token sets, Taylor statistics, teacher top-k cache) → build + search (coarse-to-fine, see
+:mod:`tyr.coarse_to_fine`) → allocation.json → evaluate the searched allocation and the comparison
+allocations with the same supernet → results.json, results.md, plots.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from tyr.coarse_to_fine import SearchSettings, run_search
+from tyr.data import TokenSetSpec, get_token_set
+from tyr.evaluation import evaluate_model, results_table
+from tyr.fitness import TeacherCache
+from tyr.modeling.params import parameter_counts
+from tyr.plots import plot_allocation, plot_search_history
+from tyr.recipes.common import eval_kwargs, load, log, peak_rss_mb, start, taylor_for, to_container, token_cache
+from tyr.supernet.assemble import Assembler
+from tyr.supernet.store import SupernetStore
+from tyr.utils import read_json, write_json
+
+
+def _settings(cfg: DictConfig) -> SearchSettings:
+    s = cfg.search
+    return SearchSettings(
+        intervals=[float(x) for x in s.intervals], n_levels=int(s.n_levels), min_heads=int(s.min_heads),
+        min_channels=int(s.min_channels), eea=str(s.eea), generations=int(s.generations), offspring=int(s.offspring),
+        stages=[(int(a), int(b)) for a, b in s.stages], max_flips=int(s.max_flips),
+        prescreen_keep=None if s.prescreen_keep is None else int(s.prescreen_keep), prefix_cache=bool(s.prefix_cache),
+        prefix_cache_max_mb=float(s.prefix_cache_max_mb), seed=int(s.seed), batch_size=int(cfg.batch_size),
+        surrogate_check=int(s.surrogate_check),
+    )
+
+
+def allocation_record(model, store: SupernetStore, levels: dict, dense_counts: dict, fitness=None) -> dict:
+    """allocation.json: level, sparsity and kept units per module, nominal and real budget."""
+    grid = store.grid
+    modules = {}
+    for kind in ("attn", "mlp"):
+        modules[kind] = []
+        for l, lvl in enumerate(levels[kind]):
+            g = grid.modules[kind][l]
+            modules[kind].append({"layer": l, "level": lvl, "kept": g.keep[lvl], "units": g.n_units,
+                                  "sparsity": g.sparsity(lvl), "kept_units": store.variant(l, kind, lvl).keep})
+    counts = parameter_counts(model)
+    nominal = grid.allocation_params(levels)
+    return {
+        "levels": levels, "modules": modules, "fitness": fitness,
+        "budget": {"nominal_kept": nominal, "nominal_dense": grid.dense_params(),
+                   "nominal_sparsity": 1 - nominal / grid.dense_params(),
+                   "prunable_kept": counts["prunable"], "prunable_dense": dense_counts["prunable"],
+                   "sparsity": 1 - counts["prunable"] / dense_counts["prunable"],
+                   "total_params": counts["total"], "dense_total_params": dense_counts["total"]},
+        "manifest": str(store.root / "manifest.json"), "config_hash": store.manifest["config_hash"],
+    }
+
+
+@hydra.main(config_path="../../conf", config_name="pipeline", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_dir = start(cfg)
+    t_start = time.time()
+    lm = load(cfg)
+    dense_counts = parameter_counts(lm.model)
+    pruner = instantiate(cfg.pruner)
+    tok = dict(tokenizer=lm.tokenizer, cache=token_cache(cfg), tokenizer_name=lm.name)
+    timings = read_json(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}
+
+    # prepare
+    t0 = time.time()
+    calib = get_token_set(TokenSetSpec(**cfg.data.calibration), **tok).input_ids
+    search_ids = get_token_set(TokenSetSpec(**cfg.data.search), **tok).input_ids
+    taylor = taylor_for(cfg, lm, pruner)
+    teacher_file = run_dir / "teacher.safetensors"
+    k = int(cfg.search.topk)
+    log.info("teacher cache: %d tokens x top-%d = %.1f MB", search_ids.numel(), k,
+             TeacherCache.estimate_bytes(search_ids.numel(), k) / 1e6)
+    if teacher_file.exists():
+        teacher = TeacherCache.load(teacher_file)
+    else:
+        teacher = TeacherCache.build(lm.model, search_ids, k, int(cfg.batch_size))
+        teacher.save(teacher_file)
+    timings.setdefault("prepare", time.time() - t0)
+
+    # build + search
+    model_id = {"name": lm.name, "revision": lm.revision, "dtype": str(cfg.model.dtype)}
+    store_config = {"pruner": to_container(cfg.pruner), "calibration": to_container(cfg.data.calibration),
+                    "gradient": to_container(cfg.data.gradient) if pruner.needs_gradients else None,
+                    "target_sparsity": float(cfg.target_sparsity)}
+    t0 = time.time()
+    state = run_search(lm.model, model_id, pruner, calib, taylor, teacher, float(cfg.target_sparsity), _settings(cfg),
+                       run_dir, store_config)
+    timings.setdefault("build_and_search", time.time() - t0)
+    write_json(run_dir / "timings.json", timings)
+    final = state["iterations"][-1]
+
+    # allocations to evaluate: the searched one and the comparisons, each with its supernet
+    first_store = SupernetStore.open(state["iterations"][0]["supernet"], expect_model=model_id)
+    candidates = {"searched": (SupernetStore.open(final["supernet"], expect_model=model_id), final["levels"], final["fitness"])}
+    if "uniform" in cfg.compare:
+        candidates["uniform"] = (first_store, first_store.grid.centre_levels(), None)
+    rows = {}
+    for name, (store, levels, fit) in candidates.items():
+        out = run_dir / f"results_{name}.json"
+        asm = Assembler(lm.model, store)
+        asm.assemble(levels)
+        rec = allocation_record(lm.model, store, levels, dense_counts, fit)
+        if name == "searched":
+            write_json(run_dir / "allocation.json", rec)
+        if out.exists():
+            res = read_json(out)
+        else:
+            res = evaluate_model(lm.model, lm.tokenizer, **eval_kwargs(cfg))
+            res.update(model=lm.name, allocation=name, budget=rec["budget"], config=to_container(cfg))
+            write_json(out, res)
+        rows[f"{lm.name} {name} {cfg.target_sparsity:.0%}"] = res
+        asm.restore_dense()
+        if name == "searched":
+            searched_sparsity = {k: [m["sparsity"] for m in rec["modules"][k]] for k in ("attn", "mlp")}
+        if name == "uniform" or "uniform_sparsity" not in locals():
+            uniform_sparsity = {k: [first_store.grid.modules[k][l].sparsity(first_store.grid.modules[k][l].centre)
+                                    for l in range(first_store.num_layers)] for k in ("attn", "mlp")}
+    history = [__import__("json").loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()] \
+        if (run_dir / "history.jsonl").exists() else []
+    plot_search_history(history, run_dir / "search_fitness.png")
+    plot_allocation(searched_sparsity, uniform_sparsity, run_dir / "allocation.png",
+                    f"{lm.name} at {cfg.target_sparsity:.0%}: searched vs uniform")
+    summary = {"rows": rows, "iterations": state["iterations"], "timings": timings, "peak_rss_mb": peak_rss_mb(),
+               "wall_time_this_run": time.time() - t_start}
+    write_json(run_dir / "results.json", summary)
+    table = results_table(rows)
+    (run_dir / "results.md").write_text(table + "\n")
+    print(table)
+    for it in state["iterations"]:
+        print(f"iteration {it['iteration']}: interval {it['interval']:.4f}  KL {it['fitness']:.4f}  "
+              f"build {it['build_seconds']:.0f} s  search {it['search_seconds']:.0f} s")
+    print(f"wall time {time.time() - t_start:.0f} s; run directory {run_dir}")
+
+
+if __name__ == "__main__":
+    main()
