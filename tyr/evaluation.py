@@ -40,7 +40,7 @@ def perplexity(model, input_ids: torch.Tensor, batch_size: int = 1, desc: str = 
     adapter = get_adapter(model)
     base, head = adapter.base_model(model), adapter.lm_head(model)
     nll, count, t0 = 0.0, 0, time.time()
-    for i in tqdm(range(0, input_ids.shape[0], batch_size), desc=desc, leave=False):
+    for i in tqdm(range(0, input_ids.shape[0], batch_size), desc=desc, leave=False, disable=None):
         x = input_ids[i : i + batch_size]
         hidden = base(input_ids=x).last_hidden_state
         nll += float(token_nll(hidden[:, :-1], head, x[:, 1:]))

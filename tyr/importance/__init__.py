@@ -131,7 +131,7 @@ class HyWIA(Scorer):
 
     needs_gradients = True
 
-    def __init__(self, temperature: float = 0.25, damp: float = 0.01):
+    def __init__(self, temperature: float = 0.25, damp: float = 0.001):
         if temperature <= 0:
             raise ValueError("temperature must be positive")
         self.temperature, self.damp = float(temperature), float(damp)
@@ -170,7 +170,7 @@ class OBS(Scorer):
     removal order gives nested kept sets for every requested count.
     """
 
-    def __init__(self, rounds_attn: int = 1, rounds_mlp: int = 16, damp: float = 0.01):
+    def __init__(self, rounds_attn: int = 1, rounds_mlp: int = 16, damp: float = 0.001):
         self.rounds = {"attn": int(rounds_attn), "mlp": int(rounds_mlp)}
         self.damp = float(damp)
 

@@ -48,7 +48,7 @@ def layerwise_gradients(model, input_ids: torch.Tensor, on_layer: GradCallback, 
     try:
         x0, kwargs = capture_layer_inputs(model, input_ids, batch_size)
         checkpoints = [x0]
-        for i, layer in enumerate(tqdm(layers, desc="grad fwd", disable=not progress, leave=False)):
+        for i, layer in enumerate(tqdm(layers, desc="grad fwd", disable=None if progress else True, leave=False)):
             checkpoints.append(run_layer(layer, checkpoints[-1], kwargs[i], batch_size))
         # gradient of each sequence's loss w.r.t. the last layer's output
         d_out = torch.empty_like(checkpoints[-1])
@@ -57,7 +57,7 @@ def layerwise_gradients(model, input_ids: torch.Tensor, on_layer: GradCallback, 
             _sequence_loss(x, norm, head, input_ids[s : s + 1]).backward()
             d_out[s : s + 1] = x.grad
         checkpoints.pop()
-        for li in tqdm(range(len(layers) - 1, -1, -1), desc="grad bwd", disable=not progress, leave=False):
+        for li in tqdm(range(len(layers) - 1, -1, -1), desc="grad bwd", disable=None if progress else True, leave=False):
             layer = layers[li]
             proj = adapter.projections(layer)
             params = {name: lin.weight for name, lin in proj.items()}

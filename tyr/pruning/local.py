@@ -22,7 +22,7 @@ class LocalPruner:
     scorer: Scorer
     reconstruction: str = "lstsq"
     bias: bool = False
-    damp: float = 0.01
+    damp: float = 0.001
     name: str = ""
 
     def __post_init__(self):

@@ -59,7 +59,7 @@ def prune_uniform(model, pruner: LocalPruner, calib_ids: torch.Tensor, sparsity:
     t0 = time.time()
     x, kwargs = capture_layer_inputs(model, calib_ids, batch_size)
     reports = []
-    for li, layer in enumerate(tqdm(adapter.layers(model), desc=f"prune {sparsity:.0%}", disable=not progress)):
+    for li, layer in enumerate(tqdm(adapter.layers(model), desc=f"prune {sparsity:.0%}", disable=None if progress else True)):
         before = layer_counts(adapter, layer)
         t = taylor[li] if taylor is not None else {"attn": None, "mlp": None}
         # attention heads

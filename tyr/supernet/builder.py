@@ -122,7 +122,7 @@ def build_supernet(model, pruner: LocalPruner, calib_ids: torch.Tensor, grid: Su
         start = 0
         x, kwargs = capture_layer_inputs(model, calib_ids, batch_size)
     dtype = adapter.projections(layers[0])["o_proj"].weight.dtype
-    for li in tqdm(range(start, len(layers)), desc="supernet", disable=not progress, initial=start, total=len(layers)):
+    for li in tqdm(range(start, len(layers)), desc="supernet", disable=None if progress else True, initial=start, total=len(layers)):
         t_layer = time.time()
         layer = layers[li]
         attn, mlp = adapter.attention(layer), adapter.mlp(layer)
