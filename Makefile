@@ -8,7 +8,7 @@ ARGS   ?=
 STAMP  := $(VENV)/.tyr-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-gemma demo evaluate test test-fast clean
+.PHONY: help setup setup-gemma demo evaluate prune build search test test-fast clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,15 @@ demo: setup  ## the main job on the default model (dense evaluation, full splits
 
 evaluate: setup  ## evaluate MODEL (ARGS='eval=quick' for a few minutes)
 	$(BIN)/python -m tyr.recipes.evaluate model=$(MODEL) $(ARGS)
+
+prune: setup  ## uniform pruning: MODEL, SPARSITY, ARGS='pruner=hywia eval=quick'
+	$(BIN)/python -m tyr.recipes.prune model=$(MODEL) target_sparsity=$(SPARSITY) $(ARGS)
+
+build: setup  ## build the supernet for MODEL at SPARSITY (resumable)
+	$(BIN)/python -m tyr.recipes.build model=$(MODEL) target_sparsity=$(SPARSITY) $(ARGS)
+
+search: setup  ## the whole pipeline (build -> coarse-to-fine search -> evaluate) for MODEL at SPARSITY
+	$(BIN)/python -m tyr.recipes.pipeline model=$(MODEL) target_sparsity=$(SPARSITY) $(ARGS)
 
 test: setup  ## run the whole test suite
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -64,3 +64,25 @@ def test_build_recipe_reruns_resume(tmp_path):
     # another calibration set in the same directory is refused, naming the manifest
     p = run_recipe("tyr.recipes.build", *args, "data.calibration.seed=5")
     assert p.returncode != 0 and "manifest.json" in p.stderr and "another configuration" in p.stdout + p.stderr
+
+
+def test_pipeline_recipe_tiny_end_to_end(tmp_path):
+    args = ["model=tiny-llama", "eval=smoke", "data.calibration.num_sequences=8", "data.calibration.seq_len=64",
+            "data.gradient.num_sequences=4", "data.gradient.seq_len=64", "data.search.num_sequences=8",
+            "data.search.seq_len=64", "search.min_channels=8", "search.generations=2", "search.offspring=4",
+            "search.stages=[[64,2],[256,1]]", "search.surrogate_check=6", f"paths.output_dir={tmp_path}"]
+    p = run_recipe("tyr.recipes.pipeline", *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "pipeline" / "tiny-llama" / "hywia-s0.5-fast"
+    alloc = json.loads((run / "allocation.json").read_text())
+    assert abs(alloc["budget"]["nominal_sparsity"] - 0.5) < 0.02
+    assert len(alloc["modules"]["attn"]) == 4 and "kept_units" in alloc["modules"]["mlp"][0]
+    res = json.loads((run / "results.json").read_text())
+    assert len(res["iterations"]) == 2 and set(k.split()[1] for k in res["rows"]) == {"searched", "uniform"}
+    assert (run / "hf_model" / "config.json").exists() and json.loads((run / "export.json").read_text())["verify"]["max_abs_logit_diff"] <= 1e-4
+    for f in ("history.jsonl", "search_fitness.png", "allocation.png", "teacher.safetensors"):
+        assert (run / f).exists(), f
+    # rerun: every stage is skipped, results unchanged
+    before = (run / "results_searched.json").read_text()
+    p = run_recipe("tyr.recipes.pipeline", *args)
+    assert p.returncode == 0 and (run / "results_searched.json").read_text() == before

@@ -131,6 +131,13 @@ def main(cfg: DictConfig) -> None:
     plot_search_history(history, run_dir / "search_fitness.png")
     plot_allocation(searched_sparsity, uniform_sparsity, run_dir / "allocation.png",
                     f"{lm.name} at {cfg.target_sparsity:.0%}: searched vs uniform")
+    if cfg.export and not (run_dir / "hf_model" / "config.json").exists():
+        from tyr.recipes.export import export_run
+
+        t0 = time.time()
+        rec = export_run(run_dir, verify=True, lm=lm, token_cache=token_cache(cfg))
+        timings["export"] = time.time() - t0
+        log.info("exported %s (%.1f MB)", rec["out"], rec["bytes"] / 1e6)
     summary = {"rows": rows, "iterations": state["iterations"], "timings": timings, "peak_rss_mb": peak_rss_mb(),
                "wall_time_this_run": time.time() - t_start}
     write_json(run_dir / "results.json", summary)
