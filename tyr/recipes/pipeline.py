@@ -15,6 +15,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from tyr.allocation import nearest_levels, outlier_ratios, owl_sparsities
 from tyr.coarse_to_fine import SearchSettings, run_search
 from tyr.data import TokenSetSpec, get_token_set
 from tyr.evaluation import evaluate_model, results_table
@@ -103,8 +104,19 @@ def main(cfg: DictConfig) -> None:
     # allocations to evaluate: the searched one and the comparisons, each with its supernet
     first_store = SupernetStore.open(state["iterations"][0]["supernet"], expect_model=model_id)
     candidates = {"searched": (SupernetStore.open(final["supernet"], expect_model=model_id), final["levels"], final["fitness"])}
+    unknown = set(cfg.compare) - {"uniform", "owl"}
+    if unknown:
+        raise ValueError(f"compare: unknown allocations {sorted(unknown)}; known: uniform, owl")
     if "uniform" in cfg.compare:
         candidates["uniform"] = (first_store, first_store.grid.centre_levels(), None)
+    if "owl" in cfg.compare:
+        owl_file = run_dir / "owl.json"
+        if not owl_file.exists():
+            ratios = outlier_ratios(lm.model, calib, batch_size=int(cfg.batch_size))
+            target = owl_sparsities(ratios, float(cfg.target_sparsity))
+            write_json(owl_file, {"outlier_ratios": ratios, "layer_sparsity": target,
+                                  "levels": nearest_levels(first_store.grid, target)})
+        candidates["owl"] = (first_store, read_json(owl_file)["levels"], None)
     rows = {}
     for name, (store, levels, fit) in candidates.items():
         out = run_dir / f"results_{name}.json"
