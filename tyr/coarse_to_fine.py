@@ -104,12 +104,14 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
             extra["surrogate"] = _surrogate_check(space, start, errors, fitness, settings.surrogate_check,
                                                   np.random.default_rng(settings.seed + 1000 + it), settings.stages[0][0])
             log.info("surrogate rank correlation with KL: %.3f", extra["surrogate"]["spearman"])
+        fitness.generation = (resume["generation"] - 1) if resume else -1  # the next stage-0 call is generation 0 / resumed one
         t_search = time.time()
 
         def on_generation(record: dict, evo_state: dict, it=it) -> None:
             record = {**record, "iteration": it, "layer_forwards": fitness.stats.layer_forwards,
                       "layer_forwards_saved": fitness.stats.layer_forwards_saved}
             history.write(**record)
+            fitness.generation = record["generation"]  # keeps token rotation aligned even if a generation had no stages
             state["current"] = {"iteration": it, "evolution": evo_state}
             write_json(state_file, state)
 

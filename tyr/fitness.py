@@ -83,9 +83,9 @@ class TeacherCache:
         return cls(t["input_ids"].long(), t["topk_ids"], t["topk_logp"], t["tail_logp"])
 
 
-def kl_sum(hidden: torch.Tensor, norm, head, teacher: TeacherCache, rows: slice, chunk: int = 1024) -> float:
+def kl_sum(hidden: torch.Tensor, norm, head, teacher: TeacherCache, rows, chunk: int = 1024) -> float:
     """Σ over positions of KL(teacher ‖ student) for the student's last hidden states ``hidden``
-    (pre-norm, [b, T, H]) of the teacher's sequences ``rows``."""
+    (pre-norm, [b, T, H]) of the teacher's sequences ``rows`` (a slice or an index tensor)."""
     h = norm(hidden)[:, :-1].reshape(-1, hidden.shape[-1])
     ids = teacher.topk_ids[rows].reshape(h.shape[0], -1).long()
     tlp = teacher.topk_logp[rows].reshape(h.shape[0], -1)
@@ -116,12 +116,22 @@ class KLFitness:
     ``prefix_cache`` its layer inputs are reused by the children."""
 
     def __init__(self, model, assembler, teacher: TeacherCache, batch_size: int = 8, prefix_cache: bool = True,
-                 prefix_cache_max_mb: float = 4096.0):
+                 prefix_cache_max_mb: float = 4096.0, rotate: bool = True):
         self.model, self.asm, self.teacher = model, assembler, teacher
         self.a = get_adapter(model)
         self.batch_size, self.prefix_cache, self.max_mb = batch_size, prefix_cache, prefix_cache_max_mb
         self.stats = FitnessStats()
         self._kwargs = None
+        # With ``rotate``, generation g uses teacher sequences starting at g·n (mod N), so successive
+        # generations see fresh tokens (as in EvoPress) while every candidate of a stage shares them.
+        # A stage-0 call starts a new generation; set ``generation`` when resuming an evolution.
+        self.rotate = rotate
+        self.generation = -1
+
+    def rows(self, n_seq: int) -> torch.Tensor:
+        N = self.teacher.input_ids.shape[0]
+        g = max(self.generation, 0) if self.rotate else 0
+        return (torch.arange(n_seq) + g * n_seq) % N
 
     def _layer_kwargs(self):
         if self._kwargs is None:
@@ -129,7 +139,7 @@ class KLFitness:
         return self._kwargs
 
     @torch.no_grad()
-    def _run(self, n_seq: int, start: int, x: torch.Tensor, keep_inputs: bool) -> tuple[float, list | None]:
+    def _run(self, rows: torch.Tensor, start: int, x: torch.Tensor, keep_inputs: bool) -> tuple[float, list | None]:
         layers = self.a.layers(self.model)
         kwargs = self._layer_kwargs()
         inputs = [] if keep_inputs else None
@@ -139,15 +149,18 @@ class KLFitness:
             x = run_layer(layers[li], x, kwargs[li], self.batch_size)
             self.stats.layer_forwards += 1
         norm, head = self.a.final_norm(self.model), self.a.lm_head(self.model)
-        bs = self.batch_size
-        kl = sum(kl_sum(x[i : i + bs], norm, head, self.teacher, slice(i, min(i + bs, n_seq))) for i in range(0, n_seq, bs))
+        bs, n_seq = self.batch_size, len(rows)
+        kl = sum(kl_sum(x[i : i + bs], norm, head, self.teacher, rows[i : i + bs]) for i in range(0, n_seq, bs))
         return kl, inputs
 
     def __call__(self, allocs, stage: int, num_tokens: int) -> list[float]:
         t0 = time.time()
         T = self.teacher.input_ids.shape[1]
         n_seq = min(self.teacher.input_ids.shape[0], max(1, math.ceil(num_tokens / T)))
-        ids = self.teacher.input_ids[:n_seq]
+        if stage == 0:
+            self.generation += 1
+        rows = self.rows(n_seq)
+        ids = self.teacher.input_ids[rows]
         x0, _ = capture_layer_inputs(self.model, ids, self.batch_size)
         n_tok = n_seq * (T - 1)
         L = self.a.num_layers(self.model)
@@ -167,7 +180,7 @@ class KLFitness:
                 if first == L:  # identical to the parent
                     out[idx] = out[order[0]]
                     continue
-            kl, inputs = self._run(n_seq, start, x, keep_inputs=use_cache and parent_inputs is None)
+            kl, inputs = self._run(rows, start, x, keep_inputs=use_cache and parent_inputs is None)
             if inputs is not None:
                 parent_levels, parent_inputs = levels, inputs
             out[idx] = kl / n_tok
