@@ -86,3 +86,15 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path):
     before = (run / "results_searched.json").read_text()
     p = run_recipe("tyr.recipes.pipeline", *args)
     assert p.returncode == 0 and (run / "results_searched.json").read_text() == before
+
+
+def test_multirun_records_a_failed_job_and_goes_on(tmp_path):
+    p = run_recipe("tyr.recipes.evaluate", "-m", "model=tiny-llama", "eval=smoke", "eval.tasks=[]",
+                   "eval.seq_len=64,100000000", f"paths.output_dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "multirun" / "evaluate").glob("*/*") if p.is_dir())
+    assert len(jobs) == 2
+    ok = [j for j in jobs if (j / "results.json").exists()]
+    failed = [j for j in jobs if (j / "failed.json").exists()]
+    assert len(ok) == 1 and len(failed) == 1 and "eval.seq_len=100000000" in failed[0].name
+    assert "TextTooShortError" in json.loads((failed[0] / "failed.json").read_text())["error"]

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from tyr.data import TokenSetSpec, get_token_set
 from tyr.evaluation import evaluate_model, results_table
-from tyr.recipes.common import eval_kwargs, load, log, peak_rss_mb, start, taylor_for, to_container, token_cache
+from tyr.recipes.common import recorded, eval_kwargs, load, log, peak_rss_mb, start, taylor_for, to_container, token_cache
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet
 from tyr.supernet.grid import layer_shapes, make_grid
@@ -24,6 +24,7 @@ from tyr.utils import JsonlWriter, read_json, write_json
 
 
 @hydra.main(config_path="../../conf", config_name="build", version_base="1.3")
+@recorded
 def main(cfg: DictConfig) -> None:
     run_dir = start(cfg)
     t_start = time.time()

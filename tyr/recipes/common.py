@@ -28,6 +28,34 @@ def start(cfg: DictConfig) -> Path:
     return run_dir
 
 
+def recorded(fn):
+    """Wrap a recipe body ``fn(cfg)``: on failure write ``failed.json`` (error and traceback) into the
+    run directory. In a multirun the failure is logged and swallowed so the sweep goes on; in a
+    single run it is re-raised."""
+    import functools
+    import traceback
+
+    @functools.wraps(fn)
+    def wrapper(cfg: DictConfig):
+        try:
+            return fn(cfg)
+        except Exception as e:  # noqa: BLE001 - recorded, then re-raised unless in a sweep
+            from hydra.types import RunMode
+
+            from tyr.utils import write_json
+
+            hc = HydraConfig.get()
+            run_dir = Path(hc.runtime.output_dir)
+            write_json(run_dir / "failed.json", {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                                                 "overrides": list(hc.overrides.task)})
+            if hc.mode == RunMode.MULTIRUN:
+                log.error("job failed (recorded in %s): %s", run_dir / "failed.json", e)
+                return None
+            raise
+
+    return wrapper
+
+
 def load(cfg: DictConfig) -> LoadedModel:
     return load_model(cfg.model.name, instantiate(cfg.model.source), cfg.model.dtype)
 

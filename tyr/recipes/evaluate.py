@@ -11,11 +11,12 @@ import hydra
 from omegaconf import DictConfig
 
 from tyr.evaluation import evaluate_model, results_table
-from tyr.recipes.common import eval_kwargs, load, log, start, to_container
+from tyr.recipes.common import recorded, eval_kwargs, load, log, start, to_container
 from tyr.utils import write_json
 
 
 @hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")
+@recorded
 def main(cfg: DictConfig) -> None:
     run_dir = start(cfg)
     t0 = time.time()

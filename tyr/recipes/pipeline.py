@@ -22,7 +22,7 @@ from tyr.evaluation import evaluate_model, results_table
 from tyr.fitness import TeacherCache
 from tyr.modeling.params import parameter_counts
 from tyr.plots import plot_allocation, plot_search_history
-from tyr.recipes.common import eval_kwargs, load, log, peak_rss_mb, start, taylor_for, to_container, token_cache
+from tyr.recipes.common import recorded, eval_kwargs, load, log, peak_rss_mb, start, taylor_for, to_container, token_cache
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.store import SupernetStore
 from tyr.utils import read_json, write_json
@@ -64,6 +64,7 @@ def allocation_record(model, store: SupernetStore, levels: dict, dense_counts: d
 
 
 @hydra.main(config_path="../../conf", config_name="pipeline", version_base="1.3")
+@recorded
 def main(cfg: DictConfig) -> None:
     run_dir = start(cfg)
     t_start = time.time()

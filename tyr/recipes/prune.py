@@ -18,7 +18,7 @@ from tyr.data import TokenSetSpec, get_token_set
 from tyr.evaluation import evaluate_model, results_table
 from tyr.plots import plot_fusion_weights
 from tyr.pruning.uniform import prune_uniform
-from tyr.recipes.common import eval_kwargs, load, log, peak_rss_mb, start, taylor_for, to_container, token_cache
+from tyr.recipes.common import recorded, eval_kwargs, load, log, peak_rss_mb, start, taylor_for, to_container, token_cache
 from tyr.utils import JsonlWriter, write_json
 
 
@@ -33,6 +33,7 @@ def dense_pass_seconds(model, ids: torch.Tensor, batch_size: int) -> float:
 
 
 @hydra.main(config_path="../../conf", config_name="prune", version_base="1.3")
+@recorded
 def main(cfg: DictConfig) -> None:
     run_dir = start(cfg)
     t_start = time.time()
