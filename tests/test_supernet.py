@@ -184,8 +184,9 @@ def test_modes_build_and_assemble(tiny, calib, taylor, tmp_path, mode):
     errs = store.errors()
     for kind in ("attn", "mlp"):
         for l in range(4):
-            assert errs[kind][l][0] == 0.0  # level 0 keeps everything
-            assert all(e >= 0 for e in errs[kind][l])
+            g = grid.modules[kind][l]
+            for lvl, e in enumerate(errs[kind][l]):
+                assert e >= 0 and (e == 0.0) == (g.keep[lvl] == g.n_units)  # zero error exactly when nothing is cut
 
 
 def test_assembly_at_centre_equals_uniform_pruning(tiny, calib, taylor, tmp_path):
@@ -199,3 +200,22 @@ def test_assembly_at_centre_equals_uniform_pruning(tiny, calib, taylor, tmp_path
     Assembler(model, store).assemble(path)
     with torch.no_grad():
         torch.testing.assert_close(model(calib[:3]).logits, pruned(calib[:3]).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_real_sparsity_is_at_least_the_nominal_target(tiny, calib, taylor, tmp_path):
+    from tyr.modeling.params import parameter_counts
+
+    store, grid = _build(tiny, calib, taylor, tmp_path / "r")
+    dense = parameter_counts(tiny.model)["prunable"]
+    assert grid.dense_params() == dense  # nominal dense == real dense
+    model = copy.deepcopy(tiny.model)
+    asm = Assembler(model, store)
+    rng = np.random.default_rng(0)
+    space = SearchSpace.from_costs(grid.costs(), budget=grid.allocation_params(grid.centre_levels()))
+    a = Allocation(grid.centre_levels())
+    for _ in range(5):
+        asm.assemble(a.to_json())
+        real = parameter_counts(model)["prunable"]
+        assert real <= grid.allocation_params(a.to_json())  # conservative accounting
+        assert 1 - real / dense >= 0.5 - 0.02
+        a = mutate(space, a, rng)

@@ -35,6 +35,13 @@ PAPER_INTERVALS = (0.125, 0.0625, 0.03125, 0.015625)  # Týr's 4 coarse-to-fine 
 TYR_REPORTED_BYTES = {(32, 4096, 14336, 32): 39.6e9, (80, 8192, 28672, 64): 414.7e9}
 
 KL_CHUNK = 1024  # positions per LM-head chunk in tyr.fitness.kl_sum / TeacherCache.build
+# tyr.supernet.builder: per layer, statistics of o_proj's input (one forward), of down_proj's input
+# with the EEA attention (one forward), and the next layer's input (one forward).
+BUILD_LAYER_FORWARDS = 3
+# tyr.layerwise.gradients: the forward pass, the recomputed forward of each layer (both counted in
+# tests/test_planner.py), and the backward through the layer (input and weight gradients, ~2 forwards).
+GRAD_LAYER_FORWARDS = 2
+GRAD_FORWARD_EQUIVALENTS = GRAD_LAYER_FORWARDS + 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,26 +293,41 @@ def _error_flops(d: int, o: int) -> float:
     return 4.0 * o * (d + 1) ** 2
 
 
-def solve_flops(grid: SupernetGrid, arch: ArchFacts, pruner: PrunerSettings) -> dict[str, float]:
-    """Float64 work of the local pruner over all layers of one build (HyWIA probes, per-level errors
-    of the plain slice and of the refit, refits)."""
-    o = arch.hidden_size
+def solve_calls(grid: SupernetGrid, arch: ArchFacts, pruner: PrunerSettings) -> list[tuple[str, str, int, int]]:
+    """Every least-squares call of one build, as ``(op, kind, kept_columns, input_width)`` with op
+    ``refit`` or ``error`` (tyr.pruning.local.LocalPruner.prune and HyWIA's probes): per module, the
+    probes (refit + error at the centre count, per granularity), then per level that removes something
+    the error of the plain slice and, with lstsq, a refit and its error. The dense level costs nothing."""
     width = {"attn": arch.head_dim, "mlp": 1}
-    tot = {"refit": 0.0, "error": 0.0, "probe": 0.0}
+    calls = []
     for kind in KINDS:
+        w = width[kind]
         for g in grid.modules[kind]:
-            d = g.n_units * width[kind]
+            d = g.n_units * w
             centre = g.keep[g.centre]
-            probe = centre if 0 < centre < g.n_units else max(1, g.n_units // 2)
-            tot["probe"] += pruner.probe_solves * (_refit_flops(probe * width[kind], d, o) + _error_flops(d, o))
+            inner = sorted(k for k in g.keep if 0 < k < g.n_units)
+            probe = centre if 0 < centre < g.n_units else (inner[len(inner) // 2] if inner else max(1, g.n_units // 2))
+            for _ in range(pruner.probe_solves):
+                calls += [("refit", kind, probe * w, d), ("error", kind, 0, d)]
             for k in g.keep:
                 if k == g.n_units:
                     continue
-                tot["error"] += _error_flops(d, o)
+                calls.append(("error", kind, 0, d))
                 if pruner.reconstruction == "lstsq":
-                    tot["refit"] += _refit_flops(k * width[kind] + (1 if pruner.bias else 0), d, o)
-                    tot["error"] += _error_flops(d, o)
-    tot["total"] = tot["refit"] + tot["error"] + tot["probe"]
+                    calls += [("refit", kind, k * w, d), ("error", kind, 0, d)]
+    return calls
+
+
+def solve_flops(grid: SupernetGrid, arch: ArchFacts, pruner: PrunerSettings) -> dict[str, float]:
+    """Float64 FLOPs of the local pruner over all layers of one build (see :func:`solve_calls`)."""
+    o = arch.hidden_size
+    tot = {"refit": 0.0, "error": 0.0}
+    for op, _kind, kept, d in solve_calls(grid, arch, pruner):
+        if op == "refit":
+            tot["refit"] += _refit_flops(kept + (1 if pruner.bias and kept else 0), d, o)
+        else:
+            tot["error"] += _error_flops(d, o)
+    tot["total"] = tot["refit"] + tot["error"]
     return tot
 
 
@@ -378,6 +400,8 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
     n_teacher = max(stage_seqs)
     k = min(search.topk, V)
     teacher = teacher_cache_bytes(n_teacher, T, k)
+    n_search_set = data.sequences(data.search_set_tokens) if data.search_set_tokens else n_teacher
+    teacher_pipeline = teacher_cache_bytes(n_search_set, T, k)  # the pipeline caches all of data.search
     S = n_teacher * T  # tokens of the largest (last) stage
     warnings = []
     if data.search_set_tokens is not None and data.search_set_tokens < S:
@@ -412,7 +436,10 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
         d = g_.n_units * width[kind]
         inner = [k_ * width[kind] for k_ in g_.keep if k_ < g_.n_units] or [0]
         kk = max(inner) + (1 if pruner.bias else 0)
-        refit_peak = (d + 1) ** 2 + kk * (d + 1) + 2 * kk * kk + kk * d + kk * H + H * d
+        # refit(): augmented H and W₀ in float64 for the whole call; on top, at its worst statement,
+        # the row gather H[K] plus the kept block and its copy, or the block, its Cholesky factor,
+        # the right-hand side and the solution. relative_error(): H, W₀, Δ, [Δ b] and Δ·H.
+        refit_peak = (d + 1) ** 2 + H * d + max(kk * (d + 1) + 2 * kk * kk, 2 * kk * kk + 2 * kk * H)
         err_peak = (d + 1) ** 2 + 2 * H * d + 2 * H * (d + 1)
         return 8 * max(refit_peak, err_peak)
 
@@ -449,17 +476,19 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
     }
     search_host = {"model_weights": w_model, "assembler_dense_layers": L * w_layer,
                    "supernet_shard_cache": max(sn["per_layer"]),
-                   **{k_: v for k_, v in search_dev.items() if k_ != "pruned_model"}}
+                   **{k_: v for k_, v in search_dev.items() if k_ != "pruned_model"},
+                   "teacher_topk_cache": teacher_pipeline}
 
     # --- FLOPs -------------------------------------------------------------------------------------
     dense_lin = L * lp["prunable"]
     dense_q = [arch.q_dim] * L
     fwd_dense = forward_flops_per_token(arch, dense_lin, dense_q, T, with_head=False)
-    grad_flops = G * (4 * fwd_dense + 4 * V * H) + 3 * mp["prunable"] * n_grad if G else 0.0
+    # LM head: forward + gradient w.r.t. its input (its weight needs no gradient); g and g² summed per sequence
+    grad_flops = G * (GRAD_FORWARD_EQUIVALENTS * fwd_dense + 4 * V * H) + 3 * mp["prunable"] * n_grad if G else 0.0
     teacher_flops = S * forward_flops_per_token(arch, dense_lin, dense_q, T, with_head=True)
 
     def build_flops(g):
-        fwd = 3 * C * fwd_dense
+        fwd = BUILD_LAYER_FORWARDS * C * fwd_dense
         stats = L * 2.0 * C * (arch.q_dim ** 2 + I ** 2)
         solves = solve_flops(g, arch, pruner)
         return {"layer_forwards": fwd, "statistics": stats, "solves_fp64": solves["total"], "solves_detail": solves,
@@ -500,9 +529,10 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
                      "paper_4_iterations_total_bytes": paper_total},
         "tokens": {"calibration": C, "calibration_sequences": n_cal, "gradient": G, "gradient_sequences": n_grad,
                    "seq_len": T, "stages": stage_tokens, "teacher": S, "teacher_sequences": n_teacher, "topk": k},
-        "teacher_cache_bytes": teacher,
+        "teacher_cache_bytes": teacher, "teacher_cache_pipeline_bytes": teacher_pipeline,
+        "search_set_tokens": n_search_set * T,
         "disk": {"supernet_all_iterations": sum(i["bytes"] for i in iterations), "build_checkpoint": C * H * act,
-                 "teacher_cache_file": teacher - n_teacher * T * 4},
+                 "teacher_cache_file": teacher_pipeline - n_search_set * T * 4},  # ids saved as int32
         "memory": {
             "gradient": {"device": sum(grad_dev.values()), "host": sum(grad_host.values()),
                          "device_parts": grad_dev, "host_parts": grad_host},
@@ -603,7 +633,8 @@ def format_plan(p: dict[str, Any]) -> str:
             f"Tokens: calibration {tk['calibration']} ({tk['calibration_sequences']} x {tk['seq_len']}), gradient {tk['gradient']}, "
             f"search stages {tk['stages']} (candidates {fl['stage_candidates']})",
             f"Teacher top-k cache: {tk['teacher']} tokens x (k={tk['topk']}: {tk['topk']} x (4+4) + 4 + 8 bytes) = "
-            f"{fmt_bytes(p['teacher_cache_bytes'])}",
+            f"{fmt_bytes(p['teacher_cache_bytes'])} (the pipeline caches all of data.search, {p['search_set_tokens']} tokens: "
+            f"{fmt_bytes(p['teacher_cache_pipeline_bytes'])})",
             f"Disk besides the supernet: build checkpoint {fmt_bytes(p['disk']['build_checkpoint'])}, teacher file "
             f"{fmt_bytes(p['disk']['teacher_cache_file'])}",
             "",

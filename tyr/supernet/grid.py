@@ -5,11 +5,11 @@ counts within a module type), centred on the centre keep count, clipped to [0, n
 clipping makes identical are merged, so a module may have fewer levels than asked (its centre index
 is recorded). Minimum step: one head / ``min_channels`` channels.
 
-Parameter costs are *nominal*: a query head owns its ``q_proj`` rows, its ``o_proj`` columns and a
-1/group share of its KV head; a channel owns its gate / up rows and its down column. The nominal
-cost of a module is linear in its kept units, so level moves are exact in the budget. Dropping a KV
-head once all of its query heads are gone makes the real count differ by a few KV-head shares; the
-real counts are measured and reported next to the nominal ones.
+Parameter costs are *nominal*: a query head owns its ``q_proj`` rows and ``o_proj`` columns; the K/V
+projections are a fixed cost of the attention module; a channel owns its gate / up rows and its down
+column. The nominal cost of a module is linear in its kept units, so level moves are exact in the
+budget, and it equals the real count unless a whole KV group (or block) is dropped, in which case the
+real model is smaller than accounted (conservative). Real counts are measured and reported too.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ class ModuleGrid:
     unit_params: float  # nominal parameters per unit
     keep: tuple[int, ...]  # kept units per level, descending (level 0 = least pruned)
     centre: int  # index of the centre level
+    fixed_params: float = 0.0  # parameters the module keeps whatever its level (K/V projections)
 
     def params(self, level: int) -> int:
-        return int(round(self.keep[level] * self.unit_params))
+        return int(round(self.fixed_params + self.keep[level] * self.unit_params))
 
     @property
     def dense_params(self) -> int:
-        return int(round(self.n_units * self.unit_params))
+        return int(round(self.fixed_params + self.n_units * self.unit_params))
 
     def sparsity(self, level: int) -> float:
         return 1.0 - self.keep[level] / self.n_units if self.n_units else 0.0
@@ -42,7 +43,8 @@ class ModuleGrid:
 
     @classmethod
     def from_json(cls, d: dict) -> "ModuleGrid":
-        return cls(d["kind"], int(d["n_units"]), float(d["unit_params"]), tuple(int(k) for k in d["keep"]), int(d["centre"]))
+        return cls(d["kind"], int(d["n_units"]), float(d["unit_params"]), tuple(int(k) for k in d["keep"]), int(d["centre"]),
+                   float(d.get("fixed_params", 0.0)))
 
 
 def module_levels(n_units: int, centre_keep: int, interval: float, n_levels: int, min_step: int) -> tuple[tuple[int, ...], int]:
@@ -97,6 +99,7 @@ class LayerShape:
     head_unit_params: float
     channels: int
     channel_unit_params: float
+    attn_fixed_params: float = 0.0
 
 
 def make_grid(shapes: list[LayerShape], target_sparsity: float, interval: float = 0.125, n_levels: int = 9,
@@ -108,8 +111,8 @@ def make_grid(shapes: list[LayerShape], target_sparsity: float, interval: float 
         raise ValueError(f"target_sparsity must be in [0, 1], got {target_sparsity}")
     if centre is None:
         heads_c = [int(round(s.heads * (1 - target_sparsity))) for s in shapes]
-        total = sum(s.heads * s.head_unit_params + s.channels * s.channel_unit_params for s in shapes)
-        attn_kept = sum(h * s.head_unit_params for h, s in zip(heads_c, shapes))
+        total = sum(s.attn_fixed_params + s.heads * s.head_unit_params + s.channels * s.channel_unit_params for s in shapes)
+        attn_kept = sum(s.attn_fixed_params + h * s.head_unit_params for h, s in zip(heads_c, shapes))
         mlp_budget = (1 - target_sparsity) * total - attn_kept
         mlp_total = sum(s.channels * s.channel_unit_params for s in shapes)
         frac = min(1.0, max(0.0, mlp_budget / mlp_total)) if mlp_total else 0.0
@@ -118,7 +121,7 @@ def make_grid(shapes: list[LayerShape], target_sparsity: float, interval: float 
     mods: dict[str, list[ModuleGrid]] = {"attn": [], "mlp": []}
     for l, s in enumerate(shapes):
         keep, c = module_levels(s.heads, centre["attn"][l], interval, n_levels, min_heads)
-        mods["attn"].append(ModuleGrid("attn", s.heads, float(s.head_unit_params), keep, c))
+        mods["attn"].append(ModuleGrid("attn", s.heads, float(s.head_unit_params), keep, c, float(s.attn_fixed_params)))
         keep, c = module_levels(s.channels, centre["mlp"][l], interval, n_levels, min_channels)
         mods["mlp"].append(ModuleGrid("mlp", s.channels, float(s.channel_unit_params), keep, c))
     return SupernetGrid({k: tuple(v) for k, v in mods.items()})
@@ -136,7 +139,8 @@ def layer_shapes(model) -> list[LayerShape]:
         hidden = p["q_proj"].in_features
         qb = geo.head_dim if p["q_proj"].bias is not None else 0
         kvb = 2 * geo.head_dim if p["k_proj"].bias is not None else 0
-        head = 2 * hidden * geo.head_dim + qb + (2 * hidden * geo.head_dim + kvb) / geo.group_size
+        head = 2 * hidden * geo.head_dim + qb
+        fixed = geo.num_kv_heads * (2 * hidden * geo.head_dim + kvb) + (hidden if p["o_proj"].bias is not None else 0)
         ch = 2 * hidden + p["down_proj"].out_features
-        out.append(LayerShape(geo.num_heads, head, a.intermediate_size(layer), ch))
+        out.append(LayerShape(geo.num_heads, head, a.intermediate_size(layer), ch, fixed))
     return out

@@ -1,0 +1,75 @@
+"""Print the cost plan of a run from the model's config alone:
+``python -m tyr.recipes.plan model=llama3-70b target_sparsity=0.5 [calib_tokens=4000000 seq_len=4096 search=paper]``.
+
+No weights are loaded (and torch is not imported): the numbers come from the ``arch:`` block of
+``conf/model/<name>.yaml`` and the data / supernet / search / pruner configs, through
+:func:`tyr.planner.plan`. Writes ``plan.json`` into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from tyr.planner import ArchFacts, DataSizes, GridSettings, PrunerSettings, SearchPlanSettings, Throughput, format_plan, plan
+
+GRADIENT_SCORERS = ("HyWIA", "TaylorVector", "TaylorElement1", "TaylorElement2")
+
+
+def _tokens(spec: DictConfig) -> int:
+    return int(spec.num_sequences) * int(spec.seq_len)
+
+
+def plan_from_config(cfg: DictConfig) -> dict:
+    """The plan for a composed ``plan`` config (also used by the tests)."""
+    if "arch" not in cfg.model:
+        raise ValueError(f"conf/model/{cfg.model.name}.yaml has no arch: block; the planner needs it")
+    arch = ArchFacts.from_dict(OmegaConf.to_container(cfg.model.arch, resolve=True))
+    scorer = str(cfg.pruner.scorer._target_).rsplit(".", 1)[-1]
+    needs_grad = scorer in GRADIENT_SCORERS
+    d = cfg.data
+    data = DataSizes(
+        calib_tokens=int(cfg.calib_tokens) if cfg.calib_tokens is not None else _tokens(d.calibration),
+        grad_tokens=(int(cfg.grad_tokens) if cfg.grad_tokens is not None else _tokens(d.gradient)) if needs_grad else 0,
+        seq_len=int(cfg.seq_len) if cfg.seq_len is not None else int(d.calibration.seq_len),
+        search_set_tokens=_tokens(d.search), batch_size=int(cfg.batch_size),
+    )
+    s, n = cfg.search, cfg.supernet
+    search = SearchPlanSettings(
+        name=str(s.name), intervals=tuple(float(x) for x in s.intervals), n_levels=int(s.n_levels),
+        min_heads=int(s.min_heads), min_channels=int(s.min_channels), generations=int(s.generations),
+        offspring=int(s.offspring), stages=tuple((int(a), int(b)) for a, b in s.stages),
+        prescreen_keep=None if s.prescreen_keep is None else int(s.prescreen_keep), topk=int(s.topk),
+        prefix_cache=bool(s.prefix_cache), prefix_cache_max_mb=float(s.prefix_cache_max_mb),
+        surrogate_check=int(s.surrogate_check),
+    )
+    return plan(
+        arch, str(cfg.model.dtype), float(cfg.target_sparsity),
+        supernet=GridSettings(int(n.n_levels), float(n.interval), int(n.min_heads), int(n.min_channels), str(n.eea)),
+        data=data, search=search,
+        pruner=PrunerSettings(str(cfg.pruner.reconstruction), bool(cfg.pruner.bias), 2 if scorer == "HyWIA" else 0),
+        throughput=Throughput(float(cfg.tflops), None if cfg.fp64_tflops is None else float(cfg.fp64_tflops),
+                              float(cfg.cpu_tflops)),
+        model_name=str(cfg.model.name),
+    )
+
+
+@hydra.main(config_path="../../conf", config_name="plan", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    p = plan_from_config(cfg)
+    print(format_plan(p))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "plan.json.tmp"
+    tmp.write_text(json.dumps(p, indent=2) + "\n")
+    os.replace(tmp, run_dir / "plan.json")
+    print(f"plan written to {run_dir / 'plan.json'}")
+
+
+if __name__ == "__main__":
+    main()
