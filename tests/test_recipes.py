@@ -98,3 +98,22 @@ def test_multirun_records_a_failed_job_and_goes_on(tmp_path):
     failed = [j for j in jobs if (j / "failed.json").exists()]
     assert len(ok) == 1 and len(failed) == 1 and "eval.seq_len=100000000" in failed[0].name
     assert "TextTooShortError" in json.loads((failed[0] / "failed.json").read_text())["error"]
+
+
+def test_sweep_2x2_and_summary(tmp_path):
+    p = run_recipe("tyr.recipes.prune", "-m", "model=tiny-llama", "eval=smoke", "pruner=magnitude,wanda_sp",
+                   "target_sparsity=0.25,0.5", "data.calibration.num_sequences=8", "data.calibration.seq_len=64",
+                   f"paths.output_dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun" / "prune").iterdir()
+    jobs = [d for d in sweep.iterdir() if d.is_dir()]
+    assert len(jobs) == 4 and all("pruner=" in d.name and "target_sparsity=" in d.name for d in jobs)
+    s = subprocess.run([sys.executable, "-m", "experiments.summarize", str(sweep)], cwd=ROOT, capture_output=True, text=True)
+    assert s.returncode == 0, s.stderr[-2000:]
+    table = (sweep / "summary.md").read_text()
+    for m in ("magnitude / lstsq", "wanda_sp / lstsq"):
+        assert table.count(m) == 2
+    rows = list(__import__("csv").DictReader(open(sweep / "summary.csv")))
+    assert sorted(float(r["sparsity"]) for r in rows) == [0.25, 0.25, 0.5, 0.5]
+    assert all(abs(float(r["achieved"]) - float(r["sparsity"])) < 0.01 for r in rows)
+    assert (sweep / "ppl_vs_sparsity.png").exists() and (sweep / "acc_vs_sparsity.png").exists()

@@ -132,13 +132,16 @@ class ArchFacts:
         return out
 
     def layer_shapes(self) -> list[LayerShape]:
-        """The same nominal unit costs as :func:`tyr.supernet.grid.layer_shapes` computes from a model."""
+        """The nominal unit costs :func:`tyr.supernet.grid.layer_shapes` computes from a model (a head:
+        its q rows and o columns; K/V and an o bias: fixed; a channel: gate/up rows and down column).
+        Kept equal to it by tests/test_planner.py for every model config."""
         H, hd = self.hidden_size, self.head_dim
         qb = hd if self.attention_bias else 0
         kvb = 2 * hd if self.attention_bias else 0
-        head = 2 * H * hd + qb + (2 * H * hd + kvb) / self.group_size
+        head = 2 * H * hd + qb
+        fixed = self.num_kv_heads * (2 * H * hd + kvb) + (H if self.o_bias else 0)
         ch = 2 * H + H
-        return [LayerShape(self.num_heads, head, self.intermediate_size, ch) for _ in range(self.num_layers)]
+        return [LayerShape(self.num_heads, head, self.intermediate_size, ch, fixed) for _ in range(self.num_layers)]
 
 
 # ------------------------------------------------------------------------------------------------
