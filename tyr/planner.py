@@ -405,6 +405,8 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
     teacher = teacher_cache_bytes(n_teacher, T, k)
     n_search_set = data.sequences(data.search_set_tokens) if data.search_set_tokens else n_teacher
     teacher_pipeline = teacher_cache_bytes(n_search_set, T, k)  # the pipeline caches all of data.search
+    # KLFitness rotates the teacher rows per generation: fresh tokens every generation need this many
+    teacher_fresh = teacher_cache_bytes(n_teacher * search.generations, T, k)
     S = n_teacher * T  # tokens of the largest (last) stage
     warnings = []
     if data.search_set_tokens is not None and data.search_set_tokens < S:
@@ -533,6 +535,7 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
         "tokens": {"calibration": C, "calibration_sequences": n_cal, "gradient": G, "gradient_sequences": n_grad,
                    "seq_len": T, "stages": stage_tokens, "teacher": S, "teacher_sequences": n_teacher, "topk": k},
         "teacher_cache_bytes": teacher, "teacher_cache_pipeline_bytes": teacher_pipeline,
+        "teacher_cache_fresh_bytes": teacher_fresh,
         "search_set_tokens": n_search_set * T,
         "disk": {"supernet_all_iterations": sum(i["bytes"] for i in iterations), "build_checkpoint": C * H * act,
                  "teacher_cache_file": teacher_pipeline - n_search_set * T * 4},  # ids saved as int32
@@ -637,7 +640,8 @@ def format_plan(p: dict[str, Any]) -> str:
             f"search stages {tk['stages']} (candidates {fl['stage_candidates']})",
             f"Teacher top-k cache: {tk['teacher']} tokens x (k={tk['topk']}: {tk['topk']} x (4+4) + 4 + 8 bytes) = "
             f"{fmt_bytes(p['teacher_cache_bytes'])} (the pipeline caches all of data.search, {p['search_set_tokens']} tokens: "
-            f"{fmt_bytes(p['teacher_cache_pipeline_bytes'])})",
+            f"{fmt_bytes(p['teacher_cache_pipeline_bytes'])}; fresh tokens for each of the {se['generations']} generations "
+            f"(the fitness rotates the teacher rows): {fmt_bytes(p['teacher_cache_fresh_bytes'])})",
             f"Disk besides the supernet: build checkpoint {fmt_bytes(p['disk']['build_checkpoint'])}, teacher file "
             f"{fmt_bytes(p['disk']['teacher_cache_file'])}",
             "",
