@@ -8,7 +8,7 @@ ARGS   ?=
 STAMP  := $(VENV)/.tyr-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-gemma demo evaluate prune build search sweep report test test-fast clean
+.PHONY: help setup setup-gemma demo evaluate prune build search plan sweep report test test-fast clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ build: setup  ## build the supernet for MODEL at SPARSITY (resumable)
 
 search: setup  ## the whole pipeline (build -> coarse-to-fine search -> evaluate) for MODEL at SPARSITY
 	$(BIN)/python -m tyr.recipes.pipeline model=$(MODEL) target_sparsity=$(SPARSITY) $(ARGS)
+
+plan: setup  ## print the cost plan for MODEL at SPARSITY (no weights needed)
+	$(BIN)/python -m tyr.recipes.plan model=$(MODEL) target_sparsity=$(SPARSITY) $(ARGS)
 
 SWEEP ?= pruner=hywia,taylor_element1,flap,wanda_sp target_sparsity=0.25,0.5
 sweep: setup  ## Hydra multirun of the pipeline over SWEEP='pruner=... target_sparsity=...'

@@ -52,3 +52,26 @@ def smollm2():
 @pytest.fixture(scope="session")
 def token_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tokens"))
+
+
+@pytest.fixture(scope="session")
+def calib(tiny):
+    """8 x 48 calibration tokens of real text (C4) for tiny-llama."""
+    from tyr.data import TokenSetSpec, build_token_set
+
+    return build_token_set(TokenSetSpec("c4[0:100]", 48, 8, seed=0), tiny.tokenizer).input_ids
+
+
+@pytest.fixture(scope="session")
+def taylor(tiny, calib):
+    """Per-unit Taylor statistics of tiny-llama on 4 calibration sequences."""
+    from tyr.pruning.taylor import collect_taylor
+
+    return collect_taylor(tiny.model, calib[:4], progress=False)
+
+
+def pruner_from_conf(name: str = "hywia"):
+    """The local pruner of conf/pruner/<name>.yaml."""
+    from hydra.utils import instantiate
+
+    return instantiate(compose("prune", [f"pruner={name}"]).pruner)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import CONF, compose
+from conftest import CONF, compose, pruner_from_conf
 from tyr.data import TokenSetSpec, build_token_set
 from tyr.importance import HyWIA, OBS, Magnitude
 from tyr.layerwise.engine import InputStats, capture_layer_inputs, collect_input_stats
@@ -23,18 +23,7 @@ from tyr.pruning.uniform import prune_uniform
 PRUNERS = sorted(f.stem for f in (CONF / "pruner").glob("*.yaml"))
 
 
-def _pruner(name: str) -> LocalPruner:
-    return instantiate(compose("prune", [f"pruner={name}"]).pruner)
 
-
-@pytest.fixture(scope="module")
-def calib(tiny):
-    return build_token_set(TokenSetSpec("c4[0:100]", 48, 8, seed=0), tiny.tokenizer).input_ids
-
-
-@pytest.fixture(scope="module")
-def taylor(tiny, calib):
-    return collect_taylor(tiny.model, calib[:4], progress=False)
 
 
 def test_layerwise_gradients_equal_full_backward(tiny, calib):
@@ -90,7 +79,7 @@ def test_refit_and_error_match_explicit_least_squares():
 
 @pytest.mark.parametrize("name", PRUNERS)
 def test_every_pruner_config_prunes_with_nested_sets(name, tiny, calib, taylor):
-    pruner = _pruner(name)
+    pruner = pruner_from_conf(name)
     a = get_adapter(tiny.model)
     x, kw = capture_layer_inputs(tiny.model, calib)
     layer = a.layers(tiny.model)[0]
@@ -136,7 +125,7 @@ def test_hywia_fusion_weights(tiny, calib, taylor):
 
 def test_zero_sparsity_is_identity(tiny, calib, taylor):
     model = copy.deepcopy(tiny.model)
-    rep = prune_uniform(model, _pruner("hywia"), calib, 0.0, taylor, progress=False)
+    rep = prune_uniform(model, pruner_from_conf("hywia"), calib, 0.0, taylor, progress=False)
     ids = calib[:2]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, tiny.model(ids).logits)
@@ -146,7 +135,7 @@ def test_zero_sparsity_is_identity(tiny, calib, taylor):
 @pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.7])
 def test_uniform_budget_within_one_unit_per_layer(tiny, calib, taylor, sparsity):
     model = copy.deepcopy(tiny.model)
-    rep = prune_uniform(model, _pruner("hywia"), calib, sparsity, taylor, progress=False)
+    rep = prune_uniform(model, pruner_from_conf("hywia"), calib, sparsity, taylor, progress=False)
     per_channel = 3 * 64
     for r in rep["layers"]:
         assert abs((r["params_before"] - r["params_after"]) - sparsity * r["params_before"]) <= per_channel
@@ -158,7 +147,7 @@ def test_uniform_budget_within_one_unit_per_layer(tiny, calib, taylor, sparsity)
 
 def test_gradient_scorer_without_gradients_is_refused(tiny, calib):
     with pytest.raises(ValueError, match="needs Taylor"):
-        prune_uniform(copy.deepcopy(tiny.model), _pruner("hywia"), calib, 0.5, None, progress=False)
+        prune_uniform(copy.deepcopy(tiny.model), pruner_from_conf("hywia"), calib, 0.5, None, progress=False)
 
 
 @pytest.mark.real_model

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import compose
+from conftest import compose, pruner_from_conf
 from tyr.coarse_to_fine import SearchSettings, run_search
 from tyr.data import TokenSetSpec, build_token_set
 from tyr.fitness import KLFitness, TeacherCache, kl_sum
@@ -33,8 +33,6 @@ def data(tiny):
     return calib, search, taylor
 
 
-def _pruner():
-    return instantiate(compose("prune", ["pruner=hywia"]).pruner)
 
 
 def test_topk_kl_equals_exact_kl_when_k_covers_vocab(tiny, data):
@@ -60,7 +58,7 @@ def supernet(tiny, data, tmp_path_factory):
     calib, _, taylor = data
     grid = make_grid(layer_shapes(tiny.model), 0.5, interval=0.25, n_levels=5, min_channels=8)
     store = SupernetStore.create_or_resume(tmp_path_factory.mktemp("sn"), model=MODEL, grid=grid, eea="expectation", config={})
-    build_supernet(tiny.model, _pruner(), calib, grid, store, taylor=taylor, progress=False)
+    build_supernet(tiny.model, pruner_from_conf(), calib, grid, store, taylor=taylor, progress=False)
     return SupernetStore.open(store.root), grid
 
 
@@ -92,7 +90,7 @@ def _settings(**kw):
 def test_driver_resumes_to_the_same_allocation(tiny, data, tmp_path, monkeypatch):
     calib, search, taylor = data
     teacher = TeacherCache.build(tiny.model, search, k=64)
-    ref = run_search(copy.deepcopy(tiny.model), MODEL, _pruner(), calib, taylor, teacher, 0.5, _settings(), tmp_path / "a")
+    ref = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(), tmp_path / "a")
     assert len(ref["iterations"]) == 2
     for it in ref["iterations"]:
         assert it["cost"] <= it["budget"]
@@ -110,11 +108,11 @@ def test_driver_resumes_to_the_same_allocation(tiny, data, tmp_path, monkeypatch
 
     monkeypatch.setattr(fit.KLFitness, "__call__", dying)
     with pytest.raises(KeyboardInterrupt):
-        run_search(copy.deepcopy(tiny.model), MODEL, _pruner(), calib, taylor, teacher, 0.5, _settings(), tmp_path / "b")
+        run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(), tmp_path / "b")
     monkeypatch.setattr(fit.KLFitness, "__call__", real)
     partial = read_json(tmp_path / "b" / "search_state.json")
     assert len(partial["iterations"]) < 2
-    got = run_search(copy.deepcopy(tiny.model), MODEL, _pruner(), calib, taylor, teacher, 0.5, _settings(), tmp_path / "b")
+    got = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(), tmp_path / "b")
     for x, y in zip(ref["iterations"], got["iterations"]):
         assert x["levels"] == y["levels"] and x["keep"] == y["keep"]
         assert math.isclose(x["fitness"], y["fitness"], rel_tol=1e-6)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import compose
+from conftest import compose, pruner_from_conf
 from tyr.data import TokenSetSpec, build_token_set
 from tyr.layerwise.engine import capture_layer_inputs, collect_input_stats, run_layer
 from tyr.modeling.adapter import get_adapter
@@ -27,24 +27,13 @@ from tyr.supernet.store import SupernetError, SupernetStore
 MODEL = {"name": "tiny-llama", "revision": "random-seed:0", "dtype": "float32"}
 
 
-@pytest.fixture(scope="module")
-def calib(tiny):
-    return build_token_set(TokenSetSpec("c4[0:100]", 48, 8, seed=0), tiny.tokenizer).input_ids
 
-
-@pytest.fixture(scope="module")
-def taylor(tiny, calib):
-    return collect_taylor(tiny.model, calib[:4], progress=False)
-
-
-def _pruner(name="hywia"):
-    return instantiate(compose("prune", [f"pruner={name}"]).pruner)
 
 
 def _build(tiny, calib, taylor, root, eea="expectation", sparsity=0.5, path=None, centre=None, pruner="hywia"):
     grid = make_grid(layer_shapes(tiny.model), sparsity, interval=0.25, n_levels=5, min_channels=8, centre=centre)
     store = SupernetStore.create_or_resume(root, model=MODEL, grid=grid, eea=eea, config={"pruner": pruner, "path": path})
-    build_supernet(tiny.model, _pruner(pruner), calib, grid, store, eea=eea, taylor=taylor, path=path, progress=False)
+    build_supernet(tiny.model, pruner_from_conf(pruner), calib, grid, store, eea=eea, taylor=taylor, path=path, progress=False)
     return store, grid
 
 
@@ -80,7 +69,7 @@ def test_eea_expectation_equals_weighted_average_of_variant_outputs(tiny, calib,
     for kind, prob in (("attn", attention_problem(a, layer, 1, st["o"], taylor[1]["attn"])),
                        ("mlp", mlp_problem(a, layer, 1, st["d"], taylor[1]["mlp"]))):
         g = grid.modules[kind][1]
-        variants = _pruner().prune(prob, list(g.keep))
+        variants = pruner_from_conf().prune(prob, list(g.keep))
         w = eea_weights(g, "expectation")
         dens = [k / g.n_units for k in g.keep]
         assert np.allclose(w, np.array(dens) / sum(dens))
@@ -191,7 +180,7 @@ def test_modes_build_and_assemble(tiny, calib, taylor, tmp_path, mode):
 
 def test_assembly_at_centre_equals_uniform_pruning(tiny, calib, taylor, tmp_path):
     pruned = copy.deepcopy(tiny.model)
-    rep = prune_uniform(pruned, _pruner(), calib, 0.5, taylor, progress=False)
+    rep = prune_uniform(pruned, pruner_from_conf(), calib, 0.5, taylor, progress=False)
     centre = {"attn": [r["heads_kept"] for r in rep["layers"]], "mlp": [r["channels_kept"] for r in rep["layers"]]}
     grid = make_grid(layer_shapes(tiny.model), 0.5, interval=0.25, n_levels=5, min_channels=8, centre=centre)
     path = grid.centre_levels()

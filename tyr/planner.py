@@ -417,7 +417,7 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
     # --- memory: gradient pass ---------------------------------------------------------------------
     w_model = mp["total"] * b
     w_layer = lp["total"] * b
-    largest_proj = max(lp[p] for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    largest_proj = max(lp[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     seq_autograd = T * (4 * H + 3 * arch.q_dim + 2 * arch.kv_dim + 4 * I) * act  # saved activations, one sequence
     grad_dev = {
         "layer_weights": w_layer,
@@ -430,6 +430,8 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
     }
     grad_host = {"model_weights": w_model, "layer_input_checkpoints": (L + 2) * G * H * act,
                  **{k_: v for k_, v in grad_dev.items() if k_ not in ("layer_weights", "lm_head_and_norm")}}
+    if not G:  # the pruner needs no gradients: no gradient pass
+        grad_dev, grad_host = {}, {}
 
     # --- memory: build -----------------------------------------------------------------------------
     def f32_copies(params: int) -> int:
@@ -490,7 +492,8 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
     fwd_dense = forward_flops_per_token(arch, dense_lin, dense_q, T, with_head=False)
     # LM head: forward + gradient w.r.t. its input (its weight needs no gradient); g and g² summed per sequence
     grad_flops = G * (GRAD_FORWARD_EQUIVALENTS * fwd_dense + 4 * V * H) + 3 * mp["prunable"] * n_grad if G else 0.0
-    teacher_flops = S * forward_flops_per_token(arch, dense_lin, dense_q, T, with_head=True)
+    # the pipeline runs the dense model over all of data.search to fill its teacher cache
+    teacher_flops = n_search_set * T * forward_flops_per_token(arch, dense_lin, dense_q, T, with_head=True)
 
     def build_flops(g):
         fwd = BUILD_LAYER_FORWARDS * C * fwd_dense
@@ -649,6 +652,9 @@ def format_plan(p: dict[str, Any]) -> str:
     for phase, what in (("gradient", f"gradient pass, {tk['gradient']} tokens"), ("build", f"build, {tk['calibration']} tokens"),
                         ("search", f"search, last stage {tk['teacher']} tokens")):
         m = mem[phase]
+        if phase == "gradient" and not tk["gradient"]:
+            out.append("  gradient pass: none (the pruner needs no gradients)")
+            continue
         extra = "" if phase != "search" else f" (prefix cache {'on' if m['prefix_cache_on'] else 'off: over prefix_cache_max_mb'})"
         out += [f"  {what}: device {fmt_bytes(m['device'])}, host {fmt_bytes(m['host'])}{extra}",
                 f"    device: {_parts(m['device_parts'])}",
@@ -661,7 +667,7 @@ def format_plan(p: dict[str, Any]) -> str:
             f"  forward per token: dense {fmt_flops(fl['forward_per_token_dense'])} (decoder), pruned "
             f"{fmt_flops(fl['forward_per_token_pruned'])} (decoder + LM head)",
             f"  gradient pass (once): {fmt_flops(fl['gradient'])} -> {fmt_time(tm['gradient']['device'])} / CPU {fmt_time(tm['gradient']['cpu'])}",
-            f"  teacher cache (once): {fmt_flops(fl['teacher'])} -> {fmt_time(tm['teacher']['device'])} / CPU {fmt_time(tm['teacher']['cpu'])}",
+            f"  teacher cache (once, {p['search_set_tokens']} tokens): {fmt_flops(fl['teacher'])} -> {fmt_time(tm['teacher']['device'])} / CPU {fmt_time(tm['teacher']['cpu'])}",
             f"  one build: 3 layer forwards {fmt_flops(b1['layer_forwards'])} + statistics {fmt_flops(b1['statistics'])} + "
             f"solves (fp64) {fmt_flops(b1['solves_fp64'])} -> {fmt_time(tm['build']['device'])} / CPU {fmt_time(tm['build']['cpu'])}",
             f"  one search generation: {fmt_flops(fl['search_generation'])} -> {fmt_time(tm['search_generation']['device'])} / "
