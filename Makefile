@@ -41,7 +41,8 @@ prune: setup  ## uniform pruning: MODEL, SPARSITY, ARGS='pruner=hywia eval=quick
 build: setup  ## build the supernet for MODEL at SPARSITY (resumable)
 	$(BIN)/python -m tyr.recipes.build model=$(MODEL) target_sparsity=$(SPARSITY) $(ARGS)
 
-search: setup  ## the whole pipeline (build -> coarse-to-fine search -> evaluate) for MODEL at SPARSITY
+search: setup  ## the whole pipeline (plan -> build -> coarse-to-fine search -> evaluate -> export) for MODEL at SPARSITY
+	$(BIN)/python -m tyr.recipes.plan model=$(MODEL) target_sparsity=$(SPARSITY)
 	$(BIN)/python -m tyr.recipes.pipeline model=$(MODEL) target_sparsity=$(SPARSITY) $(ARGS)
 
 plan: setup  ## print the cost plan for MODEL at SPARSITY (no weights needed)

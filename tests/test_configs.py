@@ -14,13 +14,25 @@ OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml")
 PRIMARY = sorted(f.stem for f in CONF.glob("*.yaml"))
 
 
+def _groups_of(primary: str) -> set[str]:
+    defaults = OmegaConf.load(CONF / f"{primary}.yaml").get("defaults", [])
+    return {next(iter(d)) for d in defaults if isinstance(d, dict) or OmegaConf.is_dict(d)}
+
+
+def test_every_option_is_used_by_some_recipe():
+    used = set().union(*(_groups_of(p) for p in PRIMARY))
+    assert set(GROUPS) - {"experiment"} <= used
+
+
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_group_option_composes(group, option):
-    for primary in PRIMARY:
+    primaries = [p for p in PRIMARY if group in _groups_of(p)]
+    assert primaries or group == "experiment"
+    for primary in primaries:
         cfg = compose(primary, [f"{group}={option}"])
         # Everything but the hydra/paths sections must resolve without a running Hydra app.
         for key in cfg:
-            if key != "paths" and OmegaConf.is_config(cfg[key]):
+            if key != "paths" and not OmegaConf.is_missing(cfg, key) and OmegaConf.is_config(cfg[key]):
                 OmegaConf.to_container(cfg[key], resolve=True)
 
 

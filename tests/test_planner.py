@@ -17,7 +17,6 @@ import yaml
 from hydra.utils import instantiate
 
 from conftest import CONF, ROOT, compose
-from tyr.data import TokenSetSpec, build_token_set
 from tyr.fitness import TeacherCache
 from tyr.modeling.adapter import get_adapter
 from tyr.modeling.params import parameter_counts
@@ -35,11 +34,6 @@ TINY_ID = {"name": "tiny-llama", "revision": "random-seed:0", "dtype": "float32"
 
 def _arch(model: str) -> ArchFacts:
     return ArchFacts.from_dict(yaml.safe_load((CONF / "model" / f"{model}.yaml").read_text())["arch"])
-
-
-@pytest.fixture(scope="module")
-def calib(tiny):
-    return build_token_set(TokenSetSpec("c4[0:100]", 48, 6, seed=0), tiny.tokenizer).input_ids
 
 
 def _shard_bytes(root) -> int:
@@ -93,12 +87,11 @@ def test_counts_match_the_same_architecture_on_the_meta_device(model):
 
 # --- supernet bytes -----------------------------------------------------------------------------
 @pytest.mark.parametrize("pruner_name,bias", [("hywia", False), ("flap", True)])
-def test_supernet_bytes_and_solves_match_a_real_build(tiny, calib, tmp_path, monkeypatch, pruner_name, bias):
+def test_supernet_bytes_and_solves_match_a_real_build(tiny, calib, request, tmp_path, monkeypatch, pruner_name, bias):
     """Build a real supernet on tiny-llama; the planner predicts its shard bytes (data exactly, the
     header to within a few bytes), its least-squares calls and its layer forwards."""
     import tyr.importance as importance
     import tyr.pruning.local as local
-    from tyr.pruning.taylor import collect_taylor
 
     arch = _arch("tiny-llama")
     grid = make_grid(arch.layer_shapes(), 0.5, interval=0.25, n_levels=5, min_heads=1, min_channels=8)
@@ -106,7 +99,7 @@ def test_supernet_bytes_and_solves_match_a_real_build(tiny, calib, tmp_path, mon
     pcfg = compose("plan", [f"pruner={pruner_name}"]).pruner
     assert bool(pcfg.bias) is bias
     pruner = instantiate(pcfg)
-    taylor = collect_taylor(tiny.model, calib[:3], progress=False) if pruner.needs_gradients else None
+    taylor = request.getfixturevalue("taylor") if pruner.needs_gradients else None  # conftest: calib[:4]
 
     calls: list[tuple[str, str, int, int]] = []
 

@@ -117,3 +117,10 @@ def test_sweep_2x2_and_summary(tmp_path):
     assert sorted(float(r["sparsity"]) for r in rows) == [0.25, 0.25, 0.5, 0.5]
     assert all(abs(float(r["achieved"]) - float(r["sparsity"])) < 0.01 for r in rows)
     assert (sweep / "ppl_vs_sparsity.png").exists() and (sweep / "acc_vs_sparsity.png").exists()
+
+
+def test_missing_weights_is_one_clear_message_not_a_traceback(tmp_path):
+    p = run_recipe("tyr.recipes.pipeline", "model=llama3-70b", f"paths.output_dir={tmp_path}")
+    assert p.returncode == 2
+    assert "no weights found" in p.stderr and "model.source.path=" in p.stderr
+    assert "Traceback" not in p.stderr + p.stdout

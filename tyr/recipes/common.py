@@ -28,6 +28,16 @@ def start(cfg: DictConfig) -> Path:
     return run_dir
 
 
+def _user_errors() -> tuple[type, ...]:
+    """Errors caused by the user's input or environment, reported without a traceback."""
+    from tyr.data import TextTooShortError
+    from tyr.modeling.adapter import UnsupportedArchitectureError
+    from tyr.models import ModelNotFoundError
+    from tyr.supernet.store import SupernetError
+
+    return (ModelNotFoundError, UnsupportedArchitectureError, SupernetError, TextTooShortError)
+
+
 def recorded(fn):
     """Wrap a recipe body ``fn(cfg)``: on failure write ``failed.json`` (error and traceback) into the
     run directory. In a multirun the failure is logged and swallowed so the sweep goes on; in a
@@ -51,6 +61,11 @@ def recorded(fn):
             if hc.mode == RunMode.MULTIRUN:
                 log.error("job failed (recorded in %s): %s", run_dir / "failed.json", e)
                 return None
+            if isinstance(e, _user_errors()):  # bad input: one clear message, no traceback
+                import sys
+
+                print(f"tyr: {e}", file=sys.stderr)
+                sys.exit(2)
             raise
 
     return wrapper
