@@ -28,6 +28,21 @@ class ModuleProblem:
     members: dict[str, tuple[torch.Tensor, str]]  # projection -> (float32 weight, "rows" | "cols")
     stats: InputStats  # input statistics of the output projection
     taylor: dict[str, torch.Tensor] | None = None  # per-unit Taylor reductions (see importance.taylor)
+    _aug: torch.Tensor | None = field(default=None, repr=False)  # cached float64 augmented H
+    _energy: float | None = field(default=None, repr=False)  # cached ‖X W₀ᵀ‖²
+
+    def augmented(self) -> torch.Tensor:
+        """[[H, Σx], [Σxᵀ, n]] in float64 (built once per problem)."""
+        if self._aug is None:
+            self._aug = _augmented(self.stats)
+        return self._aug
+
+    def dense_energy(self) -> float:
+        """‖X W₀ᵀ‖² = tr(W₀ H W₀ᵀ), the denominator of every relative error (computed once)."""
+        if self._energy is None:
+            W0 = self.out_weight.double()
+            self._energy = float(((W0 @ self.augmented()[:-1, :-1]) * W0).sum())
+        return self._energy
 
     def columns(self, units) -> torch.Tensor:
         units = torch.as_tensor(list(units), dtype=torch.long)
@@ -89,12 +104,13 @@ def relative_error(problem: ModuleProblem, keep: list[int], weight: torch.Tensor
     D = -W0.clone()
     cols = problem.columns(keep)
     D[:, cols] += weight.double()
-    b = torch.zeros(W0.shape[0], dtype=torch.float64) if bias is None else bias.double()
-    Da = torch.cat([D, b[:, None]], 1)
-    Ha = _augmented(problem.stats)
-    num = torch.einsum("oi,ij,oj->", Da, Ha, Da)
-    den = torch.einsum("oi,ij,oj->", W0, Ha[:-1, :-1], W0)
-    return float((num / den.clamp_min(1e-30)).clamp_min(0))
+    Ha = problem.augmented()
+    if bias is None:
+        num = float(((D @ Ha[:-1, :-1]) * D).sum())
+    else:
+        Da = torch.cat([D, bias.double()[:, None]], 1)
+        num = float(((Da @ Ha) * Da).sum())
+    return max(num, 0.0) / max(problem.dense_energy(), 1e-30)
 
 
 def refit(problem: ModuleProblem, keep: list[int], bias: bool = False, damp: float = 0.001) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -105,7 +121,7 @@ def refit(problem: ModuleProblem, keep: list[int], bias: bool = False, damp: flo
         if not bias:
             return torch.zeros(W0.shape[0], 0), None
         return torch.zeros(W0.shape[0], 0), (W0 @ problem.stats.mean.double()).float()
-    Ha = _augmented(problem.stats)
+    Ha = problem.augmented()
     d = W0.shape[1]
     idx = torch.cat([cols, torch.tensor([d])]) if bias else cols
     A = Ha[idx][:, idx].clone()
