@@ -210,10 +210,7 @@ class RandomInitSource:
 def _check_supported(folder: str) -> None:
     cfg_file = Path(folder) / "config.json"
     if cfg_file.exists():
-        model_type = json.loads(cfg_file.read_text()).get("model_type", "?")
-        if model_type == "gemma3":  # multimodal wrapper: we prune its text model
-            model_type = "gemma3_text"
-        adapter_for_model_type(model_type)
+        adapter_for_model_type(json.loads(cfg_file.read_text()).get("model_type", "?"))
 
 
 def _load_folder(name: str, folder: str, dtype: torch.dtype, revision: str) -> LoadedModel:

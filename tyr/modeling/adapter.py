@@ -124,7 +124,12 @@ def supported_model_types() -> list[str]:
     return sorted(t for a in _ADAPTERS for t in a.model_types)
 
 
+# Checkpoint model types whose causal-LM model is one of the families above.
+_ALIASES = {"gemma3": "gemma3_text"}  # Gemma 3 multimodal checkpoints: the text decoder is pruned
+
+
 def adapter_for_model_type(model_type: str) -> DecoderAdapter:
+    model_type = _ALIASES.get(model_type, model_type)
     for a in _ADAPTERS:
         if model_type in a.model_types:
             return a
