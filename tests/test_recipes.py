@@ -35,7 +35,7 @@ def test_evaluate_recipe_bad_model_name(tmp_path):
 
 
 def test_prune_recipe_tiny(tmp_path):
-    p = run_recipe("tyr.recipes.prune", "model=tiny-llama", "eval=smoke", "pruner=hywia", "target_sparsity=0.5",
+    p = run_recipe("tyr.recipes.prune", "model=tiny-llama", "eval=smoke", "pruner=hywia", "target_sparsity=0.5", "measure_dense_pass=true",
                    "data.calibration.num_sequences=8", "data.calibration.seq_len=64", "data.gradient.num_sequences=4",
                    "data.gradient.seq_len=64", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
