@@ -1,6 +1,6 @@
 """Time one dense forward+backward of a model over a token set: the unit in which tyr reports the cost
 of pruning, building and searching. Usage:
-    .venv/bin/python experiments/dense_pass.py --model smollm2-135m --num-sequences 32 --seq-len 512
+    .venv/bin/python experiments/dense_pass.py --model smollm2-135m --num-sequences 32 --seq-len 512 [--taylor]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--taylor", action="store_true", help="also time tyr's layer-at-a-time gradient pass (no cache)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -48,6 +49,12 @@ def main() -> None:
                 lm.model(x, labels=x).loss.backward()
         lm.model.zero_grad(set_to_none=True)
         out[what + "_seconds"] = time.time() - t0
+    if args.taylor:
+        from tyr.pruning.taylor import collect_taylor
+
+        t0 = time.time()
+        collect_taylor(lm.model, ids, batch_size=args.batch_size, progress=False)
+        out["taylor_seconds"] = time.time() - t0
     out.update(model=args.model, tokens=int(ids.numel()), threads=torch.get_num_threads())
     print(json.dumps(out))
 
