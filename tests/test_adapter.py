@@ -72,3 +72,21 @@ def test_real_smollm2_structure(smollm2):
     assert c["total"] == 134_515_008
     assert c["prunable"] == _expected_prunable(576, 1536, 9, 3, 64, 30)
     assert smollm2.revision.startswith("gguf-sha256:")
+
+
+def test_layer_loop_reproduces_gemma3_with_sliding_window_layers():
+    from tyr.layerwise.engine import capture_layer_inputs, run_layer
+
+    cfg = AutoConfig.for_model("gemma3_text", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=16,
+                               query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"] * 2)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    a = get_adapter(m)
+    ids = torch.randint(0, 128, (3, 40))  # longer than the window: sliding and full masks differ
+    x, kw = capture_layer_inputs(m, ids, batch_size=2)
+    for i, layer in enumerate(a.layers(m)):
+        x = run_layer(layer, x, kw[i], batch_size=2)
+    with torch.no_grad():
+        ref = a.base_model(m)(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(a.final_norm(m)(x), ref, atol=1e-5, rtol=1e-5)
