@@ -136,9 +136,8 @@ def main(cfg: DictConfig) -> None:
         asm.restore_dense()
         if name == "searched":
             searched_sparsity = {k: [m["sparsity"] for m in rec["modules"][k]] for k in ("attn", "mlp")}
-        if name == "uniform" or "uniform_sparsity" not in locals():
-            uniform_sparsity = {k: [first_store.grid.modules[k][l].sparsity(first_store.grid.modules[k][l].centre)
-                                    for l in range(first_store.num_layers)] for k in ("attn", "mlp")}
+    first_grid = first_store.grid
+    uniform_sparsity = {k: [g.sparsity(g.centre) for g in first_grid.modules[k]] for k in ("attn", "mlp")}
     history = [__import__("json").loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()] \
         if (run_dir / "history.jsonl").exists() else []
     plot_search_history(history, run_dir / "search_fitness.png")
