@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from tyr.pruning.problem import ModuleProblem, refit, relative_error
+from tyr.pruning.problem import ModuleProblem, refit, relative_error, unit_sum
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +29,15 @@ TAYLOR_KEYS = ("element1", "vector1", "element2", "vector2")
 def taylor_reductions(problem_members: dict[str, tuple[torch.Tensor, str]], grads: dict[str, tuple[torch.Tensor, torch.Tensor]],
                       n_units: int, unit_width: int) -> dict[str, torch.Tensor]:
     """Per-unit Taylor scores of one module from its members' weights, gradient means and Fisher."""
-    from tyr.pruning.problem import ModuleProblem as _P
-
-    helper = _P("", 0, unit_width, n_units, torch.zeros(0), {}, None)  # only for unit_sum
     out = {k: torch.zeros(n_units, dtype=torch.float64) for k in TAYLOR_KEYS}
     for name, (W, how) in problem_members.items():
         g, fisher = grads[name]
         s1 = W * g
         s2 = s1 - 0.5 * W * fisher * W
-        out["element1"] += helper.unit_sum(s1.abs(), how).double()
-        out["vector1"] += helper.unit_sum(s1, how).double().abs()
-        out["element2"] += helper.unit_sum(s2.abs(), how).double()
-        out["vector2"] += helper.unit_sum(s2, how).double().abs()
+        out["element1"] += unit_sum(s1.abs(), how, n_units, unit_width).double()
+        out["vector1"] += unit_sum(s1, how, n_units, unit_width).double().abs()
+        out["element2"] += unit_sum(s2.abs(), how, n_units, unit_width).double()
+        out["vector2"] += unit_sum(s2, how, n_units, unit_width).double().abs()
     return {k: v.float() for k, v in out.items()}
 
 

@@ -18,6 +18,14 @@ from tyr.layerwise.engine import InputStats
 from tyr.modeling.adapter import DecoderAdapter
 
 
+def unit_sum(per_weight: torch.Tensor, how: str, n_units: int, unit_width: int) -> torch.Tensor:
+    """Sum a per-weight tensor of one member projection over each unit's weights → [n_units]
+    (``how``: the unit owns ``rows`` or input ``cols`` of that projection)."""
+    if how == "rows":
+        return per_weight.reshape(n_units, -1).sum(1)
+    return per_weight.reshape(per_weight.shape[0], n_units, unit_width).sum((0, 2))
+
+
 @dataclass
 class ModuleProblem:
     kind: str  # "attn" or "mlp"
@@ -51,11 +59,7 @@ class ModuleProblem:
         return (units[:, None] * self.unit_width + torch.arange(self.unit_width)).reshape(-1)
 
     def unit_sum(self, per_weight: torch.Tensor, how: str) -> torch.Tensor:
-        """Sum a per-weight tensor of one member projection over each unit's weights → [n_units]."""
-        w = self.unit_width
-        if how == "rows":
-            return per_weight.reshape(self.n_units, -1).sum(1)
-        return per_weight.reshape(per_weight.shape[0], self.n_units, w).sum((0, 2))
+        return unit_sum(per_weight, how, self.n_units, self.unit_width)
 
 
 def attention_problem(adapter: DecoderAdapter, layer, index: int, stats: InputStats,

@@ -56,7 +56,7 @@ def main(cfg: DictConfig) -> None:
                        batch_size=int(cfg.batch_size), on_layer=lambda r: metrics.write(**r))
         store.manifest.update(gradient_seconds=t_grad, build_seconds=time.time() - t0, peak_rss_mb=peak_rss_mb(),
                               calibration_tokens=int(calib.numel()))
-        store.mark_complete()
+        store.save_manifest()  # build_supernet already marked it complete; add the recipe's timings
     m = store.manifest
     log.info("supernet: %d layers, %.1f MB on disk, built in %.0f s", len(m["layers"]), m["disk_bytes"] / 1e6,
              m.get("build_seconds", 0))

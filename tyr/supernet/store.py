@@ -89,7 +89,7 @@ class SupernetStore:
             "complete": False,
         }
         store = cls(root, m)
-        store._save_manifest()
+        store.save_manifest()
         return store
 
     @staticmethod
@@ -165,7 +165,7 @@ class SupernetStore:
             "shard": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
             "errors": errors, "info": info or {},
         }
-        self._save_manifest()
+        self.save_manifest()
         self._verified.add(layer)
 
     def mark_complete(self, extra: dict | None = None) -> None:
@@ -177,12 +177,12 @@ class SupernetStore:
         self.manifest["disk_bytes"] = sum(v["bytes"] for v in self.manifest["layers"].values())
         if extra:
             self.manifest.update(extra)
-        self._save_manifest()
+        self.save_manifest()
         ckpt = self.root / CHECKPOINT
         if ckpt.exists():
             ckpt.unlink()
 
-    def _save_manifest(self) -> None:
+    def save_manifest(self) -> None:
         write_json(self.root / MANIFEST, self.manifest)
 
     # --- activation checkpoint (resume) ---------------------------------------------------------
