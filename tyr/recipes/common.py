@@ -28,6 +28,22 @@ def start(cfg: DictConfig) -> Path:
     return run_dir
 
 
+def finished_result(run_dir: Path, cfg: DictConfig, name: str = "results.json") -> dict | None:
+    """The run's saved result if it finished with the same config (threads and paths aside), else None."""
+    import json
+
+    path = run_dir / name
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text()).get("config")
+    if not isinstance(saved, dict):
+        return None
+    ignore = ("threads", "paths")
+    now = to_container(cfg)
+    same = {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in now.items() if k not in ignore}
+    return json.loads(path.read_text()) if same else None
+
+
 def _user_errors() -> tuple[type, ...]:
     """Errors caused by the user's input or environment, reported without a traceback."""
     from tyr.data import TextTooShortError

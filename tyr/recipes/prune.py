@@ -18,7 +18,7 @@ from tyr.data import TokenSetSpec, get_token_set
 from tyr.evaluation import evaluate_model, results_table
 from tyr.plots import plot_fusion_weights
 from tyr.pruning.uniform import prune_uniform
-from tyr.recipes.common import recorded, eval_kwargs, load, log, peak_rss_mb, start, taylor_for, to_container, token_cache
+from tyr.recipes.common import recorded, eval_kwargs, finished_result, load, log, peak_rss_mb, start, taylor_for, to_container, token_cache
 from tyr.utils import JsonlWriter, write_json
 
 
@@ -36,6 +36,10 @@ def dense_pass_seconds(model, ids: torch.Tensor, batch_size: int) -> float:
 @recorded
 def main(cfg: DictConfig) -> None:
     run_dir = start(cfg)
+    done = finished_result(run_dir, cfg)
+    if done is not None:  # a rerun of an interrupted sweep skips the jobs it already finished
+        log.info("already done with the same config, skipping: %s", run_dir / "results.json")
+        return
     t_start = time.time()
     lm = load(cfg)
     pruner = instantiate(cfg.pruner)
