@@ -59,3 +59,24 @@ def test_cache_reuses_file(tiny, tmp_path):
     assert len(files) == 1
     b = get_token_set(spec, tiny.tokenizer, tmp_path)
     assert torch.equal(a.input_ids, b.input_ids) and list(tmp_path.glob("*.safetensors")) == files
+
+
+def test_local_jsonl_and_parquet_sources(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tyr.data import load_text
+
+    docs = [f"document number {i}" for i in range(10)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs[:6])))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[6:]))
+    pq.write_table(pa.table({"text": docs[:5], "score": list(range(5))}), tmp_path / "s0.parquet")
+    pq.write_table(pa.table({"text": docs[5:], "score": list(range(5))}), tmp_path / "s1.parquet")
+    assert load_text(f"jsonl:{tmp_path}/*.jsonl") == "\n\n".join(docs)
+    assert load_text(f"jsonl:{tmp_path}/*.jsonl[4:8]") == "\n\n".join(docs[4:8])
+    assert load_text(f"parquet:{tmp_path}/*.parquet[3:7]") == "\n\n".join(docs[3:7])
+    assert load_text(f"parquet:{tmp_path}/*.parquet[:2]") == "\n\n".join(docs[:2])
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        load_text(f"parquet:{tmp_path}/missing/*.parquet")

@@ -78,7 +78,7 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path):
     assert abs(alloc["budget"]["nominal_sparsity"] - 0.5) < 0.02
     assert len(alloc["modules"]["attn"]) == 4 and "kept_units" in alloc["modules"]["mlp"][0]
     res = json.loads((run / "results.json").read_text())
-    assert len(res["iterations"]) == 2 and set(k.split()[1] for k in res["rows"]) == {"searched", "uniform", "owl"}
+    assert len(res["iterations"]) == 2 and set(k.split()[1] for k in res["rows"]) == {"dense", "searched", "uniform", "owl"}
     assert (run / "hf_model" / "config.json").exists() and json.loads((run / "export.json").read_text())["verify"]["max_abs_logit_diff"] <= 1e-4
     for f in ("history.jsonl", "search_fitness.png", "allocation.png", "teacher.safetensors"):
         assert (run / f).exists(), f

@@ -69,10 +69,46 @@ def load_text(source: str) -> str:
             a, b = source[3:-1].split(":")
             start, stop = int(a or 0), (int(b) if b else None)
         return "\n\n".join(_read_jsonl_texts(d / "c4_sample" / "c4_sample.jsonl", "text", start, stop))
+    if source.startswith(("jsonl:", "parquet:")):
+        return "\n\n".join(_local_documents(source))
     raise ValueError(
         f"unknown text source {source!r}; known: wikitext2_test, wikitext2_train, wikitext2_valid, "
-        "ptb_test, ptb_valid, c4, c4[a:b]"
+        "ptb_test, ptb_valid, c4, c4[a:b], jsonl:PATH[a:b], parquet:PATH[a:b]"
     )
+
+
+def _split_range(spec: str) -> tuple[str, int, int | None]:
+    """``'path[a:b]'`` -> (path, a, b); no brackets: the whole range."""
+    if spec.endswith("]") and "[" in spec:
+        path, rng = spec[:-1].rsplit("[", 1)
+        a, b = rng.split(":")
+        return path, int(a or 0), (int(b) if b else None)
+    return spec, 0, None
+
+
+def _local_documents(source: str) -> list[str]:
+    """Documents ``a..b-1`` of local files (the ``text`` field), for calibration sets users bring
+    themselves, e.g. FineWeb-Edu parquet shards: ``parquet:/data/fineweb-edu/*.parquet[0:8000]``.
+    PATH may be a glob; files are read in sorted order and only until ``b`` documents are read."""
+    import glob
+
+    kind, spec = source.split(":", 1)
+    pattern, start, stop = _split_range(spec)
+    files = sorted(glob.glob(os.path.expanduser(pattern)))
+    if not files:
+        raise FileNotFoundError(f"text source {source!r}: no files match {pattern!r}")
+    docs: list[str] = []
+    for f in files:
+        if stop is not None and len(docs) >= stop:
+            break
+        if kind == "jsonl":
+            with open(f, encoding="utf-8") as fh:
+                docs.extend(json.loads(line)["text"] for line in fh if line.strip())
+        else:
+            import pyarrow.parquet as pq
+
+            docs.extend(pq.read_table(f, columns=["text"]).column("text").to_pylist())
+    return docs[start:stop]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -105,9 +105,19 @@ def main(cfg: DictConfig) -> None:
     # allocations to evaluate: the searched one and the comparisons, each with its supernet
     first_store = SupernetStore.open(state["iterations"][0]["supernet"], expect_model=model_id)
     candidates = {"searched": (SupernetStore.open(final["supernet"], expect_model=model_id), final["levels"], final["fitness"])}
-    unknown = set(cfg.compare) - {"uniform", "owl"}
+    unknown = set(cfg.compare) - {"dense", "uniform", "owl"}
     if unknown:
-        raise ValueError(f"compare: unknown allocations {sorted(unknown)}; known: uniform, owl")
+        raise ValueError(f"compare: unknown allocations {sorted(unknown)}; known: dense, uniform, owl")
+    rows = {}
+    if "dense" in cfg.compare:  # the unpruned model, same protocol: the top row of the table
+        out = run_dir / "results_dense.json"
+        if out.exists():
+            res = read_json(out)
+        else:
+            res = evaluate_model(lm.model, lm.tokenizer, **eval_kwargs(cfg))
+            res.update(model=lm.name, allocation="dense", config=to_container(cfg))
+            write_json(out, res)
+        rows[f"{lm.name} dense"] = res
     if "uniform" in cfg.compare:
         candidates["uniform"] = (first_store, first_store.grid.centre_levels(), None)
     if "owl" in cfg.compare:
@@ -118,7 +128,6 @@ def main(cfg: DictConfig) -> None:
             write_json(owl_file, {"outlier_ratios": ratios, "layer_sparsity": target,
                                   "levels": nearest_levels(first_store.grid, target)})
         candidates["owl"] = (first_store, read_json(owl_file)["levels"], None)
-    rows = {}
     for name, (store, levels, fit) in candidates.items():
         out = run_dir / f"results_{name}.json"
         asm = Assembler(lm.model, store)
