@@ -2,7 +2,8 @@
 
 Each model is measured in its own fresh process (so peak RSS is per model) on the same prompts:
 
-- prefill: ``--batch`` x ``--prompt-len`` tokens in one forward with ``use_cache=True``;
+- prefill (time to first token): ``--batch`` x ``--prompt-len`` tokens in one forward with ``use_cache=True``
+  and, as ``generate`` does, logits for the last position only;
 - decode: ``--new-tokens`` greedy steps, one token at a time through the KV cache;
 - memory: bytes of the weights, the KV cache after decoding, RSS after loading and peak RSS.
 
@@ -98,7 +99,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         model(ids[:, : min(16, ids.shape[1])], use_cache=True)  # warm-up
         for _ in range(args.repeats):
             t = time.perf_counter()
-            out = model(ids, use_cache=True)
+            out = model(ids, use_cache=True, logits_to_keep=1)  # as generate() does: logits of the last position only
             prefill_s.append(time.perf_counter() - t)
             pkv = out.past_key_values
             nxt = out.logits[:, -1:].argmax(-1)
@@ -138,7 +139,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _label(path: str, layout: str) -> str:
-    name = Path(path).name or path
+    p = Path(path)
+    name = (f"{p.parent.name}/{p.name}" if p.name == "hf_model" else p.name) or path
     return name if layout == "padded" else f"{name} [{layout}]"
 
 
@@ -196,16 +198,29 @@ def run_driver(args: argparse.Namespace) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="tyr-bench-ids-") as tmp:
         ids_file = Path(tmp) / "ids.pt"
         torch.save(ids, ids_file)
-        for i, path in enumerate(paths):
-            is_dense = bool(args.dense) and i == 0
-            for layout in (["padded"] if is_dense else args.layouts):
+        jobs = [(path, layout, bool(args.dense) and i == 0) for i, path in enumerate(paths)
+                for layout in (["padded"] if bool(args.dense) and i == 0 else args.layouts)]
+        # Round robin: every round measures every model once (fresh process each), so slow drifts of
+        # this shared machine hit all models alike; a model's figure is the median over rounds.
+        runs: list[list[dict[str, Any]]] = [[] for _ in jobs]
+        for rnd in range(args.rounds):
+            for j, (path, layout, is_dense) in enumerate(jobs):
                 r = _measure(path, layout, ids_file, args)
-                r["label"] = ("dense: " if is_dense else "") + _label(path, layout)
-                rows.append(r)
-                log.info("%s: prefill %.1f tok/s, decode %.2f tok/s, peak RSS %.0f MB", r["label"],
-                         r["prefill_tok_s"], r["decode_tok_s"], r["peak_rss_mb"])
+                runs[j].append(r)
+                log.info("round %d, %s (%s): prefill %.1f tok/s, decode %.2f tok/s, peak RSS %.0f MB", rnd, path,
+                         layout, r["prefill_tok_s"], r["decode_tok_s"], r["peak_rss_mb"])
+        for (path, layout, is_dense), rs in zip(jobs, runs):
+            r = dict(rs[0])
+            for key in ("prefill_s", "decode_s"):
+                r[key] = statistics.median(x[key] for x in rs)
+            r["prefill_tok_s"] = ids.numel() / r["prefill_s"]
+            r["decode_tok_s"] = args.batch * args.new_tokens / r["decode_s"]
+            r["peak_rss_mb"] = max(x["peak_rss_mb"] for x in rs)
+            r["rounds"] = [{k: x[k] for k in ("prefill_tok_s", "decode_tok_s")} for x in rs]
+            r["label"] = ("dense: " if is_dense else "") + _label(path, layout)
+            rows.append(r)
     print(f"\nCPU, {args.threads} thread(s), dtype {rows[0]['dtype']}, batch {args.batch} x {args.prompt_len} prompt "
-          f"tokens, {args.new_tokens} decode steps, median of {args.repeats}\n")
+          f"tokens, {args.new_tokens} decode steps, median of {args.rounds} rounds x {args.repeats} repeats\n")
     print(markdown_table(rows, rows[0]))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
@@ -221,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per process (median)")
+    p.add_argument("--rounds", type=int, default=3, help="fresh processes per model, round robin (median)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--text-file", help="tokenize this text (dense tokenizer) for the prompts instead of random ids")

@@ -12,7 +12,8 @@ from conftest import CONF, compose
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 PRIMARY = sorted(f.stem for f in CONF.glob("*.yaml"))
-NEEDS = {("data", "fineweb_edu"): ["data.root=/data/fineweb-edu"]}  # options with a mandatory value
+NEEDS = {("data", "fineweb_edu"): ["data.root=/data/fineweb-edu"],  # options with a mandatory value
+         ("model", "hf_folder"): ["model.source.path=/models/exported"]}
 
 
 def _groups_of(primary: str) -> set[str]:
@@ -39,9 +40,12 @@ def test_group_option_composes(group, option):
 
 @pytest.mark.parametrize("model", sorted(f.stem for f in (CONF / "model").glob("*.yaml")))
 def test_model_source_instantiates(model):
-    cfg = compose("evaluate", [f"model={model}"])
+    cfg = compose("evaluate", [f"model={model}", *NEEDS.get(("model", model), [])])
     src = instantiate(cfg.model.source)
     assert type(src).__name__ in ("GGUFPackageSource", "PretrainedSource", "RandomInitSource")
+    if model == "hf_folder":  # a folder brings its own name and architecture
+        assert src.path == "/models/exported" and cfg.model.arch is None
+        return
     assert cfg.model.name == model
     arch = cfg.model.arch
     assert arch.num_heads % arch.num_kv_heads == 0 and arch.num_layers > 0

@@ -216,6 +216,8 @@ def _check_supported(folder: str) -> None:
 def _load_folder(name: str, folder: str, dtype: torch.dtype, revision: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import tyr.modeling.hf_pruned  # noqa: F401  registers tyr_llama: exported folders load with tyr's own code
+
     _check_supported(folder)
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")

@@ -24,6 +24,7 @@ def start(cfg: DictConfig) -> Path:
     setup_run(int(cfg.seed), int(cfg.threads))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "failed.json").unlink(missing_ok=True)  # a previous attempt's failure; this one starts afresh
     log.info("run directory: %s", run_dir)
     return run_dir
 

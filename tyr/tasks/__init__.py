@@ -110,3 +110,16 @@ def write_tasks(out_dir: str | Path, names: list[str] | None = None) -> Path:
         jsonl.write_text("".join(json.dumps(d) + "\n" for d in docs))
         (out / f"tyr_{name}.yaml").write_text(_YAML.format(name=name, path=jsonl.resolve()))
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tyr.tasks DIR [TASK ...]``: write the task files, then run lm-eval on any checkpoint:
+    ``lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True --include_path DIR --tasks tyr_piqa``."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(main.__doc__)
+        return
+    out = write_tasks(args[0], args[1:] or None)
+    print(",".join(f"tyr_{n}" for n in (args[1:] or TASKS)), "written to", out)

@@ -1,0 +1,3 @@
+from tyr.tasks import main
+
+main()
