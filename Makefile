@@ -52,8 +52,8 @@ SWEEP ?= pruner=hywia,taylor_element1,flap,wanda_sp target_sparsity=0.25,0.5
 sweep: setup  ## Hydra multirun of the pipeline over SWEEP='pruner=... target_sparsity=...'
 	$(BIN)/python -m tyr.recipes.pipeline -m model=$(MODEL) $(SWEEP) $(ARGS)
 
-report: setup  ## summary table + plots of a sweep: make report DIR=runs/multirun/pipeline/<time>
-	$(BIN)/python -m experiments.summarize $(DIR)
+report: setup  ## summary table + plots (+ report page with REPORT=docs/...) of sweeps: make report DIR="runs/scorer_table runs/pipeline"
+	$(BIN)/python -m experiments.summarize $(DIR) $(if $(REPORT),--report $(REPORT))
 
 test: setup  ## run the whole test suite
 	$(BIN)/python -m pytest -q $(ARGS)
