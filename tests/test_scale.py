@@ -183,23 +183,29 @@ STREAM_BUILD = textwrap.dedent(
     from tyr.supernet.grid import layer_shapes, make_grid
     from tyr.supernet.store import SupernetStore
 
+    def rss_mb():
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+
     folder, out = sys.argv[1], sys.argv[2]
     t0 = time.time()
     model = load_streaming(folder)
+    loaded = rss_mb()  # interpreter, torch, embedding and head
     grid = make_grid(layer_shapes(model), 0.5, interval=0.25, n_levels=3, min_heads=1, min_channels=32)
     store = SupernetStore.create_or_resume(out, model={"name": "synthetic", "revision": folder}, grid=grid, eea="expectation",
                                            config={})
     ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     build_supernet(model, LocalPruner(Magnitude(), reconstruction="lstsq"), ids, grid, store, progress=False)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loaded_rss_mb": loaded,
                       "seconds": time.time() - t0, "layers": len(store.completed_layers())}))
     """
 )
 
 
+@pytest.mark.slow  # ~90 s on 2 shared cores (mostly the 24-layer build)
 def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
-    """Synthetic Llama (hidden 1024, 8 heads of 128 on 4 KV heads, MLP 2048, vocab 2048) as one
-    safetensors shard per layer, 6 and 24 layers: the streamed build's peak RSS is flat in depth."""
+    """Synthetic Llama (hidden 1024, 8 heads of 128 on 4 KV heads, MLP 2048, vocab 2048, float32) as
+    one safetensors shard per layer, 6 and 24 layers: the streamed build's peak RSS is flat in depth
+    and well under the checkpoint. (About 390 MB of the peak is the interpreter with torch.)"""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TYR_THREADS": "1", "OMP_NUM_THREADS": "1"}
     res, sizes = {}, {}
     for layers in (6, 24):
@@ -213,11 +219,14 @@ def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
         assert res[layers]["layers"] == layers
         for f in folder.glob("*.safetensors"):
             f.unlink()  # keep the test's disk footprint small
-    print(f"\npeak RSS: 6 layers {res[6]['peak_rss_mb']:.0f} MB ({sizes[6]:.0f} MB checkpoint, {res[6]['seconds']:.0f} s); "
-          f"24 layers {res[24]['peak_rss_mb']:.0f} MB ({sizes[24]:.0f} MB checkpoint, {res[24]['seconds']:.0f} s)")
-    assert sizes[24] > 3.5 * sizes[6] - 50
+    for n in (6, 24):
+        print(f"\n{n} layers: peak RSS {res[n]['peak_rss_mb']:.0f} MB (after loading the skeleton "
+              f"{res[n]['loaded_rss_mb']:.0f} MB), checkpoint {sizes[n]:.0f} MB, {res[n]['seconds']:.0f} s")
+    assert sizes[24] > 3.5 * sizes[6]
     assert res[24]["peak_rss_mb"] <= 1.2 * res[6]["peak_rss_mb"]
-    assert res[24]["peak_rss_mb"] < 0.6 * sizes[24]
+    assert res[24]["peak_rss_mb"] < 0.75 * sizes[24]
+    # above the interpreter + skeleton: about one layer's weights and solves, not the model
+    assert res[24]["peak_rss_mb"] - res[24]["loaded_rss_mb"] < 0.3 * sizes[24]
 
 
 def _torchrun(nproc: int, module: str, *overrides: str, env: dict) -> subprocess.CompletedProcess:
