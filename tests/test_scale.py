@@ -230,7 +230,7 @@ def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
 
 
 def _torchrun(nproc: int, module: str, *overrides: str, env: dict) -> subprocess.CompletedProcess:
-    cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0", "-m", module, *overrides] \
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *overrides] \
         if nproc > 1 else [PY, "-m", module, *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
 
@@ -250,7 +250,9 @@ def test_torchrun_build_and_search_equal_one_process(tmp_path, token_cache):
         p = _torchrun(n, "tyr.recipes.pipeline", *common, f"hydra.run.dir={run_dir}", env=env)
         assert p.returncode == 0, p.stderr[-4000:]
         runs[n] = run_dir
-    assert_same_supernet(runs[1] / "iter0" / "supernet", runs[2] / "iter0" / "supernet")
+    # All-reduced statistics sum the same numbers in another order; the refits amplify that to a few
+    # 1e-5 on weights of magnitude ~0.1 (measured: at most 4e-4 of the largest weight).
+    assert_same_supernet(runs[1] / "iter0" / "supernet", runs[2] / "iter0" / "supernet", atol=1e-4)
     a1, a2 = (json.loads((r / "allocation.json").read_text()) for r in runs.values())
     assert a1["levels"] == a2["levels"]
     assert a1["fitness"] == pytest.approx(a2["fitness"], rel=1e-4)
