@@ -259,3 +259,21 @@ def test_torchrun_build_and_search_equal_one_process(tmp_path, token_cache):
     h1, h2 = ((r / "history.jsonl").read_text().splitlines() for r in runs.values())
     assert len(h1) == len(h2) == 1  # one generation, written once (by rank 0)
     assert not list(runs[2].glob("iter0/supernet/activations*"))
+
+
+def test_streamed_build_recipe_under_torchrun_equals_in_memory(tiny, tiny_folder, tmp_path):
+    """``runtime.streaming=true`` with memory-mapped activations, 2 ranks, vs the plain in-memory
+    build of the same checkpoint folder, both through the build recipe."""
+    tiny.tokenizer.save_pretrained(tiny_folder)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TYR_THREADS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    common = ["model=hf_folder", f"model.source.path={tiny_folder}", "pruner=magnitude", "supernet.min_channels=8",
+              "data.calibration.num_sequences=8", "data.calibration.seq_len=48", "batch_size=2"]
+    p = _torchrun(1, "tyr.recipes.build", *common, f"hydra.run.dir={tmp_path / 'mem'}", env=env)
+    assert p.returncode == 0, p.stderr[-4000:]
+    p = _torchrun(2, "tyr.recipes.build", *common, "runtime.streaming=true", "runtime.activations_max_mb=0",
+                  f"hydra.run.dir={tmp_path / 'stream'}", env=env)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert_same_supernet(tmp_path / "mem" / "supernet", tmp_path / "stream" / "supernet", atol=1e-4)
+    m = json.loads((tmp_path / "stream" / "supernet" / "manifest.json").read_text())
+    assert m["streaming"] and m["world_size"] == 2 and len(m["peak_rss_mb_per_rank"]) == 2
+    assert not any(f.is_file() for f in (tmp_path / "stream" / "activations").rglob("*"))  # mapped files unlinked
