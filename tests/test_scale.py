@@ -277,3 +277,38 @@ def test_streamed_build_recipe_under_torchrun_equals_in_memory(tiny, tiny_folder
     m = json.loads((tmp_path / "stream" / "supernet" / "manifest.json").read_text())
     assert m["streaming"] and m["world_size"] == 2 and len(m["peak_rss_mb_per_rank"]) == 2
     assert not any(f.is_file() for f in (tmp_path / "stream" / "activations").rglob("*"))  # mapped files unlinked
+
+
+@pytest.mark.parametrize("layout", ["padded", "index"])
+def test_streamed_export_writes_the_in_memory_export(tiny, tiny_folder, calib, tmp_path, layout):
+    from transformers import AutoModelForCausalLM
+
+    from tyr.export import export_model, export_streamed
+
+    grid = make_grid(layer_shapes(tiny.model), 0.5, interval=0.25, n_levels=5, min_channels=8)
+    store = SupernetStore.create_or_resume(tmp_path / "s", model=MODEL, grid=grid, eea="expectation", config={})
+    build_supernet(tiny.model, pruner_from_conf("magnitude"), calib, grid, store, progress=False)
+    store = SupernetStore.open(store.root)
+    levels = grid.centre_levels()
+    levels["attn"][1], levels["mlp"][2] = len(grid.modules["attn"][1].keep) - 1, 0  # uneven: heads and channels differ
+    model = copy.deepcopy(tiny.model)
+    Assembler(model, store).assemble(levels)
+    export_model(model, None, tmp_path / "mem", allocation={"levels": levels}, layout=layout)
+    streamed = streaming.load_streaming(tiny_folder)
+    asm = Assembler(streamed, store)
+    asm.assemble(levels)
+    export_streamed(streamed, asm, None, tmp_path / "stream", allocation={"levels": levels}, layout=layout)
+    assert all(p.is_meta for layer in get_adapter(streamed).layers(streamed) for p in layer.parameters())
+    a, b = tmp_path / "mem", tmp_path / "stream"
+    ca, cb = (json.loads((d / "config.json").read_text()) for d in (a, b))
+    assert ca == cb
+    assert json.loads((a / "tyr_allocation.json").read_text()) == json.loads((b / "tyr_allocation.json").read_text())
+    assert (b / "modeling_tyr_llama.py").exists() and (b / "configuration_tyr_llama.py").exists()
+    ta = {k: v for f in a.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    tb = {k: v for f in b.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert ta.keys() == tb.keys() and len(list(b.glob("*.safetensors"))) == 5  # embedding shard + one per layer
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    loaded = AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(calib[:2]).logits, model(calib[:2]).logits, atol=1e-4, rtol=1e-4)
