@@ -124,20 +124,3 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * d.get_world_size()
     d.all_gather_object(out, obj)
     return out
-
-
-def gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ``t`` along dim 0 in rank order (the inverse of :func:`shard`)."""
-    if _dist() is None:
-        return t
-    parts = all_gather_object(t.cpu())
-    return torch.cat(parts, 0).to(t.device)
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    d = _dist()
-    if d is None:
-        return obj
-    box = [obj]
-    d.broadcast_object_list(box, src=src)
-    return box[0]
