@@ -183,8 +183,8 @@ STREAM_BUILD = textwrap.dedent(
     from tyr.supernet.grid import layer_shapes, make_grid
     from tyr.supernet.store import SupernetStore
 
-    def rss_mb():
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+    def rss_mb(key="VmRSS"):
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":")) / 1024
 
     folder, out = sys.argv[1], sys.argv[2]
     t0 = time.time()
@@ -195,7 +195,8 @@ STREAM_BUILD = textwrap.dedent(
                                            config={})
     ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     build_supernet(model, LocalPruner(Magnitude(), reconstruction="lstsq"), ids, grid, store, progress=False)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loaded_rss_mb": loaded,
+    print(json.dumps({"peak_rss_mb": rss_mb("VmHWM"), "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "loaded_rss_mb": loaded,
                       "seconds": time.time() - t0, "layers": len(store.completed_layers())}))
     """
 )
@@ -205,7 +206,11 @@ STREAM_BUILD = textwrap.dedent(
 def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
     """Synthetic Llama (hidden 1024, 8 heads of 128 on 4 KV heads, MLP 2048, vocab 2048, float32) as
     one safetensors shard per layer, 6 and 24 layers: the streamed build's peak RSS is flat in depth
-    and well under the checkpoint. (About 390 MB of the peak is the interpreter with torch.)"""
+    and well under the checkpoint. (About 380 MB of the peak is the interpreter with torch.)
+
+    The peak is the child's ``VmHWM``: ``ru_maxrss`` survives ``execve``, so a child of pytest
+    reports at least pytest's own peak (measured: 1073 MB for both depths late in the full suite);
+    it is printed too, and equals ``VmHWM`` when the parent is small."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TYR_THREADS": "1", "OMP_NUM_THREADS": "1"}
     res, sizes = {}, {}
     for layers in (6, 24):
@@ -220,7 +225,7 @@ def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
         for f in folder.glob("*.safetensors"):
             f.unlink()  # keep the test's disk footprint small
     for n in (6, 24):
-        print(f"\n{n} layers: peak RSS {res[n]['peak_rss_mb']:.0f} MB (after loading the skeleton "
+        print(f"\n{n} layers: peak RSS {res[n]['peak_rss_mb']:.0f} MB (ru_maxrss {res[n]['ru_maxrss_mb']:.0f} MB; after loading the skeleton "
               f"{res[n]['loaded_rss_mb']:.0f} MB), checkpoint {sizes[n]:.0f} MB, {res[n]['seconds']:.0f} s")
     assert sizes[24] > 3.5 * sizes[6]
     assert res[24]["peak_rss_mb"] <= 1.2 * res[6]["peak_rss_mb"]

@@ -138,7 +138,18 @@ def taylor_for(cfg: DictConfig, lm: LoadedModel, pruner) -> dict | None:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set size (MB): ``VmHWM`` of its own memory map where Linux has
+    it. ``getrusage``'s ``ru_maxrss`` survives ``execve``, so in a process started by a large parent
+    (pytest, the torchrun agent) it reports at least the parent's peak."""
     import resource
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
