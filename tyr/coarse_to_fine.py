@@ -6,6 +6,9 @@ One resumable driver. Everything lives under ``run_dir``:
 so far; rewritten after every generation), ``history.jsonl`` (one line per generation), and at the
 end ``allocation.json``. Killing the driver and calling it again continues where it stopped; with
 the same seed it reaches the same allocation.
+
+Distributed (torchrun): every rank runs the same evolution in lock-step (same seed, and the fitness
+values are all-reduced so they agree bit for bit); rank 0 alone writes the state and history.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from tyr import dist
 from tyr.fitness import KLFitness, TeacherCache, spearman, surrogate_scores
 from tyr.pruning.local import LocalPruner
 from tyr.search import Allocation, EvolutionConfig, SearchSpace, evolve, mutate
@@ -110,10 +114,11 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         def on_generation(record: dict, evo_state: dict, it=it) -> None:
             record = {**record, "iteration": it, "layer_forwards": fitness.stats.layer_forwards,
                       "layer_forwards_saved": fitness.stats.layer_forwards_saved}
-            history.write(**record)
             fitness.generation = record["generation"]  # keeps token rotation aligned even if a generation had no stages
             state["current"] = {"iteration": it, "evolution": evo_state}
-            write_json(state_file, state)
+            if dist.is_main():
+                history.write(**record)
+                write_json(state_file, state)
 
         prescreen = (lambda allocs: surrogate_scores(errors, allocs)) if settings.prescreen_keep else None
         result = evolve(space, fitness, evo, start=start, state=resume, on_generation=on_generation, prescreen=prescreen)
@@ -126,7 +131,8 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         }
         state["iterations"].append(iteration)
         state["current"] = None
-        write_json(state_file, state)
+        if dist.is_main():
+            write_json(state_file, state)
         centre = iteration["keep"]
         asm.restore_dense()
         log.info("iteration %d done: KL %.4f, cost %d / budget %d", it, result.best_fitness or float("nan"),

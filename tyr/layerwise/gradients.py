@@ -10,6 +10,10 @@ Per sequence ``s`` the loss is ℓ_s = mean token cross-entropy; the reported st
 prunable weight are g = mean_s ∂ℓ_s/∂W (the gradient of the mean loss) and the diagonal empirical
 Fisher F = mean_s (∂ℓ_s/∂W)². Each sequence is back-propagated on its own (batch of one) so that F is
 a true per-sample Fisher. Statistics are float32 whatever the model's dtype.
+
+Layers are reached through :func:`tyr.streaming.layer` (a streamed model has one layer in memory;
+the layer checkpoints may be memory-mapped). When distributed, each rank back-propagates its block
+of sequences and the sums of g and g² are all-reduced before ``on_layer`` sees them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tyr import dist, streaming
 from tyr.layerwise.engine import capture_layer_inputs, run_layer
 from tyr.modeling.adapter import get_adapter
 
@@ -37,7 +42,8 @@ def _sequence_loss(hidden: torch.Tensor, norm, head, targets: torch.Tensor) -> t
 def layerwise_gradients(model, input_ids: torch.Tensor, on_layer: GradCallback, batch_size: int = 8,
                         progress: bool = True) -> None:
     """Call ``on_layer(l, {proj_name: (g, F)})`` for l = L-1 .. 0 with the float32 gradient mean and
-    Fisher diagonal of each prunable projection weight of layer l."""
+    Fisher diagonal of each prunable projection weight of layer l (while layer l is loaded, so
+    ``on_layer`` may read its weights)."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     norm, head = adapter.final_norm(model), adapter.lm_head(model)
@@ -45,43 +51,51 @@ def layerwise_gradients(model, input_ids: torch.Tensor, on_layer: GradCallback, 
     for p in model.parameters():
         p.requires_grad_(False)
     n = input_ids.shape[0]
+    rows = dist.shard(n)
+    ids = input_ids[rows.start : rows.stop]
+    device = streaming.execution(model).device
     try:
-        x0, kwargs = capture_layer_inputs(model, input_ids, batch_size)
+        x0, kwargs = capture_layer_inputs(model, ids, batch_size)
         checkpoints = [x0]
-        for i, layer in enumerate(tqdm(layers, desc="grad fwd", disable=None if progress else True, leave=False)):
-            checkpoints.append(run_layer(layer, checkpoints[-1], kwargs[i], batch_size))
+        for i in tqdm(range(len(layers)), desc="grad fwd", disable=None if progress else True, leave=False):
+            with streaming.layer(model, i) as layer:
+                checkpoints.append(run_layer(layer, checkpoints[-1], kwargs[i], batch_size,
+                                             out=streaming.empty_like_activations(model, x0)))
         # gradient of each sequence's loss w.r.t. the last layer's output
-        d_out = torch.empty_like(checkpoints[-1])
-        for s in range(n):
-            x = checkpoints[-1][s : s + 1].detach().requires_grad_(True)
-            _sequence_loss(x, norm, head, input_ids[s : s + 1]).backward()
-            d_out[s : s + 1] = x.grad
+        d_out = streaming.empty_like_activations(model, x0)
+        for s in range(len(ids)):
+            x = checkpoints[-1][s : s + 1].to(device).detach().requires_grad_(True)
+            _sequence_loss(x, norm, head, ids[s : s + 1].to(device)).backward()
+            d_out[s : s + 1] = x.grad.to(d_out.device)
         checkpoints.pop()
         for li in tqdm(range(len(layers) - 1, -1, -1), desc="grad bwd", disable=None if progress else True, leave=False):
-            layer = layers[li]
-            proj = adapter.projections(layer)
-            params = {name: lin.weight for name, lin in proj.items()}
-            acc = {name: (torch.zeros(p.shape, dtype=torch.float32), torch.zeros(p.shape, dtype=torch.float32))
-                   for name, p in params.items()}
-            for p in params.values():
-                p.requires_grad_(True)
-            x_in = checkpoints.pop()
-            d_in = torch.empty_like(x_in)
-            for s in range(n):
-                x = x_in[s : s + 1].detach().requires_grad_(True)
-                y = layer(x, **kwargs[li])
-                y = y[0] if isinstance(y, tuple) else y
-                y.backward(d_out[s : s + 1])
-                for name, p in params.items():
-                    g = p.grad.float()
-                    acc[name][0].add_(g)
-                    acc[name][1].addcmul_(g, g)
-                    p.grad = None
-                d_in[s : s + 1] = x.grad
-            for p in params.values():
-                p.requires_grad_(False)
-            on_layer(li, {name: (g_sum / n, g2_sum / n) for name, (g_sum, g2_sum) in acc.items()})
+            with streaming.layer(model, li) as layer:
+                proj = adapter.projections(layer)
+                params = {name: lin.weight for name, lin in proj.items()}
+                acc = {name: (torch.zeros(p.shape, dtype=torch.float32, device=p.device),
+                              torch.zeros(p.shape, dtype=torch.float32, device=p.device)) for name, p in params.items()}
+                for p in params.values():
+                    p.requires_grad_(True)
+                x_in = checkpoints.pop()
+                d_in = streaming.empty_like_activations(model, x_in)
+                for s in range(len(ids)):
+                    x = x_in[s : s + 1].to(device).detach().requires_grad_(True)
+                    y = layer(x, **kwargs[li])
+                    y = y[0] if isinstance(y, tuple) else y
+                    y.backward(d_out[s : s + 1].to(device))
+                    for name, p in params.items():
+                        g = p.grad.float()
+                        acc[name][0].add_(g)
+                        acc[name][1].addcmul_(g, g)
+                        p.grad = None
+                    d_in[s : s + 1] = x.grad.to(d_in.device)
+                for p in params.values():
+                    p.requires_grad_(False)
+                for g_sum, g2_sum in acc.values():
+                    dist.all_reduce_(g_sum)
+                    dist.all_reduce_(g2_sum)
+                on_layer(li, {name: (g_sum / n, g2_sum / n) for name, (g_sum, g2_sum) in acc.items()})
             d_out = d_in
     finally:
         for p in model.parameters():
-            p.requires_grad_(req[id(p)])
+            p.requires_grad_(req.get(id(p), False))

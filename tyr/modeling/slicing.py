@@ -162,12 +162,13 @@ def slice_mlp(
     hidden = mlp.down_proj.out_features
     dtype = mlp.down_proj.weight.dtype
     bias = down_bias if down_bias is not None else _bias_or_none(mlp.down_proj)
+    bias = None if bias is None else bias.to(mlp.down_proj.weight.device)
     if len(keep) == 0:
         setattr(layer, adapter.mlp_attr, EmptyMLP(hidden, bias, dtype))
         return
     mlp.gate_proj = _linear(mlp.gate_proj.weight.detach()[keep], _bias_or_none(mlp.gate_proj, keep))
     mlp.up_proj = _linear(mlp.up_proj.weight.detach()[keep], _bias_or_none(mlp.up_proj, keep))
-    w = mlp.down_proj.weight.detach()[:, keep] if down_weight is None else down_weight.to(dtype)
+    w = mlp.down_proj.weight.detach()[:, keep] if down_weight is None else down_weight.to(mlp.down_proj.weight.device, dtype)
     mlp.down_proj = _linear(w, bias)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(keep)

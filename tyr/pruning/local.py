@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Iterable
 
 from tyr.importance import Scorer
 from tyr.pruning.problem import ModuleProblem, Variant, compensating_bias, refit, relative_error
@@ -33,16 +34,23 @@ class LocalPruner:
     def needs_gradients(self) -> bool:
         return self.scorer.needs_gradients
 
-    def prune(self, problem: ModuleProblem, keep_counts: list[int], centre: int | None = None) -> list[Variant]:
+    def prune(self, problem: ModuleProblem, keep_counts: list[int], centre: int | None = None,
+              only: Iterable[int] | None = None) -> list[Variant | None]:
         """One variant per requested number of kept units (nested kept sets). ``centre`` indexes the
-        count that matters most (default: the middle one)."""
+        count that matters most (default: the middle one). With ``only``, the kept sets are chosen
+        for all counts but only the variants at those indices are built (the others are None):
+        distributed builds spread the refits over ranks this way."""
         bad = [k for k in keep_counts if not 0 <= k <= problem.n_units]
         if bad:
             raise ValueError(f"keep counts {bad} out of range 0..{problem.n_units} ({problem.kind}, layer {problem.layer})")
         probe = keep_counts[len(keep_counts) // 2 if centre is None else centre]
         kept_sets, info = self.scorer.select(problem, list(keep_counts), probe=probe)
-        out = []
-        for keep in kept_sets:
+        only = None if only is None else set(only)
+        out: list[Variant | None] = []
+        for i, keep in enumerate(kept_sets):
+            if only is not None and i not in only:
+                out.append(None)
+                continue
             W = problem.out_weight[:, problem.columns(keep)].contiguous()
             if len(keep) == problem.n_units:  # nothing removed: the dense module, exactly
                 out.append(Variant(keep, W, None, 0.0, dict(info)))

@@ -97,7 +97,7 @@ class Variant:
 def _augmented(stats: InputStats) -> torch.Tensor:
     H, s, n = stats.H.double(), stats.sum.double(), float(stats.count)
     d = H.shape[0]
-    Ha = torch.empty(d + 1, d + 1, dtype=torch.float64)
+    Ha = torch.empty(d + 1, d + 1, dtype=torch.float64, device=H.device)
     Ha[:d, :d], Ha[:d, d], Ha[d, :d], Ha[d, d] = H, s, s, n
     return Ha
 
@@ -123,8 +123,8 @@ def refit(problem: ModuleProblem, keep: list[int], bias: bool = False, damp: flo
     cols = problem.columns(keep)
     if len(cols) == 0:
         if not bias:
-            return torch.zeros(W0.shape[0], 0), None
-        return torch.zeros(W0.shape[0], 0), (W0 @ problem.stats.mean.double()).float()
+            return torch.zeros(W0.shape[0], 0, device=W0.device), None
+        return torch.zeros(W0.shape[0], 0, device=W0.device), (W0 @ problem.stats.mean.double()).float()
     Ha = problem.augmented()
     d = W0.shape[1]
     idx = torch.cat([cols, torch.tensor([d])]) if bias else cols
@@ -145,6 +145,6 @@ def refit(problem: ModuleProblem, keep: list[int], bias: bool = False, damp: flo
 def compensating_bias(problem: ModuleProblem, keep: list[int]) -> torch.Tensor:
     """FLAP's baseline bias: the removed columns' contribution at the mean input, W₀[:, R] · E[x_R]."""
     W0 = problem.out_weight.double()
-    mask = torch.ones(W0.shape[1], dtype=torch.bool)
+    mask = torch.ones(W0.shape[1], dtype=torch.bool, device=W0.device)
     mask[problem.columns(keep)] = False
     return (W0[:, mask] @ problem.stats.mean.double()[mask]).float()

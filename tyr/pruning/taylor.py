@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tyr import dist
 from tyr.importance import taylor_reductions
 from tyr.layerwise.gradients import layerwise_gradients
 from tyr.modeling.adapter import get_adapter
@@ -18,14 +19,14 @@ def collect_taylor(model, input_ids: torch.Tensor, batch_size: int = 8, progress
     layers = adapter.layers(model)
     out: dict[int, dict] = {}
 
-    def on_layer(li: int, grads: dict) -> None:
+    def on_layer(li: int, grads: dict) -> None:  # layer li is loaded while this runs
         proj = adapter.projections(layers[li])
         geo = adapter.geometry(layers[li])
         members = {n: (proj[n].weight.detach().float(), how) for n, how in ATTN_MEMBERS.items()}
         attn = taylor_reductions(members, grads, geo.num_heads, geo.head_dim)
         members = {n: (proj[n].weight.detach().float(), how) for n, how in MLP_MEMBERS.items()}
         mlp = taylor_reductions(members, grads, adapter.intermediate_size(layers[li]), 1)
-        out[li] = {"attn": attn, "mlp": mlp}
+        out[li] = {"attn": {k: v.cpu() for k, v in attn.items()}, "mlp": {k: v.cpu() for k, v in mlp.items()}}
 
     layerwise_gradients(model, input_ids, on_layer, batch_size=batch_size, progress=progress)
     return out
@@ -47,7 +48,7 @@ def load_or_collect_taylor(model, input_ids: torch.Tensor, cache_file: str | Non
             out.setdefault(int(li), {}).setdefault(kind, {})[name] = t
         return out
     out = collect_taylor(model, input_ids, batch_size, progress)
-    if cache_file:
+    if cache_file and dist.is_main():
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
         flat = {f"{li}.{kind}.{name}": t.contiguous() for li, d in out.items() for kind, dd in d.items() for name, t in dd.items()}
         tmp = cache_file + ".tmp"

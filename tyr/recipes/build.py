@@ -3,6 +3,10 @@
 Writes ``supernet/`` (shards + manifest) into the run directory, which is derived from the settings:
 killing the build and rerunning the same command continues from the last complete layer.
 ``evaluate_centre=true`` also assembles the centre allocation and evaluates it (``results.json``).
+
+``runtime.streaming=true`` reads one decoder layer at a time from the checkpoint; under
+``python -m torch.distributed.run --nproc_per_node=N -m tyr.recipes.build ...`` the ranks split the
+calibration sequences and the per-level solves, and rank 0 writes the supernet (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from tyr import dist
 from tyr.data import TokenSetSpec, get_token_set
 from tyr.evaluation import evaluate_model, results_table
-from tyr.recipes.common import recorded, eval_kwargs, load, log, peak_rss_mb, start, taylor_for, to_container, token_cache
+from tyr.recipes.common import recorded, eval_kwargs, load, load_in_memory, log, peak_rss_mb, start, taylor_for, to_container, token_cache
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet
 from tyr.supernet.grid import layer_shapes, make_grid
@@ -55,12 +60,20 @@ def main(cfg: DictConfig) -> None:
         build_supernet(lm.model, pruner, calib, grid, store, eea=str(s.eea), taylor=taylor, path=path,
                        batch_size=int(cfg.batch_size), on_layer=lambda r: metrics.write(**r))
         store.manifest.update(gradient_seconds=t_grad, build_seconds=time.time() - t0, peak_rss_mb=peak_rss_mb(),
-                              calibration_tokens=int(calib.numel()))
-        store.save_manifest()  # build_supernet already marked it complete; add the recipe's timings
+                              calibration_tokens=int(calib.numel()), streaming=bool(cfg.runtime.streaming),
+                              world_size=dist.world(), peak_rss_mb_per_rank=dist.all_gather_object(peak_rss_mb()))
+        store.save_manifest()  # build_supernet already marked it complete; add the recipe's timings (rank 0)
+    if not dist.is_main():
+        dist.shutdown()
+        return
     m = store.manifest
     log.info("supernet: %d layers, %.1f MB on disk, built in %.0f s", len(m["layers"]), m["disk_bytes"] / 1e6,
              m.get("build_seconds", 0))
+    dist.shutdown()
     if cfg.evaluate_centre:
+        if cfg.runtime.streaming:
+            del lm
+            lm = load_in_memory(cfg)  # evaluation runs the whole model
         asm = Assembler(lm.model, SupernetStore.open(store.root))
         asm.assemble(grid.centre_levels())
         res = evaluate_model(lm.model, lm.tokenizer, **eval_kwargs(cfg))

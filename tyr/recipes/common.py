@@ -89,6 +89,23 @@ def recorded(fn):
 
 
 def load(cfg: DictConfig) -> LoadedModel:
+    """The model, placed and (optionally) streamed as ``cfg.runtime`` says; under torchrun this
+    also joins the process group first."""
+    from tyr import dist
+
+    rt = cfg.get("runtime")
+    if rt is None:
+        return load_model(cfg.model.name, instantiate(cfg.model.source), cfg.model.dtype)
+    dist.init_from_env(str(rt.device))
+    act_dir = Path(HydraConfig.get().runtime.output_dir) / "activations" / f"rank{dist.rank()}"
+    return load_model(cfg.model.name, instantiate(cfg.model.source), cfg.model.dtype, streaming=bool(rt.streaming),
+                      device=dist.local_device(str(rt.device)),
+                      activations_max_mb=None if rt.activations_max_mb is None else float(rt.activations_max_mb),
+                      activations_dir=str(act_dir))
+
+
+def load_in_memory(cfg: DictConfig) -> LoadedModel:
+    """The whole model in memory on CPU (evaluation needs it, whatever ``cfg.runtime`` says)."""
     return load_model(cfg.model.name, instantiate(cfg.model.source), cfg.model.dtype)
 
 
@@ -121,7 +138,18 @@ def taylor_for(cfg: DictConfig, lm: LoadedModel, pruner) -> dict | None:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set size (MB): ``VmHWM`` of its own memory map where Linux has
+    it. ``getrusage``'s ``ru_maxrss`` survives ``execve``, so in a process started by a large parent
+    (pytest, the torchrun agent) it reports at least the parent's peak."""
     import resource
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -4,6 +4,11 @@ Stages, each skipped when its artifacts are complete (so a rerun of the same com
 prepare (token sets, Taylor statistics, teacher top-k cache) → build + search (coarse-to-fine, see
 :mod:`tyr.coarse_to_fine`) → allocation.json → evaluate the searched allocation and the comparison
 allocations with the same supernet → results.json, results.md, plots.
+
+Under ``python -m torch.distributed.run --nproc_per_node=N -m tyr.recipes.pipeline ...`` the
+prepare, build and search stages are split over the ranks (docs/scale.md); rank 0 alone writes the
+artifacts and then evaluates and exports. With ``runtime.streaming=true`` those stages hold one
+decoder layer at a time; evaluation and export then load the whole model in memory.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from tyr import dist
 from tyr.allocation import nearest_levels, outlier_ratios, owl_sparsities
 from tyr.coarse_to_fine import SearchSettings, run_search
 from tyr.data import TokenSetSpec, get_token_set
@@ -22,7 +28,7 @@ from tyr.evaluation import evaluate_model, results_table
 from tyr.fitness import TeacherCache
 from tyr.modeling.params import parameter_counts
 from tyr.plots import plot_allocation, plot_search_history
-from tyr.recipes.common import recorded, eval_kwargs, load, log, peak_rss_mb, start, taylor_for, to_container, token_cache
+from tyr.recipes.common import recorded, eval_kwargs, load, load_in_memory, log, peak_rss_mb, start, taylor_for, to_container, token_cache
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.store import SupernetStore
 from tyr.utils import read_json, write_json
@@ -99,8 +105,15 @@ def main(cfg: DictConfig) -> None:
     state = run_search(lm.model, model_id, pruner, calib, taylor, teacher, float(cfg.target_sparsity), _settings(cfg),
                        run_dir, store_config)
     timings.setdefault("build_and_search", time.time() - t0)
-    write_json(run_dir / "timings.json", timings)
     final = state["iterations"][-1]
+    if not dist.is_main():  # rank 0 evaluates and exports alone
+        dist.shutdown()
+        return
+    dist.shutdown()
+    write_json(run_dir / "timings.json", timings)
+    if cfg.runtime.streaming:
+        del lm
+        lm = load_in_memory(cfg)  # evaluating and exporting run the whole (pruned) model
 
     # allocations to evaluate: the searched one and the comparisons, each with its supernet
     first_store = SupernetStore.open(state["iterations"][0]["supernet"], expect_model=model_id)

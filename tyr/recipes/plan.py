@@ -27,7 +27,7 @@ def _tokens(spec: DictConfig) -> int:
 
 def plan_from_config(cfg: DictConfig) -> dict:
     """The plan for a composed ``plan`` config (also used by the tests)."""
-    if "arch" not in cfg.model:
+    if cfg.model.get("arch") is None:
         raise ValueError(f"conf/model/{cfg.model.name}.yaml has no arch: block; the planner needs it")
     arch = ArchFacts.from_dict(OmegaConf.to_container(cfg.model.arch, resolve=True))
     scorer = str(cfg.pruner.scorer._target_).rsplit(".", 1)[-1]

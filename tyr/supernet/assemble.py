@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
+from typing import Iterator
 
+from tyr import streaming
 from tyr.modeling.adapter import get_adapter
 from tyr.modeling.slicing import slice_attention, slice_mlp
 from tyr.supernet.grid import KINDS
@@ -15,6 +18,10 @@ class Assembler:
 
     Keeps a pristine copy of every dense layer; :meth:`assemble` rebuilds only the layers whose
     levels changed since the previous call, so consecutive candidates of a search are cheap.
+
+    A streamed model (:mod:`tyr.streaming`) keeps no copy: :meth:`assemble` only records the
+    levels, and :meth:`layer` reads the dense layer from the checkpoint and slices it when a layer
+    loop asks for it. Layer loops use :meth:`layer` in both cases.
     """
 
     def __init__(self, model, store: SupernetStore):
@@ -23,11 +30,13 @@ class Assembler:
         layers = self.adapter.layers(model)
         if len(layers) != store.num_layers:
             raise SupernetError(f"supernet has {store.num_layers} layers, the model {len(layers)}")
-        self.dense = [copy.deepcopy(layer) for layer in layers]
+        self.streaming = streaming.is_streaming(model)
+        self.dense = None if self.streaming else [copy.deepcopy(layer) for layer in layers]
         self.current: list[tuple[int, int] | None] = [None] * len(layers)  # None = dense
 
-    def layer_for(self, li: int, attn_level: int, mlp_level: int):
-        layer = copy.deepcopy(self.dense[li])
+    def layer_for(self, li: int, attn_level: int, mlp_level: int, dense=None):
+        """A pruned copy of dense layer ``li`` (default: the kept pristine copy)."""
+        layer = copy.deepcopy(self.dense[li] if dense is None else dense)
         grid = self.store.grid
         for kind, level in (("attn", attn_level), ("mlp", mlp_level)):
             g = grid.modules[kind][li]
@@ -51,12 +60,30 @@ class Assembler:
         for li in range(len(layers)):
             want = (int(levels["attn"][li]), int(levels["mlp"][li]))
             if self.current[li] != want:
-                layers[li] = self.layer_for(li, *want)
+                if not self.streaming:
+                    layers[li] = self.layer_for(li, *want)
                 self.current[li] = want
                 changed.append(li)
         return changed
 
+    @contextmanager
+    def layer(self, li: int) -> Iterator:
+        """Layer ``li`` of the current allocation, ready to compute (see :func:`tyr.streaming.layer`)."""
+        if not self.streaming or self.current[li] is None:
+            with streaming.layer(self.model, li) as layer:
+                yield layer
+            return
+        with streaming.layer(self.model, li) as dense:
+            pruned = self.layer_for(li, *self.current[li], dense=dense)
+        try:
+            yield pruned
+        finally:
+            del pruned
+
     def restore_dense(self) -> None:
+        if self.streaming:
+            self.current = [None] * len(self.current)
+            return
         layers = self.adapter.layers(self.model)
         for li, layer in enumerate(self.dense):
             layers[li] = copy.deepcopy(layer)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tyr import dist, streaming
 from tyr.layerwise.engine import capture_layer_inputs, collect_input_stats, run_layer
 from tyr.modeling.adapter import get_adapter
 from tyr.pruning.local import LocalPruner
@@ -53,7 +54,7 @@ def full_weight(problem: ModuleProblem, variants: list[Variant], weights: list[f
     """Σ_e w_e · (variant e's output projection at full input width, zero columns where removed)."""
     W = torch.zeros_like(problem.out_weight)
     has_bias = any(v.out_bias is not None for v in variants)
-    b = torch.zeros(W.shape[0]) if has_bias else None
+    b = torch.zeros(W.shape[0], device=W.device) if has_bias else None
     for v, w in zip(variants, weights):
         if w == 0.0:
             continue
@@ -67,7 +68,7 @@ def full_weight(problem: ModuleProblem, variants: list[Variant], weights: list[f
 def swapped_linear(parent: nn.Module, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Iterator[None]:
     """Temporarily replace ``parent.<name>`` by a Linear with the given weight (and bias)."""
     old = getattr(parent, name)
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=old.weight.dtype)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=old.weight.dtype, device=old.weight.device)
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:
@@ -98,10 +99,32 @@ def _maybe_swapped(parent, name, wb) -> Iterator[None]:
             yield
 
 
+def prune_levels(pruner: LocalPruner, problem: ModuleProblem, keep: list[int], centre: int) -> list[Variant]:
+    """``pruner.prune`` with the per-level solves spread over the ranks (each rank refits its block
+    of levels, then every rank receives all variants); the plain call in one process."""
+    if dist.world() == 1:
+        return pruner.prune(problem, keep, centre)
+    mine = dist.shard(len(keep))
+    part = pruner.prune(problem, keep, centre, only=mine)
+    local = [(i, Variant(v.keep, v.out_weight.cpu(), None if v.out_bias is None else v.out_bias.cpu(), v.rel_error, v.info))
+             for i, v in enumerate(part) if v is not None]
+    out: list[Variant | None] = [None] * len(keep)
+    dev = problem.out_weight.device
+    for items in dist.all_gather_object(local):
+        for i, v in items:
+            out[i] = Variant(v.keep, v.out_weight.to(dev), None if v.out_bias is None else v.out_bias.to(dev), v.rel_error, v.info)
+    return out
+
+
 def build_supernet(model, pruner: LocalPruner, calib_ids: torch.Tensor, grid: SupernetGrid, store: SupernetStore,
                    eea: str = "expectation", taylor: dict | None = None, path: dict[str, list[int]] | None = None,
                    batch_size: int = 8, progress: bool = True, on_layer=None) -> dict:
-    """Build (or resume) the supernet in ``store``. The model's weights are not modified."""
+    """Build (or resume) the supernet in ``store``. The model's weights are not modified.
+
+    The model may be streamed (:mod:`tyr.streaming`: one layer in memory at a time) and the run
+    distributed (:mod:`tyr.dist`): each rank holds a block of the calibration sequences, the input
+    statistics are summed over ranks, the per-level solves are spread over ranks, and rank 0 writes
+    the shards and manifest (each rank keeps its own activation checkpoint for resuming)."""
     if eea not in EEA_MODES:
         raise ValueError(f"eea must be one of {EEA_MODES}, got {eea!r}")
     if eea == "path" and path is None:
@@ -113,37 +136,51 @@ def build_supernet(model, pruner: LocalPruner, calib_ids: torch.Tensor, grid: Su
     if grid.num_layers != len(layers):
         raise SupernetError(f"grid has {grid.num_layers} layers, model {len(layers)}")
     t0 = time.time()
-    ck = store.load_checkpoint()
+    rows = dist.shard(calib_ids.shape[0])
+    local_ids = calib_ids[rows.start : rows.stop]
+    if len(local_ids) == 0:
+        raise ValueError(f"{calib_ids.shape[0]} calibration sequences cannot be split over {dist.world()} ranks")
+    ck = store.load_checkpoint(dist.rank(), dist.world())
     if ck is not None and ck[0] <= len(store.completed_layers()):
         start, x = ck
-        _, kwargs = capture_layer_inputs(model, calib_ids[:1], batch_size)
+        _, kwargs = capture_layer_inputs(model, local_ids[:1], batch_size)
         log.info("resuming the supernet build at layer %d (%s)", start, store.root)
     else:
         start = 0
-        x, kwargs = capture_layer_inputs(model, calib_ids, batch_size)
+        x, kwargs = capture_layer_inputs(model, local_ids, batch_size)
+    if dist.world() > 1 and len(set(dist.all_gather_object(start))) != 1:
+        raise SupernetError("the ranks' activation checkpoints disagree on the next layer; delete "
+                            f"{store.root}/activations*.safetensors to rebuild from the last common point")
     dtype = adapter.projections(layers[0])["o_proj"].weight.dtype
-    for li in tqdm(range(start, len(layers)), desc="supernet", disable=None if progress else True, initial=start, total=len(layers)):
+    for li in tqdm(range(start, len(layers)), desc="supernet", disable=None if progress and dist.is_main() else True,
+                   initial=start, total=len(layers)):
         t_layer = time.time()
-        layer = layers[li]
-        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
         t = taylor[li] if taylor is not None else {"attn": None, "mlp": None}
         g_attn, g_mlp = grid.modules["attn"][li], grid.modules["mlp"][li]
-        st, _ = collect_input_stats(layer, x, kwargs[li], {"o": attn.o_proj}, batch_size)
-        pa = attention_problem(adapter, layer, li, st["o"], t["attn"])
-        va = pruner.prune(pa, list(g_attn.keep), g_attn.centre)
-        wa = _mode_weight(pa, va, g_attn, eea, path["attn"][li] if path else None)
-        with _maybe_swapped(attn, "o_proj", wa):
-            st, _ = collect_input_stats(layer, x, kwargs[li], {"d": mlp.down_proj}, batch_size)
-            pm = mlp_problem(adapter, layer, li, st["d"], t["mlp"])
-            vm = pruner.prune(pm, list(g_mlp.keep), g_mlp.centre)
-            wm = _mode_weight(pm, vm, g_mlp, eea, path["mlp"][li] if path else None)
-            with _maybe_swapped(mlp, "down_proj", wm):
-                x_next = run_layer(layer, x, kwargs[li], batch_size)
+        with streaming.layer(model, li) as layer:
+            attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+            st, _ = collect_input_stats(layer, x, kwargs[li], {"o": attn.o_proj}, batch_size)
+            pa = attention_problem(adapter, layer, li, st["o"], t["attn"])
+            va = prune_levels(pruner, pa, list(g_attn.keep), g_attn.centre)
+            wa = _mode_weight(pa, va, g_attn, eea, path["attn"][li] if path else None)
+            with _maybe_swapped(attn, "o_proj", wa):
+                st, _ = collect_input_stats(layer, x, kwargs[li], {"d": mlp.down_proj}, batch_size)
+                pm = mlp_problem(adapter, layer, li, st["d"], t["mlp"])
+                vm = prune_levels(pruner, pm, list(g_mlp.keep), g_mlp.centre)
+                wm = _mode_weight(pm, vm, g_mlp, eea, path["mlp"][li] if path else None)
+                with _maybe_swapped(mlp, "down_proj", wm):
+                    x_next = run_layer(layer, x, kwargs[li], batch_size, out=streaming.empty_like_activations(model, x))
+            del pa, pm, wa, wm, st
         info = {"seconds": time.time() - t_layer, "attn": va[g_attn.centre].info, "mlp": vm[g_mlp.centre].info}
-        store.write_layer(li, {"attn": va, "mlp": vm}, dtype, info)
+        if dist.is_main():
+            store.write_layer(li, {"attn": va, "mlp": vm}, dtype, info)
         x = x_next
-        store.save_checkpoint(li + 1, x)
-        if on_layer is not None:
+        store.save_checkpoint(li + 1, x, dist.rank(), dist.world())
+        if on_layer is not None and dist.is_main():
             on_layer({"layer": li, "attn_errors": [v.rel_error for v in va], "mlp_errors": [v.rel_error for v in vm], **info})
-    store.mark_complete({"build_seconds_last_session": time.time() - t0})
+        del va, vm
+    if dist.is_main():
+        store.mark_complete({"build_seconds_last_session": time.time() - t0})
+    dist.barrier()
+    store.reload()
     return store.manifest

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tyr import dist
 from tyr.supernet.grid import KINDS, SupernetGrid
 from tyr.utils import read_json, write_json
 
@@ -64,7 +65,16 @@ class SupernetStore:
     @classmethod
     def create_or_resume(cls, root: str | Path, *, model: dict, grid: SupernetGrid, eea: str, config: dict) -> "SupernetStore":
         """Open the supernet at ``root`` for building: new, or resumed if it was built by the same
-        model and config (anything else is refused, naming the manifest)."""
+        model and config (anything else is refused, naming the manifest). When distributed, rank 0
+        creates it and the other ranks open it after a barrier."""
+        if dist.world() > 1:
+            store = cls._create_or_resume(root, model=model, grid=grid, eea=eea, config=config) if dist.is_main() else None
+            dist.barrier()
+            return store or cls._create_or_resume(root, model=model, grid=grid, eea=eea, config=config)
+        return cls._create_or_resume(root, model=model, grid=grid, eea=eea, config=config)
+
+    @classmethod
+    def _create_or_resume(cls, root: str | Path, *, model: dict, grid: SupernetGrid, eea: str, config: dict) -> "SupernetStore":
         root = Path(root)
         path = root / MANIFEST
         header = {"model": model, "eea": eea, "grid": grid.to_json(), "config": config}
@@ -150,9 +160,9 @@ class SupernetStore:
             errors[kind] = []
             for lvl, v in enumerate(variants[kind]):
                 tensors[f"{kind}.{lvl}.keep"] = torch.as_tensor(v.keep, dtype=torch.int32)
-                tensors[f"{kind}.{lvl}.weight"] = v.out_weight.to(dtype).contiguous()
+                tensors[f"{kind}.{lvl}.weight"] = v.out_weight.to("cpu", dtype).contiguous()
                 if v.out_bias is not None:
-                    tensors[f"{kind}.{lvl}.bias"] = v.out_bias.to(dtype).contiguous()
+                    tensors[f"{kind}.{lvl}.bias"] = v.out_bias.to("cpu", dtype).contiguous()
                 errors[kind].append(float(v.rel_error))
         path = self.shard_path(layer)
         tmp = path.with_name(path.name + ".tmp")
@@ -178,22 +188,31 @@ class SupernetStore:
         if extra:
             self.manifest.update(extra)
         self.save_manifest()
-        ckpt = self.root / CHECKPOINT
-        if ckpt.exists():
+        for ckpt in self.root.glob("activations*.safetensors"):
             ckpt.unlink()
 
     def save_manifest(self) -> None:
-        write_json(self.root / MANIFEST, self.manifest)
+        """Write the manifest (rank 0 only when distributed: it is the one writer of artifacts)."""
+        if dist.is_main():
+            write_json(self.root / MANIFEST, self.manifest)
+
+    def reload(self) -> None:
+        """Re-read the manifest from disk (other ranks, after rank 0 wrote it)."""
+        self.manifest = read_json(self.root / MANIFEST)
 
     # --- activation checkpoint (resume) ---------------------------------------------------------
-    def save_checkpoint(self, next_layer: int, hidden: torch.Tensor) -> None:
-        path = self.root / CHECKPOINT
+    def checkpoint_path(self, part: int = 0, parts: int = 1) -> Path:
+        """One file per rank when distributed (each rank holds its block of calibration sequences)."""
+        return self.root / (CHECKPOINT if parts == 1 else f"activations.rank{part}of{parts}.safetensors")
+
+    def save_checkpoint(self, next_layer: int, hidden: torch.Tensor, part: int = 0, parts: int = 1) -> None:
+        path = self.checkpoint_path(part, parts)
         tmp = path.with_name(path.name + ".tmp")
         save_file({"hidden": hidden.contiguous()}, str(tmp), metadata={"next_layer": str(next_layer)})
         os.replace(tmp, path)
 
-    def load_checkpoint(self) -> tuple[int, torch.Tensor] | None:
-        path = self.root / CHECKPOINT
+    def load_checkpoint(self, part: int = 0, parts: int = 1) -> tuple[int, torch.Tensor] | None:
+        path = self.checkpoint_path(part, parts)
         if not path.exists():
             return None
         with safe_open(str(path), "pt") as f:
