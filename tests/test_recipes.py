@@ -124,3 +124,35 @@ def test_missing_weights_is_one_clear_message_not_a_traceback(tmp_path):
     assert p.returncode == 2
     assert "no weights found" in p.stderr and "model.source.path=" in p.stderr
     assert "Traceback" not in p.stderr + p.stdout
+
+
+def test_summarize_merges_roots_dedups_dense_and_writes_report(tmp_path):
+    """Two sweep roots (a uniform prune job and a pipeline run, each with a dense row of the same
+    protocol): one dense row, the searched row first at its sparsity, the allocation plot, a report page."""
+    from experiments.summarize import allocation_plot, collect_all, report_page
+
+    zs = {"scores": {"arc_easy": 0.5}, "average": 0.5, "limit": 100}
+    dense = {"model": "m", "params": {"total": 100}, "perplexity": {"wikitext2": {"ppl": 10.0}}, "zero_shot": zs}
+    a, b = tmp_path / "sweep" / "job0", tmp_path / "pipe" / "run"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    (a / "results.json").write_text(json.dumps({**dense, "pruner": "magnitude", "reconstruction": "none",
+                                                "target_sparsity": 0.5, "achieved_sparsity": 0.5,
+                                                "perplexity": {"wikitext2": {"ppl": 99.0}}}))
+    (tmp_path / "sweep" / "dense").mkdir()
+    (tmp_path / "sweep" / "dense" / "results.json").write_text(json.dumps(dense))
+    rows = {"m dense": {**dense, "allocation": "dense"},
+            "m searched 50%": {**dense, "allocation": "searched", "perplexity": {"wikitext2": {"ppl": 50.0}},
+                               "config": {"target_sparsity": 0.5, "pruner": {"name": "hywia"}}}}
+    (b / "results.json").write_text(json.dumps({"rows": rows}))
+    mods = {k: [{"layer": l, "kept": 2, "units": 4} for l in range(3)] for k in ("attn", "mlp")}
+    (b / "allocation.json").write_text(json.dumps({"modules": mods, "budget": {"nominal_sparsity": 0.5}}))
+    got, failed = collect_all([tmp_path / "sweep", tmp_path / "pipe"])
+    assert [r["method"] for r in got] == ["dense (m)", "tyr search (hywia)", "magnitude / none"] and not failed
+    assert [r["wikitext2"] for r in got] == [10.0, 50.0, 99.0]
+    img = allocation_plot([tmp_path / "pipe"], tmp_path)
+    assert img is not None and img.stat().st_size > 1000
+    page = report_page(got, failed, [tmp_path / "sweep"], tmp_path / "report", [img])
+    text = page.read_text()
+    assert "tyr search (hywia)" in text and "![allocation_per_layer](allocation_per_layer.png)" in text
+    assert (tmp_path / "report" / "allocation_per_layer.png").exists()
