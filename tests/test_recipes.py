@@ -145,6 +145,8 @@ def test_summarize_merges_roots_dedups_dense_and_writes_report(tmp_path):
             "m searched 50%": {**dense, "allocation": "searched", "perplexity": {"wikitext2": {"ppl": 50.0}},
                                "config": {"target_sparsity": 0.5, "pruner": {"name": "hywia"}}}}
     (b / "results.json").write_text(json.dumps({"rows": rows}))
+    (b.parent / "rerun").mkdir()
+    (b.parent / "rerun" / "results.json").write_text(json.dumps({"rows": rows}))  # same results again
     mods = {k: [{"layer": l, "kept": 2, "units": 4} for l in range(3)] for k in ("attn", "mlp")}
     (b / "allocation.json").write_text(json.dumps({"modules": mods, "budget": {"nominal_sparsity": 0.5}}))
     got, failed = collect_all([tmp_path / "sweep", tmp_path / "pipe"])
