@@ -234,3 +234,24 @@ def test_plan_recipe_llama3_70b(tmp_path):
     plan_json = json.loads((tmp_path / "plan.json").read_text())
     assert plan_json["model"] == "llama3-70b" and plan_json["params"]["model"]["total"] == 70_553_706_496
     assert f"{plan_json['supernet']['bytes'] / 1e9:.1f} GB" in p.stdout
+
+
+def test_streaming_plan_holds_one_layer_on_the_host():
+    """runtime.streaming=true: host weights drop from the whole model to one layer + embedding/head
+    (the difference is exactly L-1 layers), the search keeps no dense layer copies, build and gradient
+    device memory are unchanged and the search's device memory no longer holds the pruned model."""
+    from tyr.recipes.plan import plan_from_config
+
+    full = plan_from_config(compose("plan", ["model=llama3-70b", "target_sparsity=0.5"]))
+    strm = plan_from_config(compose("plan", ["model=llama3-70b", "target_sparsity=0.5", "runtime.streaming=true"]))
+    a = _arch("llama3-70b")
+    layer_bytes = a.layer_params()["total"] * 2  # bfloat16
+    for phase in ("gradient", "build"):
+        drop = full["memory"][phase]["host"] - strm["memory"][phase]["host"]
+        assert drop == (a.num_layers - 1) * layer_bytes
+        assert strm["memory"][phase]["device"] == full["memory"][phase]["device"]
+    assert strm["memory"]["search"]["host_parts"]["assembler_dense_layers"] == 0
+    assert strm["memory"]["search"]["device"] < full["memory"]["search"]["device"] / 4
+    # a streamed 70B build needs less host memory than the checkpoint itself (141 GB in bf16)
+    assert strm["memory"]["build"]["host"] < a.model_params()["total"] * 2 < full["memory"]["build"]["host"]
+    assert strm["memory"]["streaming"] and not full["memory"]["streaming"]

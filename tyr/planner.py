@@ -370,8 +370,10 @@ def _levels_summary(grid: SupernetGrid) -> dict[str, list[int]]:
 def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSettings = GridSettings(),
          data: DataSizes = DataSizes(131072, 32768, 4096), search: SearchPlanSettings = SearchPlanSettings(),
          pruner: PrunerSettings = PrunerSettings(), throughput: Throughput = Throughput(),
-         model_name: str = "") -> dict[str, Any]:
-    """The whole plan as a JSON-serialisable dict (see :func:`format_plan`)."""
+         model_name: str = "", streaming: bool = False) -> dict[str, Any]:
+    """The whole plan as a JSON-serialisable dict (see :func:`format_plan`). With ``streaming``
+    (``runtime.streaming=true``), host memory holds one decoder layer plus the embedding, final norm
+    and LM head instead of the whole model, and the search keeps no dense copies of the layers."""
     b = dtype_bytes(dtype)
     act = b  # hidden states are kept in the model dtype (embedding output and every layer output)
     L, H, I, V, T = arch.num_layers, arch.hidden_size, arch.intermediate_size, arch.vocab_size, data.seq_len
@@ -416,8 +418,9 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
                         f"{data.search_set_tokens} tokens (raise data.search.num_sequences)")
 
     # --- memory: gradient pass ---------------------------------------------------------------------
-    w_model = mp["total"] * b
     w_layer = lp["total"] * b
+    # resident weights on the host: the whole model, or (streamed) one layer + embedding / norm / head
+    w_model = (w_layer + (mp["total"] - L * lp["total"]) * b) if streaming else mp["total"] * b
     largest_proj = max(lp[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     seq_autograd = T * (4 * H + 3 * arch.q_dim + 2 * arch.kv_dim + 4 * I) * act  # saved activations, one sequence
     grad_dev = {
@@ -475,14 +478,15 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
     prefix_on = search.prefix_cache and L * stage_act <= search.prefix_cache_max_mb * 2**20
     pruned_weights = (kept + L * lp["norms"] + H + mp["embeddings"] + mp["lm_head"]) * b
     search_dev = {
-        "pruned_model": pruned_weights,
+        # streamed: the candidate's layers pass through one at a time (plus embedding / norm / head)
+        "pruned_model": w_model if streaming else pruned_weights,
         "teacher_topk_cache": teacher,
         "prefix_cache": L * stage_act if prefix_on else 0,
         "stage_activations_x3": 3 * stage_act,
         "kl_chunk": KL_CHUNK * V * (3 * 4 + b),
         "batch_activations": data.batch_size * T * (2 * H + 2 * arch.q_dim + 2 * arch.kv_dim + 3 * I) * act,
     }
-    search_host = {"model_weights": w_model, "assembler_dense_layers": L * w_layer,
+    search_host = {"model_weights": w_model, "assembler_dense_layers": 0 if streaming else L * w_layer,
                    "supernet_shard_cache": max(sn["per_layer"]),
                    **{k_: v for k_, v in search_dev.items() if k_ != "pruned_model"},
                    "teacher_topk_cache": teacher_pipeline}
@@ -544,6 +548,7 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
         "disk": {"supernet_all_iterations": sum(i["bytes"] for i in iterations), "build_checkpoint": C * H * act,
                  "teacher_cache_file": teacher_pipeline - n_search_set * T * 4},  # ids saved as int32
         "memory": {
+            "streaming": streaming,
             "gradient": {"device": sum(grad_dev.values()), "host": sum(grad_host.values()),
                          "device_parts": grad_dev, "host_parts": grad_host},
             "build": {"device": sum(build_dev.values()), "host": sum(build_host.values()),
@@ -649,7 +654,9 @@ def format_plan(p: dict[str, Any]) -> str:
             f"Disk besides the supernet: build checkpoint {fmt_bytes(p['disk']['build_checkpoint'])}, teacher file "
             f"{fmt_bytes(p['disk']['teacher_cache_file'])}",
             "",
-            "Peak memory (device = working set of one accelerator; host = tyr as it runs today, whole model in RAM)"]
+            "Peak memory (device = working set of one accelerator; host = "
+            + ("streamed weights: one decoder layer + embedding / head in RAM)" if mem["streaming"]
+               else "whole model in RAM; runtime.streaming=true keeps one layer)")]
     for phase, what in (("gradient", f"gradient pass, {tk['gradient']} tokens"), ("build", f"build, {tk['calibration']} tokens"),
                         ("search", f"search, last stage {tk['teacher']} tokens")):
         m = mem[phase]

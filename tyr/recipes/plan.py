@@ -55,7 +55,7 @@ def plan_from_config(cfg: DictConfig) -> dict:
         pruner=PrunerSettings(str(cfg.pruner.reconstruction), bool(cfg.pruner.bias), 2 if scorer == "HyWIA" else 0),
         throughput=Throughput(float(cfg.tflops), None if cfg.fp64_tflops is None else float(cfg.fp64_tflops),
                               float(cfg.cpu_tflops)),
-        model_name=str(cfg.model.name),
+        model_name=str(cfg.model.name), streaming=bool(cfg.runtime.streaming),
     )
 
 
