@@ -39,23 +39,6 @@ log = logging.getLogger("bench_inference")
 # ------------------------------------------------------------------------------------------------
 
 
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _cache_bytes(cache: Any) -> int:
     total = 0
     for layer in getattr(cache, "layers", []):
@@ -70,6 +53,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from tyr.utils import peak_rss_mb, proc_status_mb
+
     torch.set_num_threads(args.threads)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     t0 = time.perf_counter()
@@ -80,7 +65,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         model = index_layout_from_padded(model)
     model.eval()
     load_s = time.perf_counter() - t0
-    rss_loaded = _rss_mb()
+    rss_loaded = proc_status_mb("VmRSS")
     seen: set[int] = set()
     params = weight_bytes = 0
     for p in list(model.parameters()) + list(model.buffers()):
@@ -123,7 +108,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_mb": cache_b / 2**20,
         "load_s": load_s,
         "rss_loaded_mb": rss_loaded,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "prefill_s": pre,
         "prefill_tok_s": b * n / pre,
         "decode_s": dec,

@@ -19,13 +19,14 @@ CONF = ROOT / "conf"
 torch.set_num_threads(int(os.environ.get("TYR_THREADS", "0") or 0) or torch.get_num_threads())
 
 
-def compose(config_name: str, overrides: list[str] | None = None):
-    """Compose a config from conf/ the way a recipe would (without running Hydra's app)."""
+def compose(config_name: str, overrides: list[str] | None = None, return_hydra_config: bool = False):
+    """Compose a config from conf/ the way a recipe would (without running Hydra's app); with
+    ``return_hydra_config`` the ``hydra`` section (sweeper params, run dirs) is included."""
     from hydra import compose as _compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return _compose(config_name=config_name, overrides=overrides or [])
+        return _compose(config_name=config_name, overrides=overrides or [], return_hydra_config=return_hydra_config)
 
 
 def load_from_conf(model: str):

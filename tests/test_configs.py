@@ -66,11 +66,7 @@ def test_paper_experiments_cover_the_three_models():
 
 @pytest.mark.parametrize("experiment", PAPER)
 def test_paper_experiment_composes(experiment):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hcompose("pipeline", [f"+experiment={experiment}", "data.root=/data/fineweb-edu"], return_hydra_config=True)
+    cfg = compose("pipeline", [f"+experiment={experiment}", "data.root=/data/fineweb-edu"], return_hydra_config=True)
     assert cfg.model.name == experiment.removeprefix("paper_") and cfg.model.source._target_ == "tyr.models.PretrainedSource"
     assert cfg.search.name == "paper" and list(cfg.search.intervals) == [0.125, 0.0625, 0.03125, 0.015625]
     assert (cfg.search.generations, cfg.search.offspring) == (50, 128)

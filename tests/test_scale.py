@@ -182,20 +182,18 @@ STREAM_BUILD = textwrap.dedent(
     from tyr.supernet.builder import build_supernet
     from tyr.supernet.grid import layer_shapes, make_grid
     from tyr.supernet.store import SupernetStore
-
-    def rss_mb(key="VmRSS"):
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":")) / 1024
+    from tyr.utils import proc_status_mb
 
     folder, out = sys.argv[1], sys.argv[2]
     t0 = time.time()
     model = load_streaming(folder)
-    loaded = rss_mb()  # interpreter, torch, embedding and head
+    loaded = proc_status_mb("VmRSS")  # interpreter, torch, embedding and head
     grid = make_grid(layer_shapes(model), 0.5, interval=0.25, n_levels=3, min_heads=1, min_channels=32)
     store = SupernetStore.create_or_resume(out, model={"name": "synthetic", "revision": folder}, grid=grid, eea="expectation",
                                            config={})
     ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     build_supernet(model, LocalPruner(Magnitude(), reconstruction="lstsq"), ids, grid, store, progress=False)
-    print(json.dumps({"peak_rss_mb": rss_mb("VmHWM"), "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"peak_rss_mb": proc_status_mb("VmHWM"), "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "loaded_rss_mb": loaded,
                       "seconds": time.time() - t0, "layers": len(store.completed_layers())}))
     """

@@ -64,10 +64,7 @@ def load_text(source: str) -> str:
         # Sentences joined with newlines, as in the files (lm-eval's ptb joins the same way).
         return _lines(d / "ptb" / f"ptb.{source.split('_')[1]}.txt")
     if source == "c4" or source.startswith("c4["):
-        start, stop = 0, None
-        if source.startswith("c4["):
-            a, b = source[3:-1].split(":")
-            start, stop = int(a or 0), (int(b) if b else None)
+        _, start, stop = _split_range(source)
         return "\n\n".join(_read_jsonl_texts(d / "c4_sample" / "c4_sample.jsonl", "text", start, stop))
     if source.startswith(("jsonl:", "parquet:")):
         return "\n\n".join(_local_documents(source))

@@ -54,6 +54,28 @@ class JsonlWriter:
             f.write(json.dumps(record, default=_default) + "\n")
 
 
+def proc_status_mb(key: str) -> float | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``, ...) in MB; None where Linux has none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (MB): ``VmHWM`` of its own memory map where Linux has
+    it. ``getrusage``'s ``ru_maxrss`` survives ``execve``, so in a process started by a large parent
+    (pytest, the torchrun agent, a benchmark driver) it reports at least the parent's peak."""
+    import resource
+
+    hwm = proc_status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def setup_run(seed: int = 0, threads: int = 0) -> None:
     """Seed every RNG and set torch's thread count (0 keeps torch's default)."""
     random.seed(seed)

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tyr.models import LoadedModel, load_model
-from tyr.utils import setup_run
+from tyr.utils import peak_rss_mb, setup_run  # noqa: F401  peak_rss_mb: used by the recipes
 
 log = logging.getLogger("tyr")
 
@@ -36,13 +36,14 @@ def finished_result(run_dir: Path, cfg: DictConfig, name: str = "results.json") 
     path = run_dir / name
     if not path.exists():
         return None
-    saved = json.loads(path.read_text()).get("config")
+    result = json.loads(path.read_text())
+    saved = result.get("config")
     if not isinstance(saved, dict):
         return None
     ignore = ("threads", "paths")
     now = to_container(cfg)
     same = {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in now.items() if k not in ignore}
-    return json.loads(path.read_text()) if same else None
+    return result if same else None
 
 
 def _user_errors() -> tuple[type, ...]:
@@ -135,23 +136,6 @@ def taylor_for(cfg: DictConfig, lm: LoadedModel, pruner) -> dict | None:
     key = hashlib.sha256(f"{lm.name}|{lm.revision}|{spec.key(tokenizer_id(lm.tokenizer))}".encode()).hexdigest()[:16]
     cache = Path(cfg.paths.cache_dir) / "taylor" / f"{lm.name}-{key}.safetensors"
     return load_or_collect_taylor(lm.model, ids, str(cache), int(cfg.batch_size))
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size (MB): ``VmHWM`` of its own memory map where Linux has
-    it. ``getrusage``'s ``ru_maxrss`` survives ``execve``, so in a process started by a large parent
-    (pytest, the torchrun agent) it reports at least the parent's peak."""
-    import resource
-
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def to_container(cfg: DictConfig) -> dict:

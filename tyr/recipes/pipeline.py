@@ -69,6 +69,16 @@ def allocation_record(model, store: SupernetStore, levels: dict, dense_counts: d
     }
 
 
+def _evaluated(out: Path, lm, cfg: DictConfig, **record) -> dict:
+    """The model as it is now, evaluated once: ``out`` is read back on a rerun."""
+    if out.exists():
+        return read_json(out)
+    res = evaluate_model(lm.model, lm.tokenizer, **eval_kwargs(cfg))
+    res.update(model=lm.name, **record, config=to_container(cfg))
+    write_json(out, res)
+    return res
+
+
 @hydra.main(config_path="../../conf", config_name="pipeline", version_base="1.3")
 @recorded
 def main(cfg: DictConfig) -> None:
@@ -106,10 +116,10 @@ def main(cfg: DictConfig) -> None:
                        run_dir, store_config)
     timings.setdefault("build_and_search", time.time() - t0)
     final = state["iterations"][-1]
-    if not dist.is_main():  # rank 0 evaluates and exports alone
-        dist.shutdown()
-        return
+    main_rank = dist.is_main()
     dist.shutdown()
+    if not main_rank:  # rank 0 evaluates and exports alone
+        return
     write_json(run_dir / "timings.json", timings)
     if cfg.runtime.streaming:
         del lm
@@ -123,14 +133,7 @@ def main(cfg: DictConfig) -> None:
         raise ValueError(f"compare: unknown allocations {sorted(unknown)}; known: dense, uniform, owl")
     rows = {}
     if "dense" in cfg.compare:  # the unpruned model, same protocol: the top row of the table
-        out = run_dir / "results_dense.json"
-        if out.exists():
-            res = read_json(out)
-        else:
-            res = evaluate_model(lm.model, lm.tokenizer, **eval_kwargs(cfg))
-            res.update(model=lm.name, allocation="dense", config=to_container(cfg))
-            write_json(out, res)
-        rows[f"{lm.name} dense"] = res
+        rows[f"{lm.name} dense"] = _evaluated(run_dir / "results_dense.json", lm, cfg, allocation="dense")
     if "uniform" in cfg.compare:
         candidates["uniform"] = (first_store, first_store.grid.centre_levels(), None)
     if "owl" in cfg.compare:
@@ -148,13 +151,8 @@ def main(cfg: DictConfig) -> None:
         rec = allocation_record(lm.model, store, levels, dense_counts, fit)
         if name == "searched":
             write_json(run_dir / "allocation.json", rec)
-        if out.exists():
-            res = read_json(out)
-        else:
-            res = evaluate_model(lm.model, lm.tokenizer, **eval_kwargs(cfg))
-            res.update(model=lm.name, allocation=name, budget=rec["budget"], config=to_container(cfg))
-            write_json(out, res)
-        rows[f"{lm.name} {name} {cfg.target_sparsity:.0%}"] = res
+        rows[f"{lm.name} {name} {cfg.target_sparsity:.0%}"] = _evaluated(out, lm, cfg, allocation=name,
+                                                                        budget=rec["budget"])
         asm.restore_dense()
         if name == "searched":
             searched_sparsity = {k: [m["sparsity"] for m in rec["modules"][k]] for k in ("attn", "mlp")}
