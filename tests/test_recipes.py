@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -35,6 +37,7 @@ def test_evaluate_recipe_bad_model_name(tmp_path):
 
 
 def test_prune_recipe_tiny(tmp_path):
+    (tmp_path / "layers.jsonl").write_text('{"layer": 0, "stale": "an interrupted earlier attempt"}\n')
     p = run_recipe("tyr.recipes.prune", "model=tiny-llama", "eval=smoke", "pruner=hywia", "target_sparsity=0.5", "measure_dense_pass=true",
                    "data.calibration.num_sequences=8", "data.calibration.seq_len=64", "data.gradient.num_sequences=4",
                    "data.gradient.seq_len=64", f"hydra.run.dir={tmp_path}")
@@ -43,7 +46,7 @@ def test_prune_recipe_tiny(tmp_path):
     assert abs(res["achieved_sparsity"] - 0.5) < 0.01 and res["pruner"] == "hywia"
     assert res["timings"]["prune_total_over_dense_fwd_bwd"] > 0
     lines = (tmp_path / "layers.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and "alpha_fine" in json.loads(lines[0])["mlp_info"]
+    assert len(lines) == 4 and "alpha_fine" in json.loads(lines[0])["mlp_info"]  # the stale line is gone
     assert (tmp_path / "fusion_weights.png").stat().st_size > 1000
 
 
@@ -158,3 +161,28 @@ def test_summarize_merges_roots_dedups_dense_and_writes_report(tmp_path):
     text = page.read_text()
     assert "tyr search (hywia)" in text and "![allocation_per_layer](allocation_per_layer.png)" in text
     assert (tmp_path / "report" / "allocation_per_layer.png").exists()
+
+
+def test_summarize_side_by_side_table_and_update_section(tmp_path):
+    """The per-method table puts dense first, the searched row next, uniform rows by 50 % perplexity,
+    each sparsity in its own columns; --update rewrites only the marked section of a document."""
+    from experiments.summarize import pivot, update_section
+
+    def row(method, sp, wiki):
+        return {"method": method, "sparsity": sp, "wikitext2": wiki, "ptb": 2 * wiki, "avg": 0.4, "limit": 100}
+
+    rows = [row("dense (m)", 0.0, 10.0), row("b / none", 0.25, 30.0), row("b / none", 0.5, 90.0),
+            row("a / lstsq", 0.25, 40.0), row("a / lstsq", 0.5, 60.0), row("tyr search (a)", 0.5, 50.0)]
+    lines = pivot(rows).splitlines()
+    assert lines[0].startswith("| method | WikiText-2 @25% | PTB @25% | avg @25% | WikiText-2 @50%")
+    assert [l.split(" | ")[0][2:] for l in lines[2:]] == ["dense (m)", "tyr search (a)", "a / lstsq", "b / none"]
+    assert lines[2].count("10.00") == 2 and lines[3].split(" | ")[1:4] == ["-", "-", "-"]
+    assert lines[5].split(" | ")[1:3] == ["30.00", "60.00"]
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("intro\n<!-- summary:begin -->\nold\n<!-- summary:end -->\noutro\n")
+    update_section(doc, "new table\n")
+    assert doc.read_text() == "intro\n<!-- summary:begin -->\nnew table\n<!-- summary:end -->\noutro\n"
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no <!-- summary:begin -->"):
+        update_section(plain, "t")

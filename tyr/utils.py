@@ -42,11 +42,15 @@ def _default(o):
 
 
 class JsonlWriter:
-    """Append-only metrics log: one JSON object per line, flushed at once, with a wall-clock stamp."""
+    """Append-only metrics log: one JSON object per line, flushed at once, with a wall-clock stamp.
+    ``fresh=True`` empties an existing log first: for stages that restart from scratch rather than
+    resume, so a rerun after an interruption does not leave the dead attempt's records in front."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, fresh: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            self.path.write_text("")
 
     def write(self, **record: Any) -> None:
         record.setdefault("time", round(time.time(), 3))

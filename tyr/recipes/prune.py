@@ -51,7 +51,7 @@ def main(cfg: DictConfig) -> None:
     t0 = time.time()
     taylor = taylor_for(cfg, lm, pruner)
     timings["gradients"] = time.time() - t0
-    metrics = JsonlWriter(run_dir / "layers.jsonl")
+    metrics = JsonlWriter(run_dir / "layers.jsonl", fresh=True)  # the prune restarts, it does not resume
     report = prune_uniform(lm.model, pruner, calib, float(cfg.target_sparsity), taylor, int(cfg.batch_size),
                            on_layer=lambda r: metrics.write(**r))
     timings["prune"] = report["seconds"]
