@@ -113,9 +113,10 @@ def test_sweep_2x2_and_summary(tmp_path):
     assert len(jobs) == 4 and all("pruner=" in d.name and "target_sparsity=" in d.name for d in jobs)
     s = subprocess.run([sys.executable, "-m", "experiments.summarize", str(sweep)], cwd=ROOT, capture_output=True, text=True)
     assert s.returncode == 0, s.stderr[-2000:]
-    table = (sweep / "summary.md").read_text()
-    for m in ("magnitude / lstsq", "wanda_sp / lstsq"):
-        assert table.count(m) == 2
+    side_by_side, long = (sweep / "summary.md").read_text().split("\n\n", 1)
+    for m in ("magnitude / lstsq", "wanda_sp / lstsq"):  # one line with both sparsities; one row per job
+        assert side_by_side.count(m) == 1 and long.count(m) == 2
+    assert "WikiText-2 @25% | PTB @25% | avg @25% | WikiText-2 @50%" in side_by_side
     rows = list(__import__("csv").DictReader(open(sweep / "summary.csv")))
     assert sorted(float(r["sparsity"]) for r in rows) == [0.25, 0.25, 0.5, 0.5]
     assert all(abs(float(r["achieved"]) - float(r["sparsity"])) < 0.01 for r in rows)
