@@ -43,6 +43,23 @@ def test_local_lm_eval_task_on_tiny_model(tiny):
     assert 0.0 <= r.average <= 1.0
 
 
+def test_logits_budget_caps_batches_and_keeps_scores(tiny):
+    """With a logits budget, every forward's batch × padded length fits the budget (long BoolQ passages
+    go in small batches, short ARC requests in larger ones) and the scores equal fixed batches'."""
+    from tyr.layerwise.engine import hooks
+
+    vocab = tiny.model.get_output_embeddings().weight.shape[0]
+    budget_tokens = 600
+    shapes = []
+    with hooks([(tiny.model.get_input_embeddings(), "forward_pre", lambda m, a: shapes.append(tuple(a[0].shape)))]):
+        r = zero_shot(tiny.model, tiny.tokenizer, ["arc_easy", "boolq"], limit=8, batch_size=8,
+                      logits_mb=budget_tokens * 4 * vocab / 2**20)
+    fixed = zero_shot(tiny.model, tiny.tokenizer, ["arc_easy", "boolq"], limit=8, batch_size=8, logits_mb=None)
+    assert r.metrics == fixed.metrics
+    assert shapes and all(b * t <= budget_tokens or b == 1 for b, t in shapes)
+    assert max(b for b, _ in shapes) > min(b for b, _ in shapes)  # the batch size follows the length
+
+
 def test_task_files_normalise_all_documents(tmp_path):
     import json
 

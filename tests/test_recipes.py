@@ -187,3 +187,31 @@ def test_summarize_side_by_side_table_and_update_section(tmp_path):
     plain.write_text("no markers\n")
     with pytest.raises(SystemExit, match="no <!-- summary:begin -->"):
         update_section(plain, "t")
+
+
+def test_finished_result_ignores_speed_settings_only(tmp_path):
+    """A sweep rerun skips a job whose saved config matches, whatever the thread count, paths or
+    evaluation batching; any other change (sparsity, an evaluation setting) reruns it."""
+    from omegaconf import OmegaConf
+
+    from tyr.recipes.common import finished_result
+
+    base = {"target_sparsity": 0.5, "threads": 2, "paths": {"output_dir": "a"},
+            "eval": {"limit": 100, "batch_size": 16, "ppl_batch_size": 1}}
+    (tmp_path / "results.json").write_text(json.dumps({"ppl": 1.0, "config": base}))
+
+    def check(**change):
+        cfg = json.loads(json.dumps(base))
+        for key, value in change.items():
+            node, *path = key.split("__")
+            if path:
+                cfg[node][path[0]] = value
+            else:
+                cfg[node] = value
+        return finished_result(tmp_path, OmegaConf.create(cfg))
+
+    assert check() == {"ppl": 1.0, "config": base}
+    assert check(threads=1, paths={"output_dir": "b"}, eval__batch_size=4, eval__logits_mb=256) is not None
+    assert check(target_sparsity=0.25) is None
+    assert check(eval__limit=None) is None
+    assert finished_result(tmp_path / "nothing", OmegaConf.create(base)) is None

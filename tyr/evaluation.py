@@ -67,13 +67,52 @@ class ZeroShotResult:
         return sum(self.scores.values()) / max(1, len(self.scores))
 
 
+def _request_tokens(req) -> int:
+    """Tokens of one lm-eval loglikelihood request ``(key, context_enc, continuation_enc)``."""
+    return len(req[1]) + len(req[2])
+
+
+def _budget_hflm(model, tokenizer, max_batch: int, logits_mb: float | None):
+    """lm-eval's HFLM whose loglikelihood batches hold at most ``logits_mb`` MB of float32 logits.
+
+    lm-eval log-softmaxes a whole batch at once (batch × padded length × vocab floats, several copies),
+    so a fixed batch of long requests (BoolQ passages) with a large vocabulary costs gigabytes; a batch
+    of short ones (ARC) costs little. Requests come sorted longest first, so each batch is cut to the
+    budget at its first (longest) request. On SmolLM2 (49K vocab), BoolQ at batch 16 peaked at 6.4 GB
+    and took 152 s; at batch 4, 2.3 GB and 93 s, with the same scores."""
+    from lm_eval.models.huggingface import HFLM
+
+    if logits_mb is None:
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=max_batch, device="cpu")
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    budget_tokens = max(1, int(logits_mb * 2**20 // (4 * vocab)))
+
+    def fit(length: int) -> int:
+        return max(1, min(max_batch, budget_tokens // max(1, length)))
+
+    class BudgetHFLM(HFLM):
+        def _batch_scheduler(self, pos, requests):
+            # lm-eval asks at every position; answer with the size of the batch that started last
+            if pos == 0 or pos >= self._batch_end:
+                self._batch_n = fit(_request_tokens(requests[pos]))
+                self._batch_end = pos + self._batch_n
+            return self._batch_n
+
+        def _detect_batch_size(self, requests=None, pos=0):  # rolling / generation requests
+            return fit(_request_tokens(requests[pos]) if requests else self.max_length)
+
+    lm = BudgetHFLM(pretrained=model, tokenizer=tokenizer, batch_size="auto", max_batch_size=max_batch, device="cpu")
+    lm._batch_end = lm._batch_n = 0
+    return lm
+
+
 def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 16,
-              task_dir: str | None = None) -> ZeroShotResult:
-    """lm-eval zero-shot accuracy on local task files, run on the in-memory model."""
+              task_dir: str | None = None, logits_mb: float | None = 256) -> ZeroShotResult:
+    """lm-eval zero-shot accuracy on local task files, run on the in-memory model. Batches hold up to
+    ``batch_size`` requests and at most ``logits_mb`` MB of logits (None: fixed ``batch_size``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     from tyr.tasks import TASKS, write_tasks
@@ -82,7 +121,7 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batc
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tasks(task_dir or tmp, tasks)
         tm = TaskManager(include_path=str(folder), include_defaults=False)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
+        lm = _budget_hflm(model, tokenizer, batch_size, logits_mb)
         out = simple_evaluate(
             model=lm,
             tasks=[f"tyr_{t}" for t in tasks],
@@ -108,7 +147,7 @@ _PPL_NAMES = {"wikitext2_test": "wikitext2", "ptb_test": "ptb"}
 
 def evaluate_model(model, tokenizer, *, perplexity_sources: list[str], seq_len: int, ppl_windows: int,
                    ppl_batch_size: int, tasks: list[str], limit: int | None, batch_size: int,
-                   token_cache: str, tokenizer_name: str = "") -> dict:
+                   token_cache: str, tokenizer_name: str = "", logits_mb: float | None = 256) -> dict:
     """Perplexity on each source's test windows plus lm-eval zero-shot; a JSON-ready dict."""
     from tyr.data import TokenSetSpec, get_token_set
     from tyr.modeling.params import parameter_counts
@@ -125,7 +164,7 @@ def evaluate_model(model, tokenizer, *, perplexity_sources: list[str], seq_len: 
                  r["windows"], r["seq_len"], r["seconds"])
         out["perplexity"][_PPL_NAMES.get(src, src)] = r
     if tasks:
-        zs = zero_shot(model, tokenizer, list(tasks), limit=limit, batch_size=batch_size)
+        zs = zero_shot(model, tokenizer, list(tasks), limit=limit, batch_size=batch_size, logits_mb=logits_mb)
         out["zero_shot"] = {"scores": zs.scores, "average": zs.average, "metrics": zs.metrics,
                             "samples": zs.samples, "seconds": zs.seconds, "limit": limit}
         log.info("zero-shot average %.4f (%s) in %.0f s", zs.average, zs.scores, zs.seconds)

@@ -30,7 +30,8 @@ def start(cfg: DictConfig) -> Path:
 
 
 def finished_result(run_dir: Path, cfg: DictConfig, name: str = "results.json") -> dict | None:
-    """The run's saved result if it finished with the same config (threads and paths aside), else None."""
+    """The run's saved result if it finished with the same config, else None. Settings that change how
+    fast, not what, are left out of the comparison: threads, paths and the evaluation's batching."""
     import json
 
     path = run_dir / name
@@ -40,10 +41,13 @@ def finished_result(run_dir: Path, cfg: DictConfig, name: str = "results.json") 
     saved = result.get("config")
     if not isinstance(saved, dict):
         return None
-    ignore = ("threads", "paths")
-    now = to_container(cfg)
-    same = {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in now.items() if k not in ignore}
-    return result if same else None
+    def strip(c: dict) -> dict:
+        c = {k: v for k, v in c.items() if k not in ("threads", "paths")}
+        if isinstance(c.get("eval"), dict):
+            c["eval"] = {k: v for k, v in c["eval"].items() if k not in ("batch_size", "logits_mb", "ppl_batch_size")}
+        return c
+
+    return result if strip(saved) == strip(to_container(cfg)) else None
 
 
 def _user_errors() -> tuple[type, ...]:
@@ -120,6 +124,7 @@ def eval_kwargs(cfg: DictConfig) -> dict:
         perplexity_sources=list(e.perplexity), seq_len=int(e.seq_len), ppl_windows=int(e.ppl_windows),
         ppl_batch_size=int(e.ppl_batch_size), tasks=list(e.tasks),
         limit=None if e.limit is None else int(e.limit), batch_size=int(e.batch_size),
+        logits_mb=None if e.get("logits_mb") is None else float(e.logits_mb),
         token_cache=token_cache(cfg), tokenizer_name=cfg.model.name,
     )
 
