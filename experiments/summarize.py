@@ -33,6 +33,8 @@ def _row(method: str, sparsity: float | None, res: dict, source: Path) -> dict:
            "avg": zs.get("average"), "limit": zs.get("limit"), "source": str(source)}
     for t in TASKS:
         row[t] = zs.get("scores", {}).get(t)
+    rest = [row[t] for t in TASKS if t != "boolq" and row[t] is not None]
+    row["avg_no_boolq"] = sum(rest) / len(rest) if rest else None
     return row
 
 
@@ -151,13 +153,14 @@ def pivot(rows: list[dict]) -> str:
         return (not m.startswith("tyr"), "allocation" not in m and not m.startswith("tyr"),
                 r["wikitext2"] if r and r["wikitext2"] is not None else float("inf"), m)
 
-    head = ["method"] + [f"{c} @{s:.0%}" for s in levels for c in ("WikiText-2", "PTB", "avg")]
+    head = ["method"] + [f"{c} @{s:.0%}" for s in levels for c in ("WikiText-2", "PTB", "avg", "avg w/o BoolQ")]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in dense + sorted(rest, key=order):
         cells = [m]
         for s in levels:
             r = by[m].get(0.0 if m in dense else s)
-            cells += ["-"] * 3 if r is None else [_fmt(r["wikitext2"]), _fmt(r["ptb"]), _fmt(r["avg"], pct=True)]
+            cells += ["-"] * 4 if r is None else [_fmt(r["wikitext2"]), _fmt(r["ptb"]), _fmt(r["avg"], pct=True),
+                                                  _fmt(r.get("avg_no_boolq"), pct=True)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 

@@ -116,7 +116,7 @@ def test_sweep_2x2_and_summary(tmp_path):
     side_by_side, long = (sweep / "summary.md").read_text().split("\n\n", 1)
     for m in ("magnitude / lstsq", "wanda_sp / lstsq"):  # one line with both sparsities; one row per job
         assert side_by_side.count(m) == 1 and long.count(m) == 2
-    assert "WikiText-2 @25% | PTB @25% | avg @25% | WikiText-2 @50%" in side_by_side
+    assert "WikiText-2 @25% | PTB @25% | avg @25% | avg w/o BoolQ @25% | WikiText-2 @50%" in side_by_side
     rows = list(__import__("csv").DictReader(open(sweep / "summary.csv")))
     assert sorted(float(r["sparsity"]) for r in rows) == [0.25, 0.25, 0.5, 0.5]
     assert all(abs(float(r["achieved"]) - float(r["sparsity"])) < 0.01 for r in rows)
@@ -156,6 +156,7 @@ def test_summarize_merges_roots_dedups_dense_and_writes_report(tmp_path):
     got, failed = collect_all([tmp_path / "sweep", tmp_path / "pipe"])
     assert [r["method"] for r in got] == ["dense (m)", "tyr search (hywia)", "magnitude / none"] and not failed
     assert [r["wikitext2"] for r in got] == [10.0, 50.0, 99.0]
+    assert got[0]["avg_no_boolq"] == 0.5  # ARC-e alone here
     img = allocation_plot([tmp_path / "pipe"], tmp_path)
     assert img is not None and img.stat().st_size > 1000
     page = report_page(got, failed, [tmp_path / "sweep"], tmp_path / "report", [img])
@@ -170,15 +171,17 @@ def test_summarize_side_by_side_table_and_update_section(tmp_path):
     from experiments.summarize import pivot, update_section
 
     def row(method, sp, wiki):
-        return {"method": method, "sparsity": sp, "wikitext2": wiki, "ptb": 2 * wiki, "avg": 0.4, "limit": 100}
+        return {"method": method, "sparsity": sp, "wikitext2": wiki, "ptb": 2 * wiki, "avg": 0.4, "limit": 100,
+                "avg_no_boolq": 0.6}
 
     rows = [row("dense (m)", 0.0, 10.0), row("b / none", 0.25, 30.0), row("b / none", 0.5, 90.0),
             row("a / lstsq", 0.25, 40.0), row("a / lstsq", 0.5, 60.0), row("tyr search (a)", 0.5, 50.0)]
     lines = pivot(rows).splitlines()
-    assert lines[0].startswith("| method | WikiText-2 @25% | PTB @25% | avg @25% | WikiText-2 @50%")
+    assert lines[0].startswith("| method | WikiText-2 @25% | PTB @25% | avg @25% | avg w/o BoolQ @25% | WikiText-2 @50%")
     assert [l.split(" | ")[0][2:] for l in lines[2:]] == ["dense (m)", "tyr search (a)", "a / lstsq", "b / none"]
-    assert lines[2].count("10.00") == 2 and lines[3].split(" | ")[1:4] == ["-", "-", "-"]
+    assert lines[2].count("10.00") == 2 and lines[3].split(" | ")[1:5] == ["-", "-", "-", "-"]
     assert lines[5].split(" | ")[1:3] == ["30.00", "60.00"]
+    assert lines[2].split(" | ")[4] == "60.00"  # the average without BoolQ
     doc = tmp_path / "RESULTS.md"
     doc.write_text("intro\n<!-- summary:begin -->\nold\n<!-- summary:end -->\noutro\n")
     update_section(doc, "new table\n")
