@@ -182,21 +182,24 @@ def plots(rows: list[dict], out: Path) -> None:
     for r in rows:
         if r["sparsity"]:
             by.setdefault(r["method"], []).append(r)
+    colors = plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]  # 10 strong, then 10 light
+    bases = sorted({m.split(" / ")[0] for m in by})  # a scorer keeps its colour with and without refit
     for key, fname, label in (("wikitext2", "ppl_vs_sparsity.png", "WikiText-2 perplexity"),
                               ("avg", "acc_vs_sparsity.png", "zero-shot average accuracy")):
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(10, 4.5))
         for m, rs in sorted(by.items()):
             pts = sorted((r["sparsity"], r[key]) for r in rs if r[key] is not None)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+            if pts:  # one colour per method; dashed without reconstruction; the search stands out
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m, color=colors[bases.index(m.split(" / ")[0]) % len(colors)],
+                        ls="--" if m.endswith("/ none") else "-", lw=2.5 if m.startswith("tyr") else 1.2)
         dense = [r for r in rows if not r["sparsity"] and r[key] is not None]
         if dense:
-            ax.axhline(dense[0][key], color="black", ls="--", lw=0.8, label="dense")
+            ax.axhline(dense[0][key], color="black", ls=":", lw=0.8, label="dense")
         if key == "wikitext2":
             ax.set_yscale("log")
         ax.set_xlabel("sparsity")
         ax.set_ylabel(label)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
         plt.close(fig)

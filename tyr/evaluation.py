@@ -78,8 +78,8 @@ def _budget_hflm(model, tokenizer, max_batch: int, logits_mb: float | None):
     lm-eval log-softmaxes a whole batch at once (batch × padded length × vocab floats, several copies),
     so a fixed batch of long requests (BoolQ passages) with a large vocabulary costs gigabytes; a batch
     of short ones (ARC) costs little. Requests come sorted longest first, so each batch is cut to the
-    budget at its first (longest) request. On SmolLM2 (49K vocab), BoolQ at batch 16 peaked at 6.4 GB
-    and took 152 s; at batch 4, 2.3 GB and 93 s, with the same scores."""
+    budget at its first (longest) request. On SmolLM2 (49K vocab, 100 BoolQ documents, 1 thread),
+    fixed batches of 16 peaked at 5.9 GB and took 99 s; a 256 MB budget 2.0 GB and 54 s, same score."""
     from lm_eval.models.huggingface import HFLM
 
     if logits_mb is None:
