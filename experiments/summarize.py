@@ -121,6 +121,13 @@ def _fmt(v, pct=False):
     return str(v)
 
 
+def failed_list(failed: list[dict]) -> str:
+    """The failed jobs as a Markdown list (empty when none failed)."""
+    if not failed:
+        return ""
+    return "\n".join(["Failed jobs:", ""] + [f"- `{f['job']}`: {f['error']}" for f in failed]) + "\n"
+
+
 def markdown(rows: list[dict], failed: list[dict]) -> str:
     head = ["method", "sparsity", "achieved", "params", "WikiText-2 ppl", "PTB ppl"] + TASKS + ["avg"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -130,7 +137,7 @@ def markdown(rows: list[dict], failed: list[dict]) -> str:
         cells += [_fmt(r[t], pct=True) for t in TASKS] + [_fmt(r["avg"], pct=True)]
         out.append("| " + " | ".join(cells) + " |")
     if failed:
-        out += ["", "Failed jobs:", ""] + [f"- `{f['job']}`: {f['error']}" for f in failed]
+        out += ["", failed_list(failed)]
     limits = {r["limit"] for r in rows if r["limit"] is not None}
     if limits:
         out += ["", f"Zero-shot on the first {sorted(limits)} documents of each task."]
@@ -138,8 +145,10 @@ def markdown(rows: list[dict], failed: list[dict]) -> str:
 
 
 def pivot(rows: list[dict]) -> str:
-    """One line per method, each sparsity side by side (WikiText-2 / PTB perplexity, zero-shot average),
-    dense on top, then the searched rows, then the uniform ones by 50 % WikiText-2 perplexity."""
+    """One line per method, each sparsity side by side (WikiText-2 / PTB perplexity, zero-shot average
+    and the average without BoolQ, whose accuracy mostly tracks how often a model answers its majority
+    "yes"), dense on top, then the searched rows, then the uniform ones by the last sparsity's
+    WikiText-2 perplexity."""
     levels = sorted({r["sparsity"] for r in rows if r["sparsity"]})
     by: dict[str, dict] = {}
     for r in rows:
@@ -160,7 +169,7 @@ def pivot(rows: list[dict]) -> str:
         for s in levels:
             r = by[m].get(0.0 if m in dense else s)
             cells += ["-"] * 4 if r is None else [_fmt(r["wikitext2"]), _fmt(r["ptb"]), _fmt(r["avg"], pct=True),
-                                                  _fmt(r.get("avg_no_boolq"), pct=True)]
+                                                  _fmt(r["avg_no_boolq"], pct=True)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -232,7 +241,8 @@ def main() -> None:
     out = args.out or args.roots[0]
     out.mkdir(parents=True, exist_ok=True)
     rows, failed = collect_all(args.roots)
-    (out / "summary.md").write_text(pivot(rows) + "\n" + markdown(rows, failed))
+    side_by_side = pivot(rows)
+    (out / "summary.md").write_text(side_by_side + "\n" + markdown(rows, failed))
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["method"])
         w.writeheader()
@@ -245,10 +255,9 @@ def main() -> None:
     if args.report:
         print("report:", report_page(rows, failed, args.roots, args.report, images))
     if args.update:
-        update_section(args.update, pivot(rows) + "\n" + "\n".join(
-            f"- `{f['job']}` failed: {f['error']}" for f in failed) + ("\n" if failed else ""))
+        update_section(args.update, side_by_side + "\n" + failed_list(failed))
         print("updated:", args.update)
-    print(pivot(rows))
+    print(side_by_side)
     print(markdown(rows, failed))
 
 

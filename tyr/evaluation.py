@@ -91,6 +91,8 @@ def _budget_hflm(model, tokenizer, max_batch: int, logits_mb: float | None):
         return max(1, min(max_batch, budget_tokens // max(1, length)))
 
     class BudgetHFLM(HFLM):
+        _batch_end = _batch_n = 0  # the batch that started last: where it ends, its size
+
         def _batch_scheduler(self, pos, requests):
             # lm-eval asks at every position; answer with the size of the batch that started last
             if pos == 0 or pos >= self._batch_end:
@@ -101,9 +103,7 @@ def _budget_hflm(model, tokenizer, max_batch: int, logits_mb: float | None):
         def _detect_batch_size(self, requests=None, pos=0):  # rolling / generation requests
             return fit(_request_tokens(requests[pos]) if requests else self.max_length)
 
-    lm = BudgetHFLM(pretrained=model, tokenizer=tokenizer, batch_size="auto", max_batch_size=max_batch, device="cpu")
-    lm._batch_end = lm._batch_n = 0
-    return lm
+    return BudgetHFLM(pretrained=model, tokenizer=tokenizer, batch_size="auto", max_batch_size=max_batch, device="cpu")
 
 
 def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 16,

@@ -20,12 +20,12 @@ from omegaconf import DictConfig
 from tyr import dist
 from tyr.data import TokenSetSpec, get_token_set
 from tyr.evaluation import evaluate_model, results_table
-from tyr.recipes.common import recorded, eval_kwargs, load, load_in_memory, log, peak_rss_mb, start, taylor_for, to_container, token_cache
+from tyr.recipes.common import recorded, eval_kwargs, load, load_in_memory, log, start, taylor_for, to_container, token_cache
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet
 from tyr.supernet.grid import layer_shapes, make_grid
 from tyr.supernet.store import SupernetStore
-from tyr.utils import JsonlWriter, read_json, write_json
+from tyr.utils import JsonlWriter, peak_rss_mb, read_json, write_json
 
 
 @hydra.main(config_path="../../conf", config_name="build", version_base="1.3")

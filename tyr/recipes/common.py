@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tyr.models import LoadedModel, load_model
-from tyr.utils import peak_rss_mb, setup_run  # noqa: F401  peak_rss_mb: used by the recipes
+from tyr.utils import setup_run
 
 log = logging.getLogger("tyr")
 

@@ -28,10 +28,10 @@ from tyr.evaluation import evaluate_model, results_table
 from tyr.fitness import TeacherCache
 from tyr.modeling.params import parameter_counts
 from tyr.plots import plot_allocation, plot_search_history
-from tyr.recipes.common import recorded, eval_kwargs, load, load_in_memory, log, peak_rss_mb, start, taylor_for, to_container, token_cache
+from tyr.recipes.common import recorded, eval_kwargs, load, load_in_memory, log, start, taylor_for, to_container, token_cache
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.store import SupernetStore
-from tyr.utils import read_json, write_json
+from tyr.utils import peak_rss_mb, read_json, write_json
 
 
 def _settings(cfg: DictConfig) -> SearchSettings:

@@ -18,8 +18,8 @@ from tyr.data import TokenSetSpec, get_token_set
 from tyr.evaluation import evaluate_model, results_table
 from tyr.plots import plot_fusion_weights
 from tyr.pruning.uniform import prune_uniform
-from tyr.recipes.common import recorded, eval_kwargs, finished_result, load, log, peak_rss_mb, start, taylor_for, to_container, token_cache
-from tyr.utils import JsonlWriter, write_json
+from tyr.recipes.common import recorded, eval_kwargs, finished_result, load, log, start, taylor_for, to_container, token_cache
+from tyr.utils import JsonlWriter, peak_rss_mb, write_json
 
 
 def dense_pass_seconds(model, ids: torch.Tensor, batch_size: int) -> float:
