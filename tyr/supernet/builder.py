@@ -179,6 +179,9 @@ def build_supernet(model, pruner: LocalPruner, calib_ids: torch.Tensor, grid: Su
         if on_layer is not None and dist.is_main():
             on_layer({"layer": li, "attn_errors": [v.rel_error for v in va], "mlp_errors": [v.rel_error for v in vm], **info})
         del va, vm
+    # Every rank must have written its last activation checkpoint before rank 0 marks the build complete
+    # and deletes them all; otherwise a slower rank's final checkpoint outlives the build.
+    dist.barrier()
     if dist.is_main():
         store.mark_complete({"build_seconds_last_session": time.time() - t0})
     dist.barrier()
