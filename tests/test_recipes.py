@@ -81,7 +81,13 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path):
     assert abs(alloc["budget"]["nominal_sparsity"] - 0.5) < 0.02
     assert len(alloc["modules"]["attn"]) == 4 and "kept_units" in alloc["modules"]["mlp"][0]
     res = json.loads((run / "results.json").read_text())
-    assert len(res["iterations"]) == 2 and set(k.split()[1] for k in res["rows"]) == {"dense", "searched", "uniform", "owl"}
+    rp = json.loads((run / "search_state.json").read_text())["reprune"]
+    other = "searched_supernet" if rp["chosen"] == "reprune" else "searched_reprune"
+    assert alloc["source"] == rp["chosen"] and alloc["fitness"] == min(rp["kl_reprune"], rp["kl_supernet"])
+    assert len(res["iterations"]) == 2 and set(k.split()[1] for k in res["rows"]) == \
+        {"dense", "searched", other, "uniform", "uniform_reprune", "owl"}
+    # the searched and the re-pruned forms hold the same widths, so the same budget
+    assert json.loads((run / f"results_{other}.json").read_text())["budget"]["prunable_kept"] == alloc["budget"]["prunable_kept"]
     assert (run / "hf_model" / "config.json").exists() and json.loads((run / "export.json").read_text())["verify"]["max_abs_logit_diff"] <= 1e-4
     for f in ("history.jsonl", "search_fitness.png", "allocation.png", "teacher.safetensors"):
         assert (run / f).exists(), f

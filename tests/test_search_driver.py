@@ -10,11 +10,12 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import compose, pruner_from_conf
-from tyr.coarse_to_fine import SearchSettings, run_search
+from tyr.coarse_to_fine import SearchSettings, build_path_supernet, final_allocation, full_kl, run_search
 from tyr.data import TokenSetSpec, build_token_set
 from tyr.fitness import KLFitness, TeacherCache, kl_sum
 from tyr.modeling.adapter import get_adapter
 from tyr.pruning.taylor import collect_taylor
+from tyr.pruning.uniform import prune_uniform
 from tyr.search import Allocation
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet
@@ -116,3 +117,43 @@ def test_driver_resumes_to_the_same_allocation(tiny, data, tmp_path, monkeypatch
     for x, y in zip(ref["iterations"], got["iterations"]):
         assert x["levels"] == y["levels"] and x["keep"] == y["keep"]
         assert math.isclose(x["fitness"], y["fitness"], rel_tol=1e-6)
+
+
+def test_path_supernet_is_the_sequential_prune(tiny, data, tmp_path):
+    """A one-level supernet built along an allocation (EEA ``path``) is the sparsegpt-loop prune at
+    those widths: every layer pruned on the outputs of the already pruned layers before it."""
+    calib, search, taylor = data
+    pruner = pruner_from_conf()
+    seq = copy.deepcopy(tiny.model)
+    report = prune_uniform(seq, pruner, calib, 0.5, taylor, batch_size=4, progress=False)
+    keep = {"attn": [r["heads_kept"] for r in report["layers"]], "mlp": [r["channels_kept"] for r in report["layers"]]}
+    store = build_path_supernet(tiny.model, MODEL, pruner, calib, taylor, keep, tmp_path / "p",
+                                SearchSettings(min_channels=8, batch_size=4))
+    assert all(len(g.keep) == 1 for k in ("attn", "mlp") for g in store.grid.modules[k])
+    model = copy.deepcopy(tiny.model)
+    Assembler(model, store).assemble(store.grid.centre_levels())
+    with torch.no_grad():
+        got, want, dense = (m(search[:2]).logits for m in (model, seq, tiny.model))
+    assert (want - dense).abs().max() > 0.1  # pruning changed the model
+    assert torch.allclose(got, want, atol=2e-4, rtol=1e-4), (got - want).abs().max()
+
+
+def test_search_ends_with_the_better_of_supernet_and_reprune(tiny, data, tmp_path):
+    calib, search, taylor = data
+    teacher = TeacherCache.build(tiny.model, search, k=64)
+    model = copy.deepcopy(tiny.model)
+    state = run_search(model, MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(), tmp_path)
+    rp, last = state["reprune"], state["iterations"][-1]
+    path_store = SupernetStore.open(rp["supernet"])
+    assert [g.keep[0] for g in path_store.grid.modules["mlp"]] == last["keep"]["mlp"]
+    assert [g.keep[0] for g in path_store.grid.modules["attn"]] == last["keep"]["attn"]
+    # the recorded KLs are those of the two models on all search tokens; the result is the lower
+    kl_sn = full_kl(model, SupernetStore.open(last["supernet"]), last["levels"], teacher, 4)
+    kl_rp = full_kl(model, path_store, rp["levels"], teacher, 4)
+    assert math.isclose(kl_sn, rp["kl_supernet"], rel_tol=1e-6) and math.isclose(kl_rp, rp["kl_reprune"], rel_tol=1e-6)
+    fin = final_allocation(state)
+    assert fin["fitness"] == min(kl_sn, kl_rp) and fin["source"] == ("reprune" if kl_rp < kl_sn else "supernet")
+    # switched off: no re-prune, the last iteration is the result
+    off = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
+                     _settings(reprune=False), tmp_path / "off")
+    assert "reprune" not in off and final_allocation(off)["levels"] == off["iterations"][-1]["levels"]

@@ -4,7 +4,11 @@ interval each time and centring the next grid on the previous best allocation.
 One resumable driver. Everything lives under ``run_dir``:
 ``iter{i}/supernet/`` (shards + manifest), ``search_state.json`` (iteration, evolution state, results
 so far; rewritten after every generation), ``history.jsonl`` (one line per generation), and at the
-end ``allocation.json``. Killing the driver and calling it again continues where it stopped; with
+end ``allocation.json``. With ``reprune`` a last stage (``reprune/supernet``) prunes the model once
+more at the searched widths, sequentially: every layer on the outputs of the already pruned layers
+before it (EEA mode ``path``), instead of on the expectation over a grid of variants. Both models
+are scored by KL on all search tokens and the better one is the result (``state["reprune"]``).
+Killing the driver and calling it again continues where it stopped; with
 the same seed it reaches the same allocation.
 
 Distributed (torchrun): every rank runs the same evolution in lock-step (same seed, and the fitness
@@ -50,10 +54,37 @@ class SearchSettings:
     seed: int = 0
     batch_size: int = 8
     surrogate_check: int = 0  # evaluate this many random candidates per iteration with both fitnesses
+    reprune: bool = True  # re-prune sequentially at the searched widths; keep it if its KL is lower
 
 
 def keep_counts(grid: SupernetGrid, levels: dict[str, list[int]]) -> dict[str, list[int]]:
     return {k: [grid.modules[k][l].keep[levels[k][l]] for l in range(grid.num_layers)] for k in KINDS}
+
+
+def build_path_supernet(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tensor, taylor: dict | None,
+                        keep: dict[str, list[int]], root: str | Path, settings: SearchSettings,
+                        store_config: dict | None = None) -> SupernetStore:
+    """A one-level supernet at the kept-unit counts ``keep``, built along that allocation (EEA
+    ``path``): the sparsegpt-style sequential prune of the model to these widths, stored (and
+    resumable, and exportable) like any supernet. Level 0 of every module is the allocation."""
+    grid = make_grid(layer_shapes(model), 0.0, 1.0, 1, settings.min_heads, settings.min_channels, centre=keep)
+    store = SupernetStore.create_or_resume(root, model=model_id, grid=grid, eea="path",
+                                           config={**(store_config or {}), "path_keep": keep})
+    if not store.manifest["complete"]:
+        log.info("pruning sequentially along the allocation into %s", store.root)
+        build_supernet(model, pruner, calib_ids, grid, store, eea="path", taylor=taylor,
+                       path=grid.centre_levels(), batch_size=settings.batch_size)
+    return SupernetStore.open(store.root, expect_model=model_id)
+
+
+def full_kl(model, store: SupernetStore, levels: dict[str, list[int]], teacher: TeacherCache, batch_size: int) -> float:
+    """Mean per-token KL of one allocation over every teacher sequence (no rotation, no cache)."""
+    asm = Assembler(model, store)
+    try:
+        fitness = KLFitness(model, asm, teacher, batch_size, prefix_cache=False, rotate=False)
+        return fitness([levels], 0, teacher.input_ids.numel())[0]
+    finally:
+        asm.restore_dense()
 
 
 def _surrogate_check(space, start, errors, fitness, n, rng, tokens) -> dict:
@@ -137,4 +168,33 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         asm.restore_dense()
         log.info("iteration %d done: KL %.4f, cost %d / budget %d", it, result.best_fitness or float("nan"),
                  iteration["cost"], space.budget)
+    if settings.reprune and state.get("reprune") is None and state["iterations"]:
+        final = state["iterations"][-1]
+        t0 = time.time()
+        path_store = build_path_supernet(model, model_id, pruner, calib_ids, taylor, final["keep"],
+                                         run_dir / "reprune" / "supernet", settings,
+                                         {**(store_config or {}), "reprune_of_iteration": final["iteration"]})
+        searched_store = SupernetStore.open(final["supernet"], expect_model=model_id)
+        kl_searched = full_kl(model, searched_store, final["levels"], teacher, settings.batch_size)
+        kl_reprune = full_kl(model, path_store, path_store.grid.centre_levels(), teacher, settings.batch_size)
+        chosen = "reprune" if kl_reprune < kl_searched else "supernet"
+        state["reprune"] = {"supernet": str(path_store.root), "levels": path_store.grid.centre_levels(),
+                            "kl_tokens": int(teacher.input_ids.numel()), "kl_supernet": kl_searched,
+                            "kl_reprune": kl_reprune, "chosen": chosen, "seconds": time.time() - t0}
+        if dist.is_main():
+            write_json(state_file, state)
+        log.info("sequential re-prune at the searched widths: KL %.4f vs %.4f from the supernet (all %d search "
+                 "tokens); keeping the %s model", kl_reprune, kl_searched, teacher.input_ids.numel(), chosen)
     return state
+
+
+def final_allocation(state: dict) -> dict:
+    """The search's result: ``{"supernet", "levels", "fitness", "source"}`` of the chosen model (the
+    re-pruned one when it won, else the last iteration's allocation in its supernet). ``fitness`` is
+    the KL on all search tokens when the re-prune ran, else the search's last-stage KL."""
+    final = state["iterations"][-1]
+    rp = state.get("reprune")
+    if rp is not None and rp["chosen"] == "reprune":
+        return {"supernet": rp["supernet"], "levels": rp["levels"], "fitness": rp["kl_reprune"], "source": "reprune"}
+    return {"supernet": final["supernet"], "levels": final["levels"], "source": "supernet",
+            "fitness": final["fitness"] if rp is None else rp["kl_supernet"]}

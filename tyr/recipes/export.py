@@ -45,7 +45,7 @@ def export_run(run_dir: Path, out: Path | None = None, verify: bool = True, layo
     else:
         export_model(lm.model, lm.tokenizer, out, allocation=alloc, layout=layout, overwrite=overwrite)
     record = {"out": str(out), "bytes": sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file()),
-              "streamed": asm.streaming}
+              "streamed": asm.streaming, "manifest": alloc["manifest"]}
     if verify:
         spec = TokenSetSpec(**OmegaConf.to_container(run_cfg.data.search, resolve=True))
         ids = get_token_set(spec, lm.tokenizer, token_cache or str(Path(run_cfg.paths.cache_dir) / "tokens"), lm.name).input_ids[:2, :128]

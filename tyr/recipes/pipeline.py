@@ -2,8 +2,13 @@
 
 Stages, each skipped when its artifacts are complete (so a rerun of the same command resumes):
 prepare (token sets, Taylor statistics, teacher top-k cache) → build + search (coarse-to-fine, see
-:mod:`tyr.coarse_to_fine`) → allocation.json → evaluate the searched allocation and the comparison
-allocations with the same supernet → results.json, results.md, plots.
+:mod:`tyr.coarse_to_fine`, ending with the sequential re-prune at the searched widths) →
+allocation.json → evaluate the searched model and the comparisons → results.json, results.md, plots.
+
+Comparisons (``compare``): ``dense``; ``uniform`` and ``owl``, assembled from the first iteration's
+supernet; ``uniform_reprune``, the uniform widths pruned sequentially (the plain sparsegpt-loop
+baseline, same pruner and calibration); and, when the re-prune ran, the searched widths in the form
+that lost (``searched_supernet`` or ``searched_reprune``), so both are reported.
 
 Under ``python -m torch.distributed.run --nproc_per_node=N -m tyr.recipes.pipeline ...`` the
 prepare, build and search stages are split over the ranks (docs/scale.md); rank 0 alone writes the
@@ -22,7 +27,7 @@ from omegaconf import DictConfig
 
 from tyr import dist
 from tyr.allocation import nearest_levels, outlier_ratios, owl_sparsities
-from tyr.coarse_to_fine import SearchSettings, run_search
+from tyr.coarse_to_fine import SearchSettings, build_path_supernet, final_allocation, run_search
 from tyr.data import TokenSetSpec, get_token_set
 from tyr.evaluation import evaluate_model, results_table
 from tyr.fitness import TeacherCache
@@ -42,7 +47,7 @@ def _settings(cfg: DictConfig) -> SearchSettings:
         stages=[(int(a), int(b)) for a, b in s.stages], max_flips=int(s.max_flips),
         prescreen_keep=None if s.prescreen_keep is None else int(s.prescreen_keep), prefix_cache=bool(s.prefix_cache),
         prefix_cache_max_mb=float(s.prefix_cache_max_mb), seed=int(s.seed), batch_size=int(cfg.batch_size),
-        surrogate_check=int(s.surrogate_check),
+        surrogate_check=int(s.surrogate_check), reprune=bool(s.get("reprune", True)),
     )
 
 
@@ -70,9 +75,15 @@ def allocation_record(model, store: SupernetStore, levels: dict, dense_counts: d
 
 
 def _evaluated(out: Path, lm, cfg: DictConfig, **record) -> dict:
-    """The model as it is now, evaluated once: ``out`` is read back on a rerun."""
+    """The model as it is now, evaluated once: ``out`` is read back on a rerun (unless it was written
+    for another model, e.g. the supernet form of the searched widths before the re-prune won)."""
     if out.exists():
-        return read_json(out)
+        old = read_json(out)
+        # records written before the re-prune existed name no supernet: still valid, except "searched"
+        legacy = None if record.get("allocation") == "searched" else record.get("supernet")
+        if old.get("supernet", legacy) == record.get("supernet"):
+            return old
+        log.info("%s was evaluated on %s; re-evaluating on %s", out.name, old.get("supernet"), record.get("supernet"))
     res = evaluate_model(lm.model, lm.tokenizer, **eval_kwargs(cfg))
     res.update(model=lm.name, **record, config=to_container(cfg))
     write_json(out, res)
@@ -115,7 +126,7 @@ def main(cfg: DictConfig) -> None:
     state = run_search(lm.model, model_id, pruner, calib, taylor, teacher, float(cfg.target_sparsity), _settings(cfg),
                        run_dir, store_config)
     timings.setdefault("build_and_search", time.time() - t0)
-    final = state["iterations"][-1]
+    chosen = final_allocation(state)
     main_rank = dist.is_main()
     dist.shutdown()
     if not main_rank:  # rank 0 evaluates and exports alone
@@ -127,15 +138,29 @@ def main(cfg: DictConfig) -> None:
 
     # allocations to evaluate: the searched one and the comparisons, each with its supernet
     first_store = SupernetStore.open(state["iterations"][0]["supernet"], expect_model=model_id)
-    candidates = {"searched": (SupernetStore.open(final["supernet"], expect_model=model_id), final["levels"], final["fitness"])}
-    unknown = set(cfg.compare) - {"dense", "uniform", "owl"}
+    candidates = {"searched": (SupernetStore.open(chosen["supernet"], expect_model=model_id), chosen["levels"], chosen["fitness"])}
+    rp = state.get("reprune")
+    if rp is not None:  # the searched widths in the form that lost, for the record
+        last = state["iterations"][-1]
+        other = (f"searched_{'supernet' if rp['chosen'] == 'reprune' else 'reprune'}",
+                 (last["supernet"], last["levels"], rp["kl_supernet"]) if rp["chosen"] == "reprune"
+                 else (rp["supernet"], rp["levels"], rp["kl_reprune"]))
+        candidates[other[0]] = (SupernetStore.open(other[1][0], expect_model=model_id), other[1][1], other[1][2])
+    known = {"dense", "uniform", "uniform_reprune", "owl"}
+    unknown = set(cfg.compare) - known
     if unknown:
-        raise ValueError(f"compare: unknown allocations {sorted(unknown)}; known: dense, uniform, owl")
+        raise ValueError(f"compare: unknown allocations {sorted(unknown)}; known: {', '.join(sorted(known))}")
     rows = {}
     if "dense" in cfg.compare:  # the unpruned model, same protocol: the top row of the table
         rows[f"{lm.name} dense"] = _evaluated(run_dir / "results_dense.json", lm, cfg, allocation="dense")
     if "uniform" in cfg.compare:
         candidates["uniform"] = (first_store, first_store.grid.centre_levels(), None)
+    if "uniform_reprune" in cfg.compare:
+        keep = {k: [g.keep[g.centre] for g in first_store.grid.modules[k]] for k in ("attn", "mlp")}
+        s_set = _settings(cfg)
+        store = build_path_supernet(lm.model, model_id, pruner, calib, taylor, keep, run_dir / "uniform_reprune" / "supernet",
+                                    s_set, {**store_config, "reprune_of": "uniform"})
+        candidates["uniform_reprune"] = (store, store.grid.centre_levels(), None)
     if "owl" in cfg.compare:
         owl_file = run_dir / "owl.json"
         if not owl_file.exists():
@@ -150,9 +175,10 @@ def main(cfg: DictConfig) -> None:
         asm.assemble(levels)
         rec = allocation_record(lm.model, store, levels, dense_counts, fit)
         if name == "searched":
+            rec["source"] = chosen["source"]  # "reprune" (sequentially re-pruned) or "supernet"
             write_json(run_dir / "allocation.json", rec)
         rows[f"{lm.name} {name} {cfg.target_sparsity:.0%}"] = _evaluated(out, lm, cfg, allocation=name,
-                                                                        budget=rec["budget"])
+                                                                        budget=rec["budget"], supernet=str(store.root))
         asm.restore_dense()
         if name == "searched":
             searched_sparsity = {k: [m["sparsity"] for m in rec["modules"][k]] for k in ("attn", "mlp")}
@@ -163,11 +189,13 @@ def main(cfg: DictConfig) -> None:
     plot_search_history(history, run_dir / "search_fitness.png")
     plot_allocation(searched_sparsity, uniform_sparsity, run_dir / "allocation.png",
                     f"{lm.name} at {cfg.target_sparsity:.0%}: searched vs uniform")
-    if cfg.export and not (run_dir / "hf_model" / "config.json").exists():
+    exported = read_json(run_dir / "export.json") if (run_dir / "export.json").exists() else {}
+    stale = exported.get("manifest") != str(candidates["searched"][0].root / "manifest.json")
+    if cfg.export and (stale or not (run_dir / "hf_model" / "config.json").exists()):
         from tyr.recipes.export import export_run
 
         t0 = time.time()
-        rec = export_run(run_dir, verify=True, lm=lm, token_cache=token_cache(cfg))
+        rec = export_run(run_dir, verify=True, lm=lm, token_cache=token_cache(cfg), overwrite=True)
         timings["export"] = time.time() - t0
         log.info("exported %s (%.1f MB)", rec["out"], rec["bytes"] / 1e6)
     summary = {"rows": rows, "iterations": state["iterations"], "timings": timings, "peak_rss_mb": peak_rss_mb(),
