@@ -121,6 +121,27 @@ def test_hywia_fusion_weights(tiny, calib, taylor):
     assert (info["alpha_fine"] > 0.5) == (info["err_fine"] < info["err_coarse"])
     with pytest.raises(ValueError):
         HyWIA(temperature=0)
+    with pytest.raises(ValueError, match="components"):
+        HyWIA(components=["fine", "magnitude"])
+
+
+def test_hywia_compensated_component(tiny, calib, taylor):
+    """The third component is the one-shot OBS cost; the fusion weights follow the probe errors, and
+    a fusion of only that component keeps what a one-round OBS removal keeps."""
+    a = get_adapter(tiny.model)
+    x, kw = capture_layer_inputs(tiny.model, calib)
+    layer = a.layers(tiny.model)[2]
+    st, _ = collect_input_stats(layer, x, kw[2], {"o": a.attention(layer).o_proj, "d": a.mlp(layer).down_proj})
+    for p, counts in ((mlp_problem(a, layer, 2, st["d"], taylor[2]["mlp"]), [64]),
+                      (attention_problem(a, layer, 2, st["o"], taylor[2]["attn"]), [2])):
+        _, info = HyWIA(components=["fine", "coarse", "compensated"]).select(p, counts)
+        alphas = {c: info[f"alpha_{c}"] for c in ("fine", "coarse", "compensated")}
+        assert math.isclose(sum(alphas.values()), 1.0, rel_tol=1e-9)
+        errs = {c: info[f"err_{c}"] for c in alphas}
+        assert max(alphas, key=alphas.get) == min(errs, key=errs.get)
+        only, _ = HyWIA(components=["compensated"]).select(p, counts)
+        one_round = OBS(rounds_attn=1, rounds_mlp=1).select(p, counts)[0]
+        assert only == one_round
 
 
 def test_zero_sparsity_is_identity(tiny, calib, taylor):

@@ -157,3 +157,29 @@ def test_search_ends_with_the_better_of_supernet_and_reprune(tiny, data, tmp_pat
     off = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
                      _settings(reprune=False), tmp_path / "off")
     assert "reprune" not in off and final_allocation(off)["levels"] == off["iterations"][-1]["levels"]
+
+
+def test_holdout_sequences_are_never_searched_and_score_the_reprune(tiny, data, tmp_path):
+    calib, search, taylor = data  # 6 teacher sequences; a quarter held out = the last 2
+    teacher = TeacherCache.build(tiny.model, search, k=64)
+    f = KLFitness(tiny.model, None, teacher, sequences=(0, 4))
+    seen = set()
+    for g in range(7):
+        f.generation = g
+        seen |= set(f.rows(3).tolist())
+    assert seen == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="outside"):
+        KLFitness(tiny.model, None, teacher, sequences=(0, 7))
+    state = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
+                       _settings(holdout=0.25), tmp_path)
+    rp = state["reprune"]
+    assert state["holdout_sequences"] == 2 and rp["kl_sequences"] == [4, 6] and rp["kl_tokens"] == 2 * 31
+    kl = full_kl(copy.deepcopy(tiny.model), SupernetStore.open(rp["supernet"]), rp["levels"], teacher, 4, (4, 6))
+    assert math.isclose(kl, rp["kl_reprune"], rel_tol=1e-6)
+    # resuming with another holdout would mix two searches: refused
+    with pytest.raises(ValueError, match="held-out"):
+        run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
+                   _settings(holdout=0.5), tmp_path)
+    with pytest.raises(ValueError, match="fraction"):
+        run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
+                   _settings(holdout=1.0), tmp_path / "x")

@@ -7,7 +7,8 @@ so far; rewritten after every generation), ``history.jsonl`` (one line per gener
 end ``allocation.json``. With ``reprune`` a last stage (``reprune/supernet``) prunes the model once
 more at the searched widths, sequentially: every layer on the outputs of the already pruned layers
 before it (EEA mode ``path``), instead of on the expectation over a grid of variants. Both models
-are scored by KL on all search tokens and the better one is the result (``state["reprune"]``).
+are scored by KL on the ``holdout`` fraction of teacher sequences that the search never used, and the better
+one is the result (``state["reprune"]``).
 Killing the driver and calling it again continues where it stopped; with
 the same seed it reaches the same allocation.
 
@@ -55,6 +56,7 @@ class SearchSettings:
     batch_size: int = 8
     surrogate_check: int = 0  # evaluate this many random candidates per iteration with both fitnesses
     reprune: bool = True  # re-prune sequentially at the searched widths; keep it if its KL is lower
+    holdout: float = 0.0  # fraction of the teacher sequences kept out of the search (the re-prune choice is scored on them)
 
 
 def keep_counts(grid: SupernetGrid, levels: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -77,11 +79,13 @@ def build_path_supernet(model, model_id: dict, pruner: LocalPruner, calib_ids: t
     return SupernetStore.open(store.root, expect_model=model_id)
 
 
-def full_kl(model, store: SupernetStore, levels: dict[str, list[int]], teacher: TeacherCache, batch_size: int) -> float:
-    """Mean per-token KL of one allocation over every teacher sequence (no rotation, no cache)."""
+def full_kl(model, store: SupernetStore, levels: dict[str, list[int]], teacher: TeacherCache, batch_size: int,
+            sequences: tuple[int, int] | None = None) -> float:
+    """Mean per-token KL of one allocation over the teacher sequences [start, stop) (default: all;
+    no rotation, no cache)."""
     asm = Assembler(model, store)
     try:
-        fitness = KLFitness(model, asm, teacher, batch_size, prefix_cache=False, rotate=False)
+        fitness = KLFitness(model, asm, teacher, batch_size, prefix_cache=False, rotate=False, sequences=sequences)
         return fitness([levels], 0, teacher.input_ids.numel())[0]
     finally:
         asm.restore_dense()
@@ -106,6 +110,17 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
     run_dir = Path(run_dir)
     state_file = run_dir / "search_state.json"
     state = read_json(state_file) if state_file.exists() else {"iterations": [], "current": None}
+    N = teacher.input_ids.shape[0]
+    if not 0.0 <= settings.holdout < 1.0:
+        raise ValueError(f"search.holdout={settings.holdout} must be a fraction in [0, 1)")
+    n_hold = max(1, int(round(settings.holdout * N))) if settings.holdout > 0 else 0
+    if n_hold >= N:
+        raise ValueError(f"search.holdout={settings.holdout} leaves no search sequences (the teacher has {N})")
+    if state.get("holdout_sequences", 0) != n_hold and (state["iterations"] or state.get("current")):
+        raise ValueError(f"{state_file}: searched with {state.get('holdout_sequences', 0)} held-out sequences, now "
+                         f"{n_hold} (search.holdout={settings.holdout}); use another run directory")
+    state["holdout_sequences"] = n_hold
+    searched_rows = (0, N - n_hold)
     history = JsonlWriter(run_dir / "history.jsonl")
     shapes = layer_shapes(model)
     centre = None
@@ -129,7 +144,8 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         asm = Assembler(model, store)
         space = SearchSpace.from_costs(grid.costs(), budget=grid.allocation_params(grid.centre_levels()))
         start = Allocation(grid.centre_levels())
-        fitness = KLFitness(model, asm, teacher, settings.batch_size, settings.prefix_cache, settings.prefix_cache_max_mb)
+        fitness = KLFitness(model, asm, teacher, settings.batch_size, settings.prefix_cache, settings.prefix_cache_max_mb,
+                            sequences=searched_rows)
         errors = store.errors()
         evo = EvolutionConfig(generations=settings.generations, offspring=settings.offspring, stages=list(settings.stages),
                               seed=settings.seed + it, max_flips=settings.max_flips, prescreen_keep=settings.prescreen_keep)
@@ -174,17 +190,25 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         path_store = build_path_supernet(model, model_id, pruner, calib_ids, taylor, final["keep"],
                                          run_dir / "reprune" / "supernet", settings,
                                          {**(store_config or {}), "reprune_of_iteration": final["iteration"]})
+        # Scored on the held-out sequences: the search has selected the allocation for its supernet
+        # variants on the others, so their KL flatters the supernet form.
+        rows = (N - n_hold, N) if n_hold else (0, N)
+        if not n_hold:
+            log.warning("search.holdout=0: the re-prune choice is scored on the tokens the search selected on "
+                        "(biased towards the supernet form)")
         searched_store = SupernetStore.open(final["supernet"], expect_model=model_id)
-        kl_searched = full_kl(model, searched_store, final["levels"], teacher, settings.batch_size)
-        kl_reprune = full_kl(model, path_store, path_store.grid.centre_levels(), teacher, settings.batch_size)
+        kl_searched = full_kl(model, searched_store, final["levels"], teacher, settings.batch_size, rows)
+        kl_reprune = full_kl(model, path_store, path_store.grid.centre_levels(), teacher, settings.batch_size, rows)
         chosen = "reprune" if kl_reprune < kl_searched else "supernet"
+        n_tok = (rows[1] - rows[0]) * (teacher.input_ids.shape[1] - 1)
         state["reprune"] = {"supernet": str(path_store.root), "levels": path_store.grid.centre_levels(),
-                            "kl_tokens": int(teacher.input_ids.numel()), "kl_supernet": kl_searched,
+                            "kl_sequences": list(rows), "kl_tokens": n_tok, "kl_supernet": kl_searched,
                             "kl_reprune": kl_reprune, "chosen": chosen, "seconds": time.time() - t0}
         if dist.is_main():
             write_json(state_file, state)
-        log.info("sequential re-prune at the searched widths: KL %.4f vs %.4f from the supernet (all %d search "
-                 "tokens); keeping the %s model", kl_reprune, kl_searched, teacher.input_ids.numel(), chosen)
+        log.info("sequential re-prune at the searched widths: KL %.4f vs %.4f from the supernet (%d %s tokens); "
+                 "keeping the %s model", kl_reprune, kl_searched, n_tok, "held-out" if n_hold else "search",
+                 chosen)
     return state
 
 

@@ -138,7 +138,7 @@ class KLFitness:
     all-reduced, so every rank returns the same fitness values."""
 
     def __init__(self, model, assembler, teacher: TeacherCache, batch_size: int = 8, prefix_cache: bool = True,
-                 prefix_cache_max_mb: float = 4096.0, rotate: bool = True):
+                 prefix_cache_max_mb: float = 4096.0, rotate: bool = True, sequences: tuple[int, int] | None = None):
         self.model, self.asm, self.teacher = model, assembler, teacher
         self.a = get_adapter(model)
         self.batch_size, self.prefix_cache, self.max_mb = batch_size, prefix_cache, prefix_cache_max_mb
@@ -149,11 +149,16 @@ class KLFitness:
         # A stage-0 call starts a new generation; set ``generation`` when resuming an evolution.
         self.rotate = rotate
         self.generation = -1
+        # ``sequences``: only teacher sequences [start, stop) are used (e.g. the search leaves a
+        # held-out block for the final choice between model forms).
+        N = teacher.input_ids.shape[0]
+        self.first, self.stop = sequences if sequences is not None else (0, N)
+        if not 0 <= self.first < self.stop <= N:
+            raise ValueError(f"sequences {sequences} outside the teacher's 0..{N}")
 
     def rows(self, n_seq: int) -> torch.Tensor:
-        N = self.teacher.input_ids.shape[0]
         g = max(self.generation, 0) if self.rotate else 0
-        return (torch.arange(n_seq) + g * n_seq) % N
+        return self.first + (torch.arange(n_seq) + g * n_seq) % (self.stop - self.first)
 
     def _layer_kwargs(self):
         if self._kwargs is None:
@@ -178,7 +183,7 @@ class KLFitness:
     def __call__(self, allocs, stage: int, num_tokens: int) -> list[float]:
         t0 = time.time()
         T = self.teacher.input_ids.shape[1]
-        n_seq = min(self.teacher.input_ids.shape[0], max(1, math.ceil(num_tokens / T)))
+        n_seq = min(self.stop - self.first, max(1, math.ceil(num_tokens / T)))
         if stage == 0:
             self.generation += 1
         all_rows = self.rows(n_seq)

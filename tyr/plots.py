@@ -11,23 +11,31 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_fusion_weights(layers: list[dict], path: str | Path, title: str = "") -> Path | None:
-    """HyWIA's fine-grained weight α_fine per layer, for attention heads and MLP channels."""
+    """HyWIA's fusion weights per layer, for attention heads and MLP channels: α_fine with two
+    components (α_coarse = 1 − α_fine), every α with more."""
     series = {}
     for kind, key in (("attention heads", "attn_info"), ("MLP channels", "mlp_info")):
-        pts = [(r["layer"], r[key]["alpha_fine"]) for r in layers if "alpha_fine" in r.get(key, {})]
-        if pts:
-            series[kind] = pts
+        names = sorted({k[6:] for r in layers for k in r.get(key, {}) if k.startswith("alpha_")})
+        shown = ["fine"] if names == ["coarse", "fine"] else names
+        for name in shown:
+            pts = [(r["layer"], r[key][f"alpha_{name}"]) for r in layers if f"alpha_{name}" in r.get(key, {})]
+            if pts:
+                series[(kind, name)] = pts
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for kind, pts in series.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=kind)
+    colors = {"attention heads": "C0", "MLP channels": "C1"}
+    styles = {"fine": "-", "coarse": ":", "compensated": "--"}
+    many = any(name != "fine" for _, name in series)
+    for (kind, name), pts in series.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=colors[kind],
+                ls=styles.get(name, "-"), label=f"{kind}, α {name}" if many else kind)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("layer")
-    ax.set_ylabel("α fine  (1 − α coarse)")
+    ax.set_ylabel("α" if many else "α fine  (1 − α coarse)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title or "HyWIA fusion weight of the fine-grained score")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

@@ -117,32 +117,70 @@ def _probe_count(keep_counts: list[int], n_units: int) -> int:
     return inner[len(inner) // 2] if inner else max(1, n_units // 2)
 
 
+def obs_costs(p: ModuleProblem, W: torch.Tensor, Hinv: torch.Tensor, alive: list[int]) -> list[float]:
+    """Optimal-brain-surgeon group cost of removing each unit of ``alive`` (columns C) from the output
+    projection ``W`` with optimal compensation by the others: tr(W_C [(H⁻¹)_CC]⁻¹ W_Cᵀ)."""
+    if p.unit_width == 1:  # ‖W[:, j]‖² / (H⁻¹)_jj, vectorised
+        idx = torch.as_tensor(alive)
+        return (W[:, idx].pow(2).sum(0) / torch.diagonal(Hinv)[idx]).tolist()
+    costs = []
+    for u in alive:
+        C = p.columns([u])
+        Wc = W[:, C]
+        costs.append(float(torch.einsum("oi,ij,oj->", Wc, torch.linalg.inv(Hinv[C][:, C]), Wc)))
+    return costs
+
+
+def damped_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
+    H = H.double().clone()
+    H.diagonal().add_(damp * torch.diagonal(H).mean().clamp_min(1e-12))
+    return torch.linalg.inv(H)
+
+
 class HyWIA(Scorer):
     """Hybrid-grained weight importance (HyWIA, AAAI 2025) with a data-driven fusion.
 
     Fine = Σ|s²|, coarse = |Σ s²| per unit, each normalised to sum 1 within the module. The fusion
-    weights are an attention-style softmax over the two granularities whose logits measure how well
+    weights are an attention-style softmax over the granularities whose logits measure how well
     each granularity's ranking preserves *this* layer's output: keep the probe count of units by that
     ranking, refit by least squares, and take logit_k = −log(relative output error_k) / temperature.
     The error comes exactly from the calibration statistics (no extra forward pass).
+
+    ``components`` may add ``compensated``: the one-shot OBS group cost of each unit (what removing
+    it costs after the other units are optimally refit, from H⁻¹), a third candidate of the fusion
+    that accounts for the reconstruction (docs/design.md, "HyWIA with a compensated component").
     """
 
     needs_gradients = True
+    COMPONENTS = ("fine", "coarse", "compensated")
 
-    def __init__(self, temperature: float = 0.25, damp: float = 0.001):
+    def __init__(self, temperature: float = 0.25, damp: float = 0.001, components=("fine", "coarse")):
         if temperature <= 0:
             raise ValueError("temperature must be positive")
-        self.temperature, self.damp = float(temperature), float(damp)
+        components = tuple(str(c) for c in components)
+        bad = [c for c in components if c not in self.COMPONENTS]
+        if bad or not components or len(set(components)) != len(components):
+            raise ValueError(f"HyWIA components must be distinct names from {self.COMPONENTS}, got {list(components)}")
+        self.temperature, self.damp, self.names = float(temperature), float(damp), components
 
-    def components(self, p: ModuleProblem) -> tuple[torch.Tensor, torch.Tensor]:
+    def components(self, p: ModuleProblem) -> dict[str, torch.Tensor]:
+        """Every component's unit scores, normalised to sum 1 within the module."""
         if p.taylor is None:
             raise ValueError("HyWIA needs gradients (problem.taylor is None)")
-        fine, coarse = p.taylor["element2"].double(), p.taylor["vector2"].double()
-        return fine / fine.sum().clamp_min(1e-30), coarse / coarse.sum().clamp_min(1e-30)
+        out = {}
+        for name in self.names:
+            if name == "compensated":
+                units = list(range(p.n_units))
+                raw = torch.tensor(obs_costs(p, p.out_weight.double(), damped_inverse(p.stats.H, self.damp), units),
+                                   dtype=torch.float64)
+            else:
+                raw = p.taylor["element2" if name == "fine" else "vector2"].double()
+            out[name] = raw / raw.sum().clamp_min(1e-30)
+        return out
 
-    def weights(self, p: ModuleProblem, probe: int) -> tuple[torch.Tensor, list[float]]:
+    def weights(self, p: ModuleProblem, probe: int, comps: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, list[float]]:
         errs = []
-        for comp in self.components(p):
+        for comp in (comps or self.components(p)).values():
             keep = nested_top(comp, [probe])[0]
             W, _ = refit(p, keep, damp=self.damp)
             errs.append(max(relative_error(p, keep, W, None), 1e-12))
@@ -150,12 +188,13 @@ class HyWIA(Scorer):
         return torch.softmax(logits, 0), errs
 
     def select(self, p, keep_counts, probe=None):
-        fine, coarse = self.components(p)
+        comps = self.components(p)
         probe = _probe_count(keep_counts, p.n_units) if probe is None or not 0 < probe < p.n_units else probe
-        alpha, errs = self.weights(p, probe)
-        fused = alpha[0] * fine + alpha[1] * coarse
-        info = {"alpha_fine": float(alpha[0]), "alpha_coarse": float(alpha[1]), "probe_keep": probe,
-                "err_fine": errs[0], "err_coarse": errs[1]}
+        alpha, errs = self.weights(p, probe, comps)
+        fused = sum(a * c for a, c in zip(alpha, comps.values()))
+        info = {"probe_keep": probe}
+        for name, a, e in zip(comps, alpha, errs):
+            info[f"alpha_{name}"], info[f"err_{name}"] = float(a), e
         return nested_top(fused, keep_counts), info
 
 
@@ -173,9 +212,7 @@ class OBS(Scorer):
         self.damp = float(damp)
 
     def select(self, p, keep_counts, probe=None):
-        H = p.stats.H.double().clone()
-        H.diagonal().add_(self.damp * torch.diagonal(H).mean().clamp_min(1e-12))
-        Hinv = torch.linalg.inv(H)
+        Hinv = damped_inverse(p.stats.H, self.damp)
         W = p.out_weight.double().clone()
         alive = list(range(p.n_units))
         stops = sorted({k for k in keep_counts if k < p.n_units}, reverse=True)
@@ -187,15 +224,7 @@ class OBS(Scorer):
         while len(alive) > k_min:
             next_stop = next(k for k in stops if k < len(alive))
             n_remove = min(per_round, len(alive) - next_stop)
-            if p.unit_width == 1:  # ‖W[:, j]‖² / (H⁻¹)_jj, vectorised
-                idx = torch.as_tensor(alive)
-                costs = (W[:, idx].pow(2).sum(0) / torch.diagonal(Hinv)[idx]).tolist()
-            else:
-                costs = []
-                for u in alive:
-                    C = p.columns([u])
-                    Wc = W[:, C]
-                    costs.append(float(torch.einsum("oi,ij,oj->", Wc, torch.linalg.inv(Hinv[C][:, C]), Wc)))
+            costs = obs_costs(p, W, Hinv, alive)
             order = sorted(range(len(alive)), key=lambda i: (costs[i], alive[i]))
             removed = sorted(alive[i] for i in order[:n_remove])
             C = p.columns(removed)

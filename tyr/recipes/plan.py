@@ -48,11 +48,12 @@ def plan_from_config(cfg: DictConfig) -> dict:
         prefix_cache=bool(s.prefix_cache), prefix_cache_max_mb=float(s.prefix_cache_max_mb),
         surrogate_check=int(s.surrogate_check),
     )
+    probes = len(cfg.pruner.scorer.get("components", ("fine", "coarse"))) if scorer == "HyWIA" else 0
     return plan(
         arch, str(cfg.model.dtype), float(cfg.target_sparsity),
         supernet=GridSettings(int(n.n_levels), float(n.interval), int(n.min_heads), int(n.min_channels), str(n.eea)),
         data=data, search=search,
-        pruner=PrunerSettings(str(cfg.pruner.reconstruction), bool(cfg.pruner.bias), 2 if scorer == "HyWIA" else 0),
+        pruner=PrunerSettings(str(cfg.pruner.reconstruction), bool(cfg.pruner.bias), probes),
         throughput=Throughput(float(cfg.tflops), None if cfg.fp64_tflops is None else float(cfg.fp64_tflops),
                               float(cfg.cpu_tflops)),
         model_name=str(cfg.model.name), streaming=bool(cfg.runtime.streaming),
