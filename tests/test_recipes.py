@@ -56,7 +56,7 @@ def test_build_recipe_reruns_resume(tmp_path):
             f"paths.output_dir={tmp_path}"]
     p = run_recipe("tyr.recipes.build", *args)
     assert p.returncode == 0, p.stderr[-3000:]
-    manifest = tmp_path / "build" / "tiny-llama" / "hywia-s0.5-expectation" / "supernet" / "manifest.json"
+    manifest = tmp_path / "build" / "tiny-llama" / "hywia_comp-s0.5-expectation" / "supernet" / "manifest.json"
     m = json.loads(manifest.read_text())
     assert m["complete"] and len(m["layers"]) == 4 and m["schema_version"] == 1
     before = manifest.read_text()
@@ -76,7 +76,7 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path):
             "search.stages=[[64,2],[256,1]]", "search.surrogate_check=6", f"paths.output_dir={tmp_path}"]
     p = run_recipe("tyr.recipes.pipeline", *args)
     assert p.returncode == 0, p.stderr[-3000:]
-    run = tmp_path / "pipeline" / "tiny-llama" / "hywia-s0.5-fast"
+    run = tmp_path / "pipeline" / "tiny-llama" / "hywia_comp-s0.5-fast"
     alloc = json.loads((run / "allocation.json").read_text())
     assert abs(alloc["budget"]["nominal_sparsity"] - 0.5) < 0.02
     assert len(alloc["modules"]["attn"]) == 4 and "kept_units" in alloc["modules"]["mlp"][0]
