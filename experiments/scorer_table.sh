@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 3 table: every scorer, with and without reconstruction, uniform 25 % and 50 %, SmolLM2-135M.
-# 32 jobs (Hydra multirun, one directory each, failures recorded without stopping the sweep), then the
+# 36 jobs (Hydra multirun, one directory each, failures recorded without stopping the sweep), then the
 # summary table. Finished jobs are skipped, so an interrupted run resumes where it stopped.
 # STREAMS=2 (default) runs two multiruns side by side with TYR_THREADS=1 each: on 2 cores that is
 # faster than one stream with 2 threads, because lm-eval's Python side and the per-layer loop do not
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/scorer_table}
 STREAMS=${STREAMS:-2}
 # the pruners of issue 7's comparison first, so a partial run already answers it
-PRUNERS=(hywia magnitude wanda_sp flap taylor_element1 taylor_vector taylor_element2 obs)
+PRUNERS=(hywia magnitude wanda_sp flap taylor_element1 taylor_vector taylor_element2 obs hywia_comp)
 threads=$(( $(nproc) / STREAMS )); (( threads > 0 )) || threads=1
 pids=()
 for ((s = 0; s < STREAMS; s++)); do

@@ -38,6 +38,16 @@ def _row(method: str, sparsity: float | None, res: dict, source: Path) -> dict:
     return row
 
 
+# Pipeline rows (tyr.recipes.pipeline): "searched" is the result (whichever form won on the search
+# KL); the other form of the same widths is reported too.
+PIPELINE_LABELS = {
+    "searched": "tyr search ({pr})",
+    "searched_supernet": "tyr search ({pr}), supernet form",
+    "searched_reprune": "tyr search ({pr}), re-pruned form",
+    "uniform_reprune": "uniform sequential ({pr})",
+}
+
+
 def collect(root: Path) -> tuple[list[dict], list[dict]]:
     rows, failed = [], []
     for f in sorted(root.rglob("results.json")):
@@ -51,8 +61,8 @@ def collect(root: Path) -> tuple[list[dict], list[dict]]:
                 if name == "dense":
                     rows.append(_row(f"dense ({r.get('model', '?')})", 0.0, r, f.parent))
                     continue
-                rows.append(_row(f"tyr search ({pr})" if name == "searched" else f"{name} allocation ({pr})",
-                                 r.get("config", {}).get("target_sparsity"), r, f.parent))
+                label = PIPELINE_LABELS.get(name, "{name} allocation ({pr})").format(name=name, pr=pr)
+                rows.append(_row(label, r.get("config", {}).get("target_sparsity"), r, f.parent))
         elif "pruner" in res:  # uniform prune
             rows.append(_row(f"{res['pruner']} / {res.get('reconstruction', '?')}", res.get("target_sparsity"), res, f.parent))
         elif res.get("allocation") == "centre":  # build with evaluate_centre
