@@ -1,4 +1,5 @@
-"""KL on the search tokens of every model form a pipeline run evaluated, next to its perplexities.
+"""KL and perplexity on the search tokens of every model form a pipeline run evaluated, next to its
+test perplexities.
 
 The search ranks allocations by KL(dense ‖ pruned) on held-out C4 tokens; the results table ranks
 models by WikiText-2 / PTB perplexity. This script scores the run's four pruned forms with the
@@ -22,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from tyr.coarse_to_fine import full_kl
+from tyr.supernet.assemble import Assembler
 from tyr.fitness import TeacherCache
 from tyr.models import load_model
 from tyr.supernet.store import SupernetStore
@@ -53,6 +55,22 @@ def results_for(run: Path, folder: Path) -> dict | None:
     return None
 
 
+@torch.no_grad()
+def search_nll(model, store: SupernetStore, levels: dict, ids: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token NLL of the assembled model on the search sequences (their perplexity's log)."""
+    asm = Assembler(model, store)
+    asm.assemble(levels)
+    try:
+        tot, n = 0.0, 0
+        for i in range(0, ids.shape[0], batch_size):
+            x = ids[i : i + batch_size]
+            tot += model(x, labels=x).loss.item() * x.shape[0] * (x.shape[1] - 1)
+            n += x.shape[0] * (x.shape[1] - 1)
+        return tot / n
+    finally:
+        asm.restore_dense()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+", type=Path)
@@ -60,23 +78,28 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    lines = ["| run | form | KL (search tokens) | WikiText-2 | PTB | avg |", "|---|---|---|---|---|---|"]
+    lines = ["| run | form | KL (search tokens) | C4 ppl (search tokens) | WikiText-2 | PTB | avg |", "|---|---|---|---|---|---|---|"]
     for run in args.runs:
         run = run.resolve()
         cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
         lm = load_model(cfg.model.name, instantiate(cfg.model.source), cfg.model.dtype)
         teacher = TeacherCache.load(run / "teacher.safetensors")
         rows = {}
+        done = json.loads((run / "form_kl.json").read_text())["forms"] if (run / "form_kl.json").exists() else {}
         for name, (folder, levels) in forms(run).items():
-            kl = full_kl(lm.model, SupernetStore.open(folder), levels, teacher, int(cfg.batch_size))
+            store = SupernetStore.open(folder)
+            old = done.get(name, {})
+            kl = old["kl"] if old.get("supernet") == str(folder) and "kl" in old else \
+                full_kl(lm.model, store, levels, teacher, int(cfg.batch_size))
+            nll = search_nll(lm.model, store, levels, teacher.input_ids, int(cfg.batch_size))
             fixed = run / UNIFORM_FILES.get(name, "-")
             res = (json.loads(fixed.read_text()) if fixed.exists() else None) if name in UNIFORM_FILES else results_for(run, folder)
             ppl = (res or {}).get("perplexity", {})
-            rows[name] = {"kl": kl, "supernet": str(folder),
+            rows[name] = {"kl": kl, "search_nll": nll, "search_ppl": float(torch.tensor(nll).exp()), "supernet": str(folder),
                           "wikitext2": ppl.get("wikitext2", {}).get("ppl"), "ptb": ppl.get("ptb", {}).get("ppl"),
                           "avg": (res or {}).get("zero_shot", {}).get("average")}
             fmt = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-            lines.append(f"| {run.name} | {name} | {kl:.4f} | {fmt(rows[name]['wikitext2'])} | {fmt(rows[name]['ptb'])} | "
+            lines.append(f"| {run.name} | {name} | {kl:.4f} | {rows[name]['search_ppl']:.2f} | {fmt(rows[name]['wikitext2'])} | {fmt(rows[name]['ptb'])} | "
                          f"{fmt(rows[name]['avg'], 3)} |")
             print(lines[-1], flush=True)
         (run / "form_kl.json").write_text(json.dumps({"tokens": int(teacher.input_ids.numel()), "forms": rows}, indent=2))
