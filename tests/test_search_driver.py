@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import compose, pruner_from_conf
-from tyr.coarse_to_fine import SearchSettings, build_path_supernet, final_allocation, full_kl, run_search
+from tyr.coarse_to_fine import SearchSettings, SearchStateError, build_path_supernet, final_allocation, full_kl, run_search
 from tyr.data import TokenSetSpec, build_token_set
 from tyr.fitness import KLFitness, TeacherCache, kl_sum
 from tyr.modeling.adapter import get_adapter
@@ -177,7 +177,7 @@ def test_holdout_sequences_are_never_searched_and_score_the_reprune(tiny, data, 
     kl = full_kl(copy.deepcopy(tiny.model), SupernetStore.open(rp["supernet"]), rp["levels"], teacher, 4, (4, 6))
     assert math.isclose(kl, rp["kl_reprune"], rel_tol=1e-6)
     # resuming with another holdout would mix two searches: refused
-    with pytest.raises(ValueError, match="held-out"):
+    with pytest.raises(SearchStateError, match="held-out"):
         run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
                    _settings(holdout=0.5), tmp_path)
     with pytest.raises(ValueError, match="fraction"):

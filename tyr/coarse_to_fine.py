@@ -38,6 +38,10 @@ from tyr.utils import JsonlWriter, read_json, write_json
 log = logging.getLogger(__name__)
 
 
+class SearchStateError(ValueError):
+    """The run directory's search state was made with other settings (reported without a traceback)."""
+
+
 @dataclass
 class SearchSettings:
     intervals: list[float] = field(default_factory=lambda: [0.125, 0.0625, 0.03125, 0.015625])
@@ -117,7 +121,7 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
     if n_hold >= N:
         raise ValueError(f"search.holdout={settings.holdout} leaves no search sequences (the teacher has {N})")
     if state.get("holdout_sequences", 0) != n_hold and (state["iterations"] or state.get("current")):
-        raise ValueError(f"{state_file}: searched with {state.get('holdout_sequences', 0)} held-out sequences, now "
+        raise SearchStateError(f"{state_file}: searched with {state.get('holdout_sequences', 0)} held-out sequences, now "
                          f"{n_hold} (search.holdout={settings.holdout}); use another run directory")
     state["holdout_sequences"] = n_hold
     searched_rows = (0, N - n_hold)

@@ -52,12 +52,13 @@ def finished_result(run_dir: Path, cfg: DictConfig, name: str = "results.json") 
 
 def _user_errors() -> tuple[type, ...]:
     """Errors caused by the user's input or environment, reported without a traceback."""
+    from tyr.coarse_to_fine import SearchStateError
     from tyr.data import TextTooShortError
     from tyr.modeling.adapter import UnsupportedArchitectureError
     from tyr.models import ModelNotFoundError
     from tyr.supernet.store import SupernetError
 
-    return (ModelNotFoundError, UnsupportedArchitectureError, SupernetError, TextTooShortError)
+    return (ModelNotFoundError, UnsupportedArchitectureError, SupernetError, TextTooShortError, SearchStateError)
 
 
 def recorded(fn):
