@@ -23,9 +23,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from tyr.coarse_to_fine import full_kl
-from tyr.supernet.assemble import Assembler
 from tyr.fitness import TeacherCache
 from tyr.models import load_model
+from tyr.supernet.assemble import Assembler
 from tyr.supernet.store import SupernetStore
 
 

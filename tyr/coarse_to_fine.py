@@ -216,13 +216,19 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
     return state
 
 
+def search_forms(state: dict) -> dict[str, dict]:
+    """The forms of the searched widths, each ``{"supernet", "levels", "fitness"}``: ``supernet`` (the
+    last iteration's allocation in its supernet) and, when the re-prune ran, ``reprune``. ``fitness``
+    is the KL on the re-prune's scoring sequences when it ran, else the search's last-stage KL."""
+    final, rp = state["iterations"][-1], state.get("reprune")
+    forms = {"supernet": {"supernet": final["supernet"], "levels": final["levels"],
+                          "fitness": final["fitness"] if rp is None else rp["kl_supernet"]}}
+    if rp is not None:
+        forms["reprune"] = {"supernet": rp["supernet"], "levels": rp["levels"], "fitness": rp["kl_reprune"]}
+    return forms
+
+
 def final_allocation(state: dict) -> dict:
-    """The search's result: ``{"supernet", "levels", "fitness", "source"}`` of the chosen model (the
-    re-pruned one when it won, else the last iteration's allocation in its supernet). ``fitness`` is
-    the KL on all search tokens when the re-prune ran, else the search's last-stage KL."""
-    final = state["iterations"][-1]
-    rp = state.get("reprune")
-    if rp is not None and rp["chosen"] == "reprune":
-        return {"supernet": rp["supernet"], "levels": rp["levels"], "fitness": rp["kl_reprune"], "source": "reprune"}
-    return {"supernet": final["supernet"], "levels": final["levels"], "source": "supernet",
-            "fitness": final["fitness"] if rp is None else rp["kl_supernet"]}
+    """The search's result: the chosen form of :func:`search_forms` with its name as ``source``."""
+    source = state["reprune"]["chosen"] if state.get("reprune") else "supernet"
+    return {**search_forms(state)[source], "source": source}

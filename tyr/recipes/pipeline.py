@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from tyr import dist
 from tyr.allocation import nearest_levels, outlier_ratios, owl_sparsities
-from tyr.coarse_to_fine import SearchSettings, build_path_supernet, final_allocation, run_search
+from tyr.coarse_to_fine import SearchSettings, build_path_supernet, final_allocation, keep_counts, run_search, search_forms
 from tyr.data import TokenSetSpec, get_token_set
 from tyr.evaluation import evaluate_model, results_table
 from tyr.fitness import TeacherCache
@@ -124,7 +124,8 @@ def main(cfg: DictConfig) -> None:
                     "gradient": to_container(cfg.data.gradient) if pruner.needs_gradients else None,
                     "target_sparsity": float(cfg.target_sparsity)}
     t0 = time.time()
-    state = run_search(lm.model, model_id, pruner, calib, taylor, teacher, float(cfg.target_sparsity), _settings(cfg),
+    settings = _settings(cfg)
+    state = run_search(lm.model, model_id, pruner, calib, taylor, teacher, float(cfg.target_sparsity), settings,
                        run_dir, store_config)
     timings.setdefault("build_and_search", time.time() - t0)
     chosen = final_allocation(state)
@@ -139,14 +140,11 @@ def main(cfg: DictConfig) -> None:
 
     # allocations to evaluate: the searched one and the comparisons, each with its supernet
     first_store = SupernetStore.open(state["iterations"][0]["supernet"], expect_model=model_id)
-    candidates = {"searched": (SupernetStore.open(chosen["supernet"], expect_model=model_id), chosen["levels"], chosen["fitness"])}
-    rp = state.get("reprune")
-    if rp is not None:  # the searched widths in the form that lost, for the record
-        last = state["iterations"][-1]
-        other = (f"searched_{'supernet' if rp['chosen'] == 'reprune' else 'reprune'}",
-                 (last["supernet"], last["levels"], rp["kl_supernet"]) if rp["chosen"] == "reprune"
-                 else (rp["supernet"], rp["levels"], rp["kl_reprune"]))
-        candidates[other[0]] = (SupernetStore.open(other[1][0], expect_model=model_id), other[1][1], other[1][2])
+    candidates = {}
+    for source, form in sorted(search_forms(state).items(), key=lambda kv: kv[0] != chosen["source"]):
+        # the chosen form is "searched"; the other form of the same widths is kept for the record
+        name = "searched" if source == chosen["source"] else f"searched_{source}"
+        candidates[name] = (SupernetStore.open(form["supernet"], expect_model=model_id), form["levels"], form["fitness"])
     known = {"dense", "uniform", "uniform_reprune", "owl"}
     unknown = set(cfg.compare) - known
     if unknown:
@@ -157,10 +155,9 @@ def main(cfg: DictConfig) -> None:
     if "uniform" in cfg.compare:
         candidates["uniform"] = (first_store, first_store.grid.centre_levels(), None)
     if "uniform_reprune" in cfg.compare:
-        keep = {k: [g.keep[g.centre] for g in first_store.grid.modules[k]] for k in ("attn", "mlp")}
-        s_set = _settings(cfg)
+        keep = keep_counts(first_store.grid, first_store.grid.centre_levels())
         store = build_path_supernet(lm.model, model_id, pruner, calib, taylor, keep, run_dir / "uniform_reprune" / "supernet",
-                                    s_set, {**store_config, "reprune_of": "uniform"})
+                                    settings, {**store_config, "reprune_of": "uniform"})
         candidates["uniform_reprune"] = (store, store.grid.centre_levels(), None)
     if "owl" in cfg.compare:
         owl_file = run_dir / "owl.json"
