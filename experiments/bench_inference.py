@@ -53,6 +53,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from tyr.modeling.hf_pruned.modeling_tyr_llama import CACHE_KWARG
     from tyr.utils import peak_rss_mb, proc_status_mb
 
     torch.set_num_threads(args.threads)
@@ -86,11 +87,11 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             t = time.perf_counter()
             out = model(ids, use_cache=True, logits_to_keep=1)  # as generate() does: logits of the last position only
             prefill_s.append(time.perf_counter() - t)
-            pkv = out.past_key_values
+            pkv = out[CACHE_KWARG]
             nxt = out.logits[:, -1:].argmax(-1)
             t = time.perf_counter()
             for _ in range(args.new_tokens):
-                out = model(nxt, past_key_values=pkv, use_cache=True)
+                out = model(nxt, use_cache=True, **{CACHE_KWARG: pkv})
                 nxt = out.logits[:, -1:].argmax(-1)
             decode_s.append(time.perf_counter() - t)
             cache_b = _cache_bytes(pkv)

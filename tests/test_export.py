@@ -20,6 +20,7 @@ from tyr.export import (
     verify_export,
 )
 from tyr.modeling.adapter import get_adapter
+from tyr.modeling.hf_pruned.modeling_tyr_llama import CACHE_KWARG
 from tyr.modeling.params import layer_counts, parameter_counts
 from tyr.modeling.slicing import slice_attention, slice_mlp
 
@@ -49,9 +50,9 @@ def _stepwise_logits(model, ids, split):
     """Prefill ``ids[:, :split]`` then feed one token at a time through the KV cache (no position ids)."""
     with torch.no_grad():
         out = model(ids[:, :split], use_cache=True)
-        pkv, steps = out.past_key_values, [out.logits]
+        pkv, steps = out[CACHE_KWARG], [out.logits]
         for t in range(split, ids.shape[1]):
-            steps.append(model(ids[:, t : t + 1], past_key_values=pkv, use_cache=True).logits)
+            steps.append(model(ids[:, t : t + 1], use_cache=True, **{CACHE_KWARG: pkv}).logits)
     return torch.cat(steps, dim=1)
 
 
@@ -171,7 +172,7 @@ def test_layer0_without_attention(pruned_l0, tiny, ids, tmp_path, monkeypatch):
     assert (_stepwise_logits(ex, ids, 5) - ref).abs().max() <= 1e-4
     assert torch.equal(_greedy(ex, ids, True), _greedy(ex, ids, False))
     # the cache fix is what makes it right: layer 0's empty cache would give past length 0
-    monkeypatch.setattr(ex.model, "prepare_cache", lambda past_key_values: None)
+    monkeypatch.setattr(ex.model, "prepare_cache", lambda cache: None)
     assert (_stepwise_logits(ex, ids, 5) - ref).abs().max() > 1e-3
     out = export_model(pruned_l0, tiny.tokenizer, tmp_path / "l0")
     report = verify_export(out, pruned_l0, ids, atol=1e-4, cache_atol=1e-4)

@@ -534,7 +534,7 @@ def export_streamed(
 
 _VERIFY_SCRIPT = textwrap.dedent(
     """
-    import json, sys, time
+    import inspect, json, sys, time
     sys.modules["tyr"] = None  # an exported folder must load without tyr
     import torch
     from transformers import AutoModelForCausalLM
@@ -552,10 +552,12 @@ _VERIFY_SCRIPT = textwrap.dedent(
     with torch.no_grad():
         logits = model(ids, use_cache=False).logits.float()
         # Prefill then one token at a time through the KV cache, no position ids given.
+        # The cache keyword is `past_key_values` up to transformers 5.23 and `cache` from 5.24.
+        kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         out = model(ids[:, :split], use_cache=True)
-        pkv, steps = out.past_key_values, [out.logits.float()]
+        pkv, steps = out[kw], [out.logits.float()]
         for t in range(split, ids.shape[1]):
-            o = model(ids[:, t : t + 1], past_key_values=pkv, use_cache=True)
+            o = model(ids[:, t : t + 1], use_cache=True, **{kw: pkv})
             steps.append(o.logits.float())
         stepwise = torch.cat(steps, dim=1)
         with_cache = model.generate(ids, use_cache=True, **gen)

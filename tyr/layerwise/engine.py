@@ -18,7 +18,7 @@ from tyr import dist
 from tyr.modeling.adapter import DecoderAdapter, get_adapter
 from tyr.streaming import empty_activations, execution
 
-_DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions")
+_DROP_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions")
 
 
 class _StopForward(Exception):

@@ -25,8 +25,13 @@ per-layer lists:
 False). Sliding-window attention is not supported.
 """
 
+import transformers
 from huggingface_hub.dataclasses import strict
 from transformers.models.llama.configuration_llama import LlamaConfig
+
+# The transformers releases this architecture code was tested with (experiments/compat.sh; the lock pins one).
+# Recorded in every exported config.json; outside this range a failure names the range and what to install.
+TESTED_TRANSFORMERS = ("5.0.0", "5.24.0")
 
 
 @strict
@@ -45,6 +50,8 @@ class TyrLlamaConfig(LlamaConfig):
     attention_qkv_bias: bool = False
     mlp_gate_up_bias: bool = False
     pruned_from_model_type: str | None = None
+    tyr_transformers_tested: list[str] | None = None
+    tyr_exported_with_transformers: str | None = None
 
     def __post_init__(self, **kwargs):
         n = self.num_hidden_layers
@@ -61,6 +68,10 @@ class TyrLlamaConfig(LlamaConfig):
             self.layer_o_bias = [False] * n
         if self.layer_down_bias is None:
             self.layer_down_bias = [False] * n
+        if self.tyr_transformers_tested is None:
+            self.tyr_transformers_tested = list(TESTED_TRANSFORMERS)
+        if self.tyr_exported_with_transformers is None:
+            self.tyr_exported_with_transformers = transformers.__version__
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
@@ -97,4 +108,4 @@ class TyrLlamaConfig(LlamaConfig):
         return self.layer_num_heads[layer_idx] > 0
 
 
-__all__ = ["TyrLlamaConfig"]
+__all__ = ["TESTED_TRANSFORMERS", "TyrLlamaConfig"]

@@ -22,28 +22,86 @@ entries of attention-less layers are replaced by ``DummyLayer``\\ s, which ``Cac
 and the mask code skip, so they read the first layer that has attention.
 """
 
+import functools
+import inspect
 from collections.abc import Callable
 
 import torch
+import transformers
+from packaging.version import Version
 from torch import nn
-from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DummyLayer, DynamicCache
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import (
-    LlamaAttention,
-    LlamaDecoderLayer,
-    LlamaForCausalLM,
-    LlamaMLP,
-    LlamaModel,
-    LlamaPreTrainedModel,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
-    apply_rotary_pos_emb,
-    eager_attention_forward,
-)
 
-from .configuration_tyr_llama import TyrLlamaConfig
+from .configuration_tyr_llama import TESTED_TRANSFORMERS
+
+
+class TyrTransformersVersionError(RuntimeError):
+    """The installed transformers is outside the range this folder was tested with, and it failed."""
+
+
+def _version_hint(exc: BaseException) -> str | None:
+    """One line naming the versions and what to install, when the installed transformers is untested."""
+    lo, hi = TESTED_TRANSFORMERS
+    now = Version(transformers.__version__)
+    if Version(lo) <= now <= Version(hi):
+        return None
+    reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    return (
+        f"this tyr_llama model was tested with transformers {lo} to {hi}, but transformers "
+        f"{transformers.__version__} is installed and failed ({reason}); "
+        f"run: pip install 'transformers>={lo},<={hi}'"
+    )
+
+
+def _guard(fn):
+    """Turn a failure under an untested transformers release into one line saying what to install."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised unchanged inside the tested range
+            hint = _version_hint(exc)
+            if hint is None:
+                raise
+            raise TyrTransformersVersionError(hint) from None
+
+    return wrapper
+
+
+try:
+    from transformers.activations import ACT2FN
+    from transformers.cache_utils import Cache, DummyLayer, DynamicCache
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import (
+        LlamaAttention,
+        LlamaDecoderLayer,
+        LlamaForCausalLM,
+        LlamaMLP,
+        LlamaModel,
+        LlamaPreTrainedModel,
+        LlamaRMSNorm,
+        LlamaRotaryEmbedding,
+        apply_rotary_pos_emb,
+        eager_attention_forward,
+    )
+except ImportError as _exc:
+    _hint = _version_hint(_exc)
+    if _hint is None:
+        raise
+    raise TyrTransformersVersionError(_hint) from None
+
+# The KV cache keyword: ``past_key_values`` up to transformers 5.23, ``cache`` from 5.24 (the old name is
+# deprecated there). Every call below passes it by keyword under the name this release uses.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def _pop_cache(kwargs: dict) -> "Cache | None":
+    """Remove the KV cache from ``kwargs`` under either name and return it."""
+    new, old = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+    return new if new is not None else old
+
+from .configuration_tyr_llama import TyrLlamaConfig  # noqa: E402
 
 
 class TyrEmptyAttention(nn.Module):
@@ -122,11 +180,13 @@ class TyrLlamaAttention(LlamaAttention):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.kv_of_head is None:
-            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+            return super().forward(
+                hidden_states=hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
+            )
+        cache = _pop_cache(kwargs)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -134,8 +194,8 @@ class TyrLlamaAttention(LlamaAttention):
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
         index = self._kv_index_on(key_states.device)
         key_states = key_states.index_select(1, index)
         value_states = value_states.index_select(1, index)
@@ -213,21 +273,21 @@ class TyrLlamaModel(TyrLlamaPreTrainedModel, LlamaModel):
     def attentionless_layers(self) -> list[int]:
         return [i for i in range(self.config.num_hidden_layers) if self.config.layer_num_heads[i] == 0]
 
-    def prepare_cache(self, past_key_values: Cache | None) -> None:
+    def prepare_cache(self, cache: "Cache | None") -> None:
         """Give attention-less layers a ``DummyLayer`` so the past length is read from a real one.
 
         Without this, a model whose layer 0 has no attention would see a past length of 0 at every
         decoding step (wrong position ids and causal mask). If no layer has attention, positions
         and masks are unused and the cache is left alone.
         """
-        if not isinstance(past_key_values, Cache):
+        if not isinstance(cache, Cache):
             return
         empty = self.attentionless_layers()
         n = self.config.num_hidden_layers
         if not empty or len(empty) == n:
             return
-        layers = past_key_values.layers
-        replicate = getattr(past_key_values, "layer_class_to_replicate", None)
+        layers = cache.layers
+        replicate = getattr(cache, "layer_class_to_replicate", None)
         if replicate is not None:  # lazily grown cache: create the entries now
             while len(layers) < n:
                 layers.append(replicate())
@@ -235,35 +295,22 @@ class TyrLlamaModel(TyrLlamaPreTrainedModel, LlamaModel):
             if i < len(layers) and not isinstance(layers[i], DummyLayer):
                 layers[i] = DummyLayer()
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs,
-    ):
+    @_guard
+    def forward(self, input_ids: torch.LongTensor | None = None, **kwargs):
+        cache = _pop_cache(kwargs)
+        use_cache = kwargs.pop("use_cache", None)
         if use_cache is None:
             use_cache = self.config.use_cache
-        if use_cache and past_key_values is None and not (self.gradient_checkpointing and self.training):
-            past_key_values = DynamicCache(config=self.config)
-        self.prepare_cache(past_key_values)
-        return super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        if use_cache and cache is None and not (self.gradient_checkpointing and self.training):
+            cache = DynamicCache(config=self.config)
+        self.prepare_cache(cache)
+        return super().forward(input_ids=input_ids, use_cache=use_cache, **{CACHE_KWARG: cache}, **kwargs)
 
 
 class TyrLlamaForCausalLM(TyrLlamaPreTrainedModel, LlamaForCausalLM):
     """Causal LM head over :class:`TyrLlamaModel` (forward and generation are Llama's)."""
 
+    @_guard
     def __init__(self, config: TyrLlamaConfig):
         TyrLlamaPreTrainedModel.__init__(self, config)
         self.model = TyrLlamaModel(config)
@@ -271,5 +318,8 @@ class TyrLlamaForCausalLM(TyrLlamaPreTrainedModel, LlamaForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    # Llama's forward, its signature kept (generation inspects it), behind the version guard.
+    forward = _guard(LlamaForCausalLM.forward)
 
-__all__ = ["TyrLlamaForCausalLM", "TyrLlamaModel", "TyrLlamaPreTrainedModel"]
+
+__all__ = ["CACHE_KWARG", "TyrLlamaForCausalLM", "TyrLlamaModel", "TyrLlamaPreTrainedModel", "TyrTransformersVersionError"]
