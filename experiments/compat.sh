@@ -70,7 +70,8 @@ ok = lambda v: "—" if v is None else ("pass" if v else "FAIL")
 print("| transformers | export round trip (fresh process, both layouts) | lm_eval on the folder | folder exported with %s loads | note |" % sys.argv[2])
 print("|---|---|---|---|---|")
 for r in rows:
-    note = "; ".join(str(r[k]) for k in ("round_trip_error", "lm_eval_error", "foreign_error") if k in r)
+    errors = [str(r[k]) for k in ("foreign_error", "round_trip_error", "lm_eval_error") if k in r]
+    note = errors[0] if errors else ""  # the first one: the others follow from it
     if r.get("install") is False:
         note = "does not install beside the locked packages"
     diff = f" (max Δ logits {r['padded_logit_diff']:.1e})" if "padded_logit_diff" in r else ""
