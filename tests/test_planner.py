@@ -91,8 +91,8 @@ def test_counts_match_the_same_architecture_on_the_meta_device(model):
 def test_supernet_bytes_and_solves_match_a_real_build(tiny, calib, request, tmp_path, monkeypatch, pruner_name, bias):
     """Build a real supernet on tiny-llama; the planner predicts its shard bytes (data exactly, the
     header to within a few bytes), its least-squares calls and its layer forwards."""
-    import tyr.importance as importance
     import tyr.pruning.local as local
+    import tyr.pruning.scorers.hywia as hywia
 
     arch = _arch("tiny-llama")
     grid = make_grid(arch.layer_shapes(), 0.5, interval=0.25, n_levels=5, min_heads=1, min_channels=8)
@@ -111,7 +111,7 @@ def test_supernet_bytes_and_solves_match_a_real_build(tiny, calib, request, tmp_
             return fn(problem, keep, *args, **kw)
         return wrapped
 
-    for mod in (local, importance):
+    for mod in (local, hywia):
         monkeypatch.setattr(mod, "refit", counting("refit", mod.refit, mod))
         monkeypatch.setattr(mod, "relative_error", counting("error", mod.relative_error, mod))
     tokens, handles = _count_layer_tokens(tiny.model)

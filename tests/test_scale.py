@@ -177,7 +177,7 @@ STREAM_BUILD = textwrap.dedent(
     import json, resource, sys, time, torch
     torch.set_num_threads(1)
     from tyr.pruning.local import LocalPruner
-    from tyr.importance import Magnitude
+    from tyr.pruning.scorers import Magnitude
     from tyr.streaming import load_streaming
     from tyr.supernet.builder import build_supernet
     from tyr.supernet.grid import layer_shapes, make_grid
