@@ -66,8 +66,11 @@ def full_weight(problem: ModuleProblem, variants: list[Variant], weights: list[f
 
 @contextmanager
 def swapped_linear(parent: nn.Module, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Iterator[None]:
-    """Temporarily replace ``parent.<name>`` by a Linear with the given weight (and bias)."""
+    """Temporarily replace ``parent.<name>`` by a Linear with the given weight; ``bias`` (a
+    compensation) is added to the module's own bias, which a pruned module keeps."""
     old = getattr(parent, name)
+    if old.bias is not None:
+        bias = old.bias.detach().float() + (0.0 if bias is None else bias.float())
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=old.weight.dtype, device=old.weight.device)
     with torch.no_grad():
         new.weight.copy_(weight)
