@@ -85,7 +85,7 @@ def test_kl_fitness_dense_is_zero_and_prefix_cache_is_exact(tiny, data, supernet
 
 def _settings(**kw):
     return SearchSettings(intervals=[0.25, 0.125], n_levels=5, min_channels=8, generations=3, offspring=4,
-                          stages=[(64, 2), (192, 1)], seed=3, batch_size=4, **kw)
+                          stages=[(64, 2), (192, 1)], seed=3, batch_size=4, **{"surrogate_check": 0, "holdout": 0.0, **kw})
 
 
 def test_driver_resumes_to_the_same_allocation(tiny, data, tmp_path, monkeypatch):
