@@ -12,9 +12,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import tyr.recipes  # noqa: F401  (registers the options defined in code)
-from conftest import CONF, compose
 from tyr.pruning.local import LocalPruner
 from tyr.search.settings import CONFIG_FIELDS, SearchSettings, search_settings
+
+from conftest import CONF, compose
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 IN_CODE = sorted((g, name.removesuffix(".yaml")) for g, opts in ConfigStore.instance().repo.items() if g in GROUPS

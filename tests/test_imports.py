@@ -51,7 +51,10 @@ def import_graph(root: Path) -> dict[str, set[str]]:
 
 def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     """The same graph between the first-level packages / modules of tyr (``tyr.pruning``, ``tyr.export``)."""
-    top = lambda m: ".".join(m.split(".")[:2])  # noqa: E731
+
+    def top(m: str) -> str:
+        return ".".join(m.split(".")[:2])
+
     out: dict[str, set[str]] = {}
     for m, targets in graph.items():
         out.setdefault(top(m), set()).update(top(t) for t in targets if top(t) != top(m))

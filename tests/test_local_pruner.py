@@ -11,9 +11,7 @@ import math
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
-from conftest import CONF, compose, pruner_from_conf
 from tyr.data import TokenSetSpec, build_token_set
 from tyr.layerwise.engine import InputStats, capture_layer_inputs, collect_input_stats, run_layer
 from tyr.layerwise.gradients import layerwise_gradients
@@ -23,8 +21,9 @@ from tyr.pruning.obs_math import damped_inverse, obs_costs, obs_remove
 from tyr.pruning.problem import ModuleProblem, attention_problem, mlp_problem
 from tyr.pruning.reconstruction import refit, relative_error
 from tyr.pruning.scorers import FLAP, OBS, HyWIA, Magnitude, TaylorElement1, TaylorElement2, TaylorVector, WandaSP
-from tyr.pruning.taylor import collect_taylor
 from tyr.pruning.uniform import prune_uniform
+
+from conftest import CONF, pruner_from_conf
 
 PRUNERS = sorted(f.stem for f in (CONF / "pruner").glob("*.yaml"))
 
@@ -135,6 +134,10 @@ def _refit_error(X, W0, kept_cols, damp: float = 0.0) -> float:
     return float((Xa[:, kept_cols] @ W.T - Y).pow(2).sum())
 
 
+def _relative_error(X_kept: torch.Tensor, W: torch.Tensor, Y: torch.Tensor) -> float:
+    return float((X_kept @ W.double().T - Y).pow(2).sum() / Y.pow(2).sum())
+
+
 def _unit_cols(u: int, width: int) -> list[int]:
     return list(range(u * width, (u + 1) * width))
 
@@ -153,11 +156,11 @@ def test_lstsq_variants_are_the_least_squares_refit_of_the_kept_columns(scorer, 
             assert v0.keep == v1.keep and len(v1.keep) in counts
             cols = p.columns(v1.keep)
             W_star = _lstsq(X[:, cols], Y).T
-            err = lambda W: float((X[:, cols] @ W.double().T - Y).pow(2).sum() / Y.pow(2).sum())  # noqa: E731
+            err_rec, err_best, err_plain = (_relative_error(X[:, cols], W, Y) for W in (v1.out_weight, W_star, W0[:, cols]))
             # optimal on the activations (the weights themselves are not identifiable along ill-conditioned directions)
-            assert math.isclose(err(v1.out_weight), err(W_star), rel_tol=1e-3, abs_tol=1e-8), (kind, li, err(v1.out_weight), err(W_star))
-            assert math.isclose(v1.rel_error, err(v1.out_weight), rel_tol=1e-3, abs_tol=1e-8)
-            assert math.isclose(v0.rel_error, err(W0[:, cols]), rel_tol=1e-4)
+            assert math.isclose(err_rec, err_best, rel_tol=1e-3, abs_tol=1e-8), (kind, li, err_rec, err_best)
+            assert math.isclose(v1.rel_error, err_rec, rel_tol=1e-3, abs_tol=1e-8)
+            assert math.isclose(v0.rel_error, err_plain, rel_tol=1e-4)
             assert "refit_rejected" not in v1.info
 
 
@@ -168,7 +171,10 @@ def test_obs_group_cost_is_the_brute_force_refit_error(width):
     X, W0, p = _explicit_problem(seed=2, d_in=12, width=width)
     X, W0 = X.double(), W0.double()
     d, units = X.shape[1], list(range(p.n_units))
-    others = lambda gone: [c for c in range(d) if c // width not in gone]  # noqa: E731
+
+    def others(gone: set[int]) -> list[int]:
+        return [c for c in range(d) if c // width not in gone]
+
     Hinv = damped_inverse(p.stats.H, 0.0)
     costs = obs_costs(p, W0, Hinv, units)
     brute = [_refit_error(X, W0, others({u})) for u in units]
@@ -200,6 +206,15 @@ def test_obs_one_unit_per_round_is_greedy_least_squares_elimination(width, count
     assert got == [want[k] for k in counts]
 
 
+def _member_slices(kind: str, u: int, hd: int) -> list[tuple[str, tuple]]:
+    """Unit u's weights, written out: a head's head_dim rows of q_proj and columns of o_proj, a
+    channel's row of gate_proj and up_proj and column of down_proj."""
+    if kind == "attn":
+        rows = slice(u * hd, (u + 1) * hd)
+        return [("q_proj", (rows, slice(None))), ("o_proj", (slice(None), rows))]
+    return [("gate_proj", (u, slice(None))), ("up_proj", (u, slice(None))), ("down_proj", (slice(None), u))]
+
+
 def test_taylor_scores_follow_their_formulas_per_head_and_channel(tiny, calib, taylor):
     """LLM-Pruner's scores from a plain full backward (g = mean_s ∂ℓ_s/∂W, F = mean_s (∂ℓ_s/∂W)²),
     s¹ = W⊙g, s² = s¹ − ½ W⊙F⊙W, summed over explicit slices: a head owns its head_dim rows of q_proj
@@ -225,15 +240,9 @@ def test_taylor_scores_follow_their_formulas_per_head_and_channel(tiny, calib, t
             g, F = grads[l, n]
             sal[n] = (W * g, W * g - 0.5 * W * F * W)
         for kind, n_units in (("attn", a.geometry(layer).num_heads), ("mlp", a.intermediate_size(layer))):
-            if kind == "attn":
-                pieces = lambda u: [("q_proj", (slice(u * hd, (u + 1) * hd), slice(None))),  # noqa: E731
-                                    ("o_proj", (slice(None), slice(u * hd, (u + 1) * hd)))]
-            else:
-                pieces = lambda u: [("gate_proj", (u, slice(None))), ("up_proj", (u, slice(None))),  # noqa: E731
-                                    ("down_proj", (slice(None), u))]
             want = {k: torch.zeros(n_units, dtype=torch.float64) for k in scorers}
             for u in range(n_units):
-                for name, idx in pieces(u):
+                for name, idx in _member_slices(kind, u, hd):
                     s1, s2 = sal[name][0][idx], sal[name][1][idx]
                     want["element1"][u] += s1.abs().sum()
                     want["vector1"][u] += s1.sum().abs()

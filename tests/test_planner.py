@@ -18,17 +18,28 @@ import torch
 import yaml
 from hydra.utils import instantiate
 
-from conftest import CONF, ROOT, compose
 from tyr.fitness import TeacherCache
 from tyr.modeling.adapter import get_adapter
 from tyr.modeling.params import parameter_counts
-from tyr.planner import (BUILD_LAYER_FORWARDS, GRAD_LAYER_FORWARDS, SHARD_SCHEMA_VERSION, ArchFacts, PrunerSettings,
-                         safetensors_file_bytes, solve_calls, stage_candidates, supernet_bytes, teacher_cache_bytes)
+from tyr.planner import (
+    BUILD_LAYER_FORWARDS,
+    GRAD_LAYER_FORWARDS,
+    SHARD_SCHEMA_VERSION,
+    ArchFacts,
+    PrunerSettings,
+    safetensors_file_bytes,
+    solve_calls,
+    stage_candidates,
+    supernet_bytes,
+    teacher_cache_bytes,
+)
 from tyr.search.settings import SearchSettings
 from tyr.supernet import store as store_mod
 from tyr.supernet.builder import build_supernet
 from tyr.supernet.grid import layer_shapes, make_grid
 from tyr.supernet.store import SupernetStore
+
+from conftest import CONF, ROOT, compose
 
 # Configs with an arch: block (model=hf_folder reads its architecture from the folder when loaded).
 MODELS = sorted(f.stem for f in (CONF / "model").glob("*.yaml") if "arch: null" not in f.read_text())

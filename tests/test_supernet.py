@@ -9,21 +9,19 @@ import math
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 
-from conftest import compose, pruner_from_conf
-from tyr.data import TokenSetSpec, build_token_set
 from tyr.layerwise.engine import InputStats, capture_layer_inputs, collect_input_stats, run_layer
 from tyr.modeling.adapter import get_adapter
 from tyr.modeling.slicing import slice_attention, slice_mlp
 from tyr.pruning.problem import attention_problem, mlp_problem
-from tyr.pruning.taylor import collect_taylor
 from tyr.pruning.uniform import prune_uniform
-from tyr.search import SearchSpace, mutate, Allocation
+from tyr.search import Allocation, SearchSpace, mutate
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet, eea_weights, full_weight
 from tyr.supernet.grid import LayerShape, layer_shapes, make_grid, module_levels
 from tyr.supernet.store import SupernetError, SupernetStore
+
+from conftest import pruner_from_conf
 
 MODEL = {"name": "tiny-llama", "revision": "random-seed:0", "dtype": "float32"}
 
@@ -159,7 +157,8 @@ def test_compact_storage(tiny, calib, taylor, tmp_path):
     store, grid = _build(tiny, calib, taylor, tmp_path / "s")
     ours = store.manifest["disk_bytes"]
     # Týr's layout: every variant as zero-padded full q, k, v, o, gate, up, down tensors
-    per_layer = sum(lin.weight.numel() for lin in get_adapter(tiny.model).projections(get_adapter(tiny.model).layers(tiny.model)[0]).values())
+    a = get_adapter(tiny.model)
+    per_layer = sum(lin.weight.numel() for lin in a.projections(a.layers(tiny.model)[0]).values())
     tyr_layout = sum(len(grid.modules[k][l].keep) for k in ("attn", "mlp") for l in range(4)) * per_layer * 4 // 2
     assert ours * 2 < tyr_layout
 

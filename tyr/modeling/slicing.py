@@ -15,7 +15,7 @@ the original head index or -1 for padding. A block pruned to nothing is replaced
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

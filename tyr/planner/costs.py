@@ -5,8 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from tyr.planner.flops import (BUILD_LAYER_FORWARDS, GRAD_FORWARD_EQUIVALENTS, forward_flops_per_token, solve_flops,
-                               stage_candidates)
+from tyr.planner.flops import (
+    BUILD_LAYER_FORWARDS,
+    GRAD_FORWARD_EQUIVALENTS,
+    forward_flops_per_token,
+    solve_flops,
+    stage_candidates,
+)
 from tyr.planner.settings import ArchFacts, DataSizes, GridSettings, PrunerSettings, Throughput
 from tyr.planner.sizes import TYR_REPORTED_BYTES, dtype_bytes, supernet_bytes, teacher_cache_bytes, tyr_paper_layout_bytes
 from tyr.search.settings import SearchSettings
@@ -189,7 +194,8 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
         "settings": {"supernet": asdict(supernet), "data": asdict(data), "search": asdict(search),
                      "pruner": asdict(pruner), "throughput": asdict(throughput)},
         "params": {"layer": lp, "model": mp, "kept_at_budget": kept,
-                   "kept_heads_centre": kept_heads[0], "kept_channels_centre": grid.modules["mlp"][0].keep[grid.modules["mlp"][0].centre]},
+                   "kept_heads_centre": kept_heads[0],
+                   "kept_channels_centre": grid.modules["mlp"][0].keep[grid.modules["mlp"][0].centre]},
         "supernet": {"levels": _levels_summary(grid), "bytes": sn["total"], "data_bytes": sn["data"],
                      "header_bytes": sn["header"], "per_layer_bytes": sn["per_layer"][0], "attn_data_bytes": sn["attn_data"],
                      "mlp_data_bytes": sn["mlp_data"],

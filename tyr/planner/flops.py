@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from tyr.planner.settings import ArchFacts, PrunerSettings
 from tyr.search.settings import SearchSettings
@@ -82,7 +82,7 @@ def stage_candidates(search: SearchSettings) -> list[int]:
     prescreen's keep, then min(survivors, n); the parent is re-entered at every stage)."""
     n = search.offspring if search.prescreen_keep is None else min(search.offspring, search.prescreen_keep)
     out = []
-    for tokens, survivors in search.stages:
+    for _tokens, survivors in search.stages:
         out.append(n + 1)
         n = min(survivors, n)
     return out

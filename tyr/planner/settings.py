@@ -4,8 +4,9 @@ The search settings are :class:`tyr.search.settings.SearchSettings` (Týr's sett
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from tyr.supernet.grid import LayerShape
 
@@ -33,7 +34,7 @@ class ArchFacts:
             raise ValueError(f"arch.num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ArchFacts":
+    def from_dict(cls, d: Mapping[str, Any]) -> ArchFacts:
         known = {f for f in cls.__dataclass_fields__}
         missing = [f for f in ("model_type", "num_layers", "hidden_size", "intermediate_size", "num_heads",
                                "num_kv_heads", "head_dim", "vocab_size") if f not in d]

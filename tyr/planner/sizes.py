@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from tyr.planner.settings import ArchFacts
 from tyr.supernet.grid import KINDS, SupernetGrid
@@ -27,7 +28,8 @@ def dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[dtype]
 
 
-def safetensors_file_bytes(entries: Sequence[tuple[str, str, Sequence[int]]], metadata: Mapping[str, str] | None = None) -> dict[str, int]:
+def safetensors_file_bytes(entries: Sequence[tuple[str, str, Sequence[int]]],
+                           metadata: Mapping[str, str] | None = None) -> dict[str, int]:
     """Size of a safetensors file holding tensors ``(name, dtype, shape)`` (dtype as ``F32``, ``BF16``,
     ``I32``...): 8-byte header length + JSON header padded with spaces to a multiple of 8 + data."""
     itemsize = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "F64": 8}
@@ -37,15 +39,16 @@ def safetensors_file_bytes(entries: Sequence[tuple[str, str, Sequence[int]]], me
         parts.append('"__metadata__":' + json.dumps(dict(metadata), separators=(",", ":")))
     for name, dt, shape in ordered:
         n = itemsize[dt] * math.prod(shape)
-        parts.append(json.dumps(name) + ":" + json.dumps({"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + n]},
-                                                         separators=(",", ":")))
+        info = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        parts.append(json.dumps(name) + ":" + json.dumps(info, separators=(",", ":")))
         offset += n
     header = len(("{" + ",".join(parts) + "}").encode())
     header += (-header) % 8
     return {"data": offset, "header": 8 + header, "total": 8 + header + offset}
 
 
-def shard_entries(grid: SupernetGrid, layer: int, arch: ArchFacts, dtype: str, bias: bool) -> list[tuple[str, str, tuple[int, ...]]]:
+def shard_entries(grid: SupernetGrid, layer: int, arch: ArchFacts, dtype: str,
+                  bias: bool) -> list[tuple[str, str, tuple[int, ...]]]:
     """The tensors :meth:`SupernetStore.write_layer` stores for one layer: per module and level the kept
     unit indices (int32), the kept output-projection columns [hidden, kept * unit_width] (model dtype)
     and, with a bias-fitting pruner, a bias [hidden] for every level that removes something."""

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from tyr.pruning.problem import ModuleProblem, Variant
 from tyr.pruning.reconstruction import compensating_bias, refit, relative_error

@@ -13,7 +13,8 @@ ATTN_MEMBERS = {"q_proj": "rows", "o_proj": "cols"}
 MLP_MEMBERS = {"gate_proj": "rows", "up_proj": "rows", "down_proj": "cols"}
 
 
-def collect_taylor(model, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = True) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+def collect_taylor(model, input_ids: torch.Tensor, batch_size: int = 8,
+                   progress: bool = True) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
     """``{layer: {"attn": {key: [heads]}, "mlp": {key: [channels]}}}`` (keys: scorers.taylor.TAYLOR_KEYS)."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
@@ -50,7 +51,8 @@ def load_or_collect_taylor(model, input_ids: torch.Tensor, cache_file: str | Non
     out = collect_taylor(model, input_ids, batch_size, progress)
     if cache_file and dist.is_main():
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        flat = {f"{li}.{kind}.{name}": t.contiguous() for li, d in out.items() for kind, dd in d.items() for name, t in dd.items()}
+        flat = {f"{li}.{kind}.{name}": t.contiguous()
+                for li, d in out.items() for kind, dd in d.items() for name, t in dd.items()}
         tmp = cache_file + ".tmp"
         save_file(flat, tmp)
         os.replace(tmp, cache_file)

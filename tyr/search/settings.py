@@ -4,8 +4,9 @@ this dataclass, and the config option ``search=paper`` is registered from it (:m
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass

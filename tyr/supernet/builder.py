@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -50,7 +50,8 @@ def eea_weights(grid: ModuleGrid, mode: str) -> list[float]:
     raise ValueError(f"no mixing weights for EEA mode {mode!r}")
 
 
-def full_weight(problem: ModuleProblem, variants: list[Variant], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def full_weight(problem: ModuleProblem, variants: list[Variant],
+                weights: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Σ_e w_e · (variant e's output projection at full input width, zero columns where removed)."""
     W = torch.zeros_like(problem.out_weight)
     has_bias = any(v.out_bias is not None for v in variants)
@@ -115,7 +116,8 @@ def prune_levels(pruner: LocalPruner, problem: ModuleProblem, keep: list[int], c
     dev = problem.out_weight.device
     for items in dist.all_gather_object(local):
         for i, v in items:
-            out[i] = Variant(v.keep, v.out_weight.to(dev), None if v.out_bias is None else v.out_bias.to(dev), v.rel_error, v.info)
+            bias = None if v.out_bias is None else v.out_bias.to(dev)
+            out[i] = Variant(v.keep, v.out_weight.to(dev), bias, v.rel_error, v.info)
     return out
 
 

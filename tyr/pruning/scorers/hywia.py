@@ -52,7 +52,8 @@ class HyWIA(Scorer):
             out[name] = raw / raw.sum().clamp_min(1e-30)
         return out
 
-    def weights(self, p: ModuleProblem, probe: int, comps: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, list[float]]:
+    def weights(self, p: ModuleProblem, probe: int,
+                comps: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, list[float]]:
         errs = []
         for comp in (comps or self.components(p)).values():
             keep = nested_top(comp, [probe])[0]
