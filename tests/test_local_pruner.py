@@ -273,7 +273,7 @@ def test_magnitude_wanda_sp_and_flap_follow_their_formulas(tiny, calib):
                 parts = [proj["q_proj"].weight[cols[0] : cols[-1] + 1], proj["o_proj"].weight[:, cols[0] : cols[-1] + 1]]
             else:
                 parts = [proj["gate_proj"].weight[u], proj["up_proj"].weight[u], proj["down_proj"].weight[:, u]]
-            mag.append(math.sqrt(sum(float(t.double().pow(2).sum()) for t in parts)))
+            mag.append(math.sqrt(sum(float(t.detach().double().pow(2).sum()) for t in parts)))
         torch.testing.assert_close(Magnitude().score(p).double(), torch.tensor(mag, dtype=torch.float64), rtol=1e-5, atol=0)
         torch.testing.assert_close(WandaSP().score(p).double(), torch.tensor(wanda, dtype=torch.float64), rtol=1e-4, atol=0)
         torch.testing.assert_close(FLAP().score(p).double(), torch.tensor(flap, dtype=torch.float64) * (N - 1) / N,
