@@ -142,7 +142,7 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         fitness.generation = (resume["generation"] - 1) if resume else -1  # the next stage-0 call is generation 0 / resumed one
         t_search = time.time()
 
-        def on_generation(record: dict, evo_state: dict, it=it, fitness=fitness) -> None:
+        def on_generation(record: dict, evo_state: dict, it=it) -> None:
             record = {**record, "iteration": it, "layer_forwards": fitness.stats.layer_forwards,
                       "layer_forwards_saved": fitness.stats.layer_forwards_saved}
             fitness.generation = record["generation"]  # keeps token rotation aligned even if a generation had no stages
@@ -151,7 +151,7 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
                 history.write(**record)
                 write_json(state_file, state)
 
-        prescreen = (lambda allocs, errors=errors: surrogate_scores(errors, allocs)) if settings.prescreen_keep else None
+        prescreen = (lambda allocs: surrogate_scores(errors, allocs)) if settings.prescreen_keep else None
         result = evolve(space, fitness, evo, start=start, state=resume, on_generation=on_generation, prescreen=prescreen)
         best = result.best.to_json()
         iteration = {

@@ -51,8 +51,7 @@ def load_or_collect_taylor(model, input_ids: torch.Tensor, cache_file: str | Non
     out = collect_taylor(model, input_ids, batch_size, progress)
     if cache_file and dist.is_main():
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        flat = {f"{li}.{kind}.{name}": t.contiguous()
-                for li, d in out.items() for kind, dd in d.items() for name, t in dd.items()}
+        flat = {f"{li}.{kind}.{name}": t.contiguous() for li, d in out.items() for kind, dd in d.items() for name, t in dd.items()}
         tmp = cache_file + ".tmp"
         save_file(flat, tmp)
         os.replace(tmp, cache_file)
