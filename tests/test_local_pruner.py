@@ -154,7 +154,7 @@ def test_lstsq_variants_are_the_least_squares_refit_of_the_kept_columns(scorer, 
         rec = LocalPruner(scorer, "lstsq", damp=0.0).prune(p, counts)
         for v0, v1 in zip(plain, rec):
             assert v0.keep == v1.keep and len(v1.keep) in counts
-            cols = p.columns(v1.keep)
+            cols = [c for u in v1.keep for c in _unit_cols(u, p.unit_width)]
             W_star = _lstsq(X[:, cols], Y).T
             err_rec, err_best, err_plain = (_relative_error(X[:, cols], W, Y) for W in (v1.out_weight, W_star, W0[:, cols]))
             # optimal on the activations (the weights themselves are not identifiable along ill-conditioned directions)
