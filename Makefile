@@ -8,7 +8,7 @@ ARGS   ?=
 STAMP  := $(VENV)/.tyr-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock setup-gemma demo evaluate prune build search plan sweep report test test-fast clean
+.PHONY: help setup lock setup-gemma demo evaluate prune build search plan sweep report test test-fast lint clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ test: setup  ## run the whole test suite
 
 test-fast: setup  ## tests without the real model
 	$(BIN)/python -m pytest -q -m "not real_model" $(ARGS)
+
+lint: setup  ## ruff check (rules and line length in pyproject.toml; the tree does not pass yet, see [tool.ruff])
+	$(BIN)/ruff check $(or $(FILES),.)
 
 clean:  ## remove run outputs (keeps .venv and the model cache)
 	rm -rf runs outputs multirun .pytest_cache

@@ -25,6 +25,8 @@ def compose(config_name: str, overrides: list[str] | None = None, return_hydra_c
     from hydra import compose as _compose
     from hydra import initialize_config_dir
 
+    import tyr.recipes  # noqa: F401  (registers the config options defined in code, as a recipe's import does)
+
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return _compose(config_name=config_name, overrides=overrides or [], return_hydra_config=return_hydra_config)
 

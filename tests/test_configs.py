@@ -1,19 +1,30 @@
-"""Every file in conf/ composes, and model sources instantiate to the right classes."""
+"""Configs behave: every option (a file in conf/ or registered in code) composes and resolves, the
+options of a group are interchangeable, pruners instantiate and need gradients exactly when the
+planner budgets a gradient pass, model sources instantiate, and the experiments plan (no weights)
+at every point of their sweeps with Týr's search settings."""
 
 from __future__ import annotations
 
 import pytest
+from hydra.core.config_store import ConfigStore
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+import tyr.recipes  # noqa: F401  (registers the options defined in code)
+from tyr.pruning.local import LocalPruner
+from tyr.search.settings import CONFIG_FIELDS, SearchSettings, search_settings
+
 from conftest import CONF, compose
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
-OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+IN_CODE = sorted((g, name.removesuffix(".yaml")) for g, opts in ConfigStore.instance().repo.items() if g in GROUPS
+                 for name in opts)
+OPTIONS = sorted({(g, f.stem) for g in GROUPS for f in (CONF / g).glob("*.yaml")} | set(IN_CODE))
 PRIMARY = sorted(f.stem for f in CONF.glob("*.yaml"))
 NEEDS = {("data", "fineweb_edu"): ["data.root=/data/fineweb-edu"],  # options with a mandatory value
          ("model", "hf_folder"): ["model.source.path=/models/exported"]}
+EXPERIMENTS = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
 
 
 def _groups_of(primary: str) -> set[str]:
@@ -21,9 +32,14 @@ def _groups_of(primary: str) -> set[str]:
     return {next(iter(d)) for d in defaults if isinstance(d, dict) or OmegaConf.is_dict(d)}
 
 
+def _options(group: str) -> list[str]:
+    return [o for g, o in OPTIONS if g == group]
+
+
 def test_every_option_is_used_by_some_recipe():
     used = set().union(*(_groups_of(p) for p in PRIMARY))
     assert set(GROUPS) - {"experiment"} <= used
+    assert ("search", "paper") in IN_CODE
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -38,17 +54,42 @@ def test_group_option_composes(group, option):
                 OmegaConf.to_container(cfg[key], resolve=True)
 
 
-@pytest.mark.parametrize("model", sorted(f.stem for f in (CONF / "model").glob("*.yaml")))
+@pytest.mark.parametrize("option", _options("search"))
+def test_search_options_are_complete_settings(option):
+    """Every search option sets every field of the settings the driver takes (so switching options
+    never falls back to a default silently); ``paper`` is exactly the dataclass's defaults."""
+    search = compose("pipeline", [f"search={option}"]).search
+    assert set(search) == set(CONFIG_FIELDS)
+    settings = search_settings(OmegaConf.to_container(search, resolve=True), batch_size=8)
+    assert settings.name == option
+    if option == "paper":
+        assert settings == SearchSettings()
+    with pytest.raises(ValueError, match="unknown search settings"):
+        search_settings({**OmegaConf.to_container(search), "generation": 3})
+
+
+@pytest.mark.parametrize("option", _options("pruner"))
+def test_pruner_needs_gradients_exactly_when_the_planner_budgets_them(option):
+    from tyr.recipes.plan import plan_from_config
+
+    cfg = compose("plan", [f"pruner={option}"])
+    pruner = instantiate(cfg.pruner)
+    assert isinstance(pruner, LocalPruner)
+    assert pruner.name == {"taylor_element": "taylor_element1"}.get(option, option)  # an alias runs as its target
+    assert (plan_from_config(cfg)["tokens"]["gradient"] > 0) == pruner.needs_gradients
+
+
+@pytest.mark.parametrize("model", _options("model"))
 def test_model_source_instantiates(model):
     cfg = compose("evaluate", [f"model={model}", *NEEDS.get(("model", model), [])])
     src = instantiate(cfg.model.source)
-    assert type(src).__name__ in ("GGUFPackageSource", "PretrainedSource", "RandomInitSource")
     if model == "hf_folder":  # a folder brings its own name and architecture
         assert src.path == "/models/exported" and cfg.model.arch is None
         return
     assert cfg.model.name == model
-    arch = cfg.model.arch
-    assert arch.num_heads % arch.num_kv_heads == 0 and arch.num_layers > 0
+    from tyr.planner import ArchFacts
+
+    ArchFacts.from_dict(OmegaConf.to_container(cfg.model.arch, resolve=True))  # validates the arch block
 
 
 def test_unknown_model_lists_options():
@@ -57,29 +98,24 @@ def test_unknown_model_lists_options():
     assert "smollm2-135m" in str(e.value)
 
 
-PAPER = sorted(f.stem for f in (CONF / "experiment").glob("paper_*.yaml"))
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_plans_at_every_sweep_point(experiment):
+    """Each experiment composes for the pipeline, instantiates its pruner, and plans without weights at
+    every sparsity of its sweep; the paper experiments use Týr's search settings and calibration
+    (4M FineWeb-Edu tokens at length 4096, DESIGN.md section 2) on the model they name."""
+    from tyr.recipes.plan import plan_from_config
 
-
-def test_paper_experiments_cover_the_three_models():
-    assert PAPER == ["paper_llama2-7b", "paper_llama3.1-70b", "paper_llama3.1-8b"]
-
-
-@pytest.mark.parametrize("experiment", PAPER)
-def test_paper_experiment_composes(experiment):
-    cfg = compose("pipeline", [f"+experiment={experiment}", "data.root=/data/fineweb-edu"], return_hydra_config=True)
-    assert cfg.model.name == experiment.removeprefix("paper_") and cfg.model.source._target_ == "tyr.models.PretrainedSource"
-    assert cfg.search.name == "paper" and list(cfg.search.intervals) == [0.125, 0.0625, 0.03125, 0.015625]
-    assert (cfg.search.generations, cfg.search.offspring) == (50, 128)
-    assert [list(s) for s in cfg.search.stages] == [[2048, 16], [16384, 4], [131072, 1]]
-    c = cfg.data.calibration
-    assert c.seq_len == 4096 and c.seq_len * c.num_sequences == 4 * 2**20  # 4M tokens
-    assert c.source.startswith("parquet:/data/fineweb-edu/")
-    assert cfg.eval.ppl_windows == -1 and cfg.eval.limit is None  # the full evaluation
-    sparsities = [float(x) for x in str(cfg.hydra.sweeper.params.target_sparsity).split(",")]
-    assert sparsities == [0.125, 0.25, 0.375, 0.5]
-
-
-def test_demo_experiment_composes():
-    cfg = compose("pipeline", ["+experiment=demo"])
-    assert cfg.model.name == "smollm2-135m" and cfg.target_sparsity == 0.5 and cfg.search.name == "fast"
-    assert list(cfg.compare) == ["dense", "uniform", "owl"] and cfg.data.calibration.num_sequences == 32
+    extra = ["data.root=/data/fineweb-edu"] if experiment.startswith("paper_") else []
+    cfg = compose("pipeline", [f"+experiment={experiment}", *extra], return_hydra_config=True)
+    instantiate(cfg.pruner)
+    settings = search_settings(OmegaConf.to_container(cfg.search, resolve=True), int(cfg.batch_size))
+    sweep = OmegaConf.select(cfg, "hydra.sweeper.params.target_sparsity")
+    points = [float(x) for x in str(sweep).split(",")] if sweep is not None else [float(cfg.target_sparsity)]
+    for s in points:
+        p = plan_from_config(compose("plan", [f"+experiment={experiment}", f"target_sparsity={s}", *extra]))
+        assert p["target_sparsity"] == s and p["model"] == cfg.model.name
+        assert abs(p["params"]["kept_at_budget"] / p["params"]["model"]["prunable"] - (1 - s)) < 0.02
+    if experiment.startswith("paper_"):
+        assert cfg.model.name == experiment.removeprefix("paper_")
+        assert settings == SearchSettings(batch_size=int(cfg.batch_size))
+        assert p["tokens"]["calibration"] == 4 * 2**20 and p["tokens"]["seq_len"] == 4096

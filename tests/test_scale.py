@@ -177,7 +177,7 @@ STREAM_BUILD = textwrap.dedent(
     import json, resource, sys, time, torch
     torch.set_num_threads(1)
     from tyr.pruning.local import LocalPruner
-    from tyr.importance import Magnitude
+    from tyr.pruning.scorers import Magnitude
     from tyr.streaming import load_streaming
     from tyr.supernet.builder import build_supernet
     from tyr.supernet.grid import layer_shapes, make_grid
@@ -193,7 +193,8 @@ STREAM_BUILD = textwrap.dedent(
                                            config={})
     ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     build_supernet(model, LocalPruner(Magnitude(), reconstruction="lstsq"), ids, grid, store, progress=False)
-    print(json.dumps({"peak_rss_mb": proc_status_mb("VmHWM"), "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"peak_rss_mb": proc_status_mb("VmHWM"),
+                      "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "loaded_rss_mb": loaded,
                       "seconds": time.time() - t0, "layers": len(store.completed_layers())}))
     """
@@ -223,7 +224,8 @@ def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
         for f in folder.glob("*.safetensors"):
             f.unlink()  # keep the test's disk footprint small
     for n in (6, 24):
-        print(f"\n{n} layers: peak RSS {res[n]['peak_rss_mb']:.0f} MB (ru_maxrss {res[n]['ru_maxrss_mb']:.0f} MB; after loading the skeleton "
+        print(f"\n{n} layers: peak RSS {res[n]['peak_rss_mb']:.0f} MB (ru_maxrss {res[n]['ru_maxrss_mb']:.0f} MB; "
+              f"after loading the skeleton "
               f"{res[n]['loaded_rss_mb']:.0f} MB), checkpoint {sizes[n]:.0f} MB, {res[n]['seconds']:.0f} s")
     assert sizes[24] > 3.5 * sizes[6]
     assert res[24]["peak_rss_mb"] <= 1.2 * res[6]["peak_rss_mb"]

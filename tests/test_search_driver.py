@@ -7,9 +7,7 @@ import math
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
-from conftest import compose, pruner_from_conf
 from tyr.coarse_to_fine import SearchSettings, SearchStateError, build_path_supernet, final_allocation, full_kl, run_search
 from tyr.data import TokenSetSpec, build_token_set
 from tyr.fitness import KLFitness, TeacherCache, kl_sum
@@ -22,6 +20,8 @@ from tyr.supernet.builder import build_supernet
 from tyr.supernet.grid import layer_shapes, make_grid
 from tyr.supernet.store import SupernetStore
 from tyr.utils import read_json
+
+from conftest import pruner_from_conf
 
 MODEL = {"name": "tiny-llama", "revision": "random-seed:0", "dtype": "float32"}
 
@@ -85,13 +85,14 @@ def test_kl_fitness_dense_is_zero_and_prefix_cache_is_exact(tiny, data, supernet
 
 def _settings(**kw):
     return SearchSettings(intervals=[0.25, 0.125], n_levels=5, min_channels=8, generations=3, offspring=4,
-                          stages=[(64, 2), (192, 1)], seed=3, batch_size=4, **kw)
+                          stages=[(64, 2), (192, 1)], seed=3, batch_size=4, **{"surrogate_check": 0, "holdout": 0.0, **kw})
 
 
 def test_driver_resumes_to_the_same_allocation(tiny, data, tmp_path, monkeypatch):
     calib, search, taylor = data
     teacher = TeacherCache.build(tiny.model, search, k=64)
-    ref = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(), tmp_path / "a")
+    ref = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(),
+                     tmp_path / "a")
     assert len(ref["iterations"]) == 2
     for it in ref["iterations"]:
         assert it["cost"] <= it["budget"]
@@ -113,7 +114,8 @@ def test_driver_resumes_to_the_same_allocation(tiny, data, tmp_path, monkeypatch
     monkeypatch.setattr(fit.KLFitness, "__call__", real)
     partial = read_json(tmp_path / "b" / "search_state.json")
     assert len(partial["iterations"]) < 2
-    got = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(), tmp_path / "b")
+    got = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(),
+                     tmp_path / "b")
     for x, y in zip(ref["iterations"], got["iterations"]):
         assert x["levels"] == y["levels"] and x["keep"] == y["keep"]
         assert math.isclose(x["fitness"], y["fitness"], rel_tol=1e-6)

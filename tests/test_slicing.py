@@ -94,3 +94,83 @@ def test_bad_keep_indices(tiny):
         slice_attention(a, layer, [7])
     with pytest.raises(ValueError):
         slice_mlp(a, layer, [500])
+
+
+def _with_output_biases(a, layer, seed: int):
+    """A copy of ``layer`` whose o_proj and down_proj carry a (random) bias of their own."""
+    lay = copy.deepcopy(layer)
+    g = torch.Generator().manual_seed(seed)
+    for parent, name in ((a.attention(lay), "o_proj"), (a.mlp(lay), "down_proj")):
+        old = getattr(parent, name)
+        new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            new.bias.copy_(torch.randn(old.out_features, generator=g))
+        setattr(parent, name, new)
+    return lay
+
+
+@pytest.mark.parametrize("kind,keep", [("attn", [0, 2, 3]), ("attn", [1]), ("attn", []), ("mlp", list(range(0, 128, 3))),
+                                       ("mlp", [])])
+def test_bias_compensation_adds_to_an_existing_bias(tiny, inputs, kind, keep):
+    """Slicing a block whose output projection has a bias b₀, with compensation c = W₀[:, R]·mean(X_R),
+    gives the dense block output minus the removed units' contribution X_R W₀[:, R]ᵀ plus c, all
+    computed here from the captured activations. The pruner's compensation is that same c."""
+    from tyr.layerwise.engine import InputStats
+    from tyr.pruning.local import LocalPruner
+    from tyr.pruning.problem import attention_problem, mlp_problem
+    from tyr.pruning.scorers import Magnitude
+
+    a = get_adapter(tiny.model)
+    x, kw = inputs
+    layer = _with_output_biases(a, a.layers(tiny.model)[1], seed=len(keep))
+    block = (lambda lay: a.attention(lay)) if kind == "attn" else (lambda lay: a.mlp(lay))
+    out_proj = a.attention(layer).o_proj if kind == "attn" else a.mlp(layer).down_proj
+    width = a.geometry(layer).head_dim if kind == "attn" else 1
+
+    def block_io(lay, proj=None):  # (input of the output projection, output of the block), one batch
+        seen = {}
+
+        def out_hook(m, i, o):  # returns None: the block's output is left as it is
+            seen["y"] = o[0] if isinstance(o, tuple) else o
+
+        def in_hook(m, args):
+            seen["x"] = args[0]
+
+        hooks = [block(lay).register_forward_hook(out_hook)]
+        if proj is not None:
+            hooks.append(proj.register_forward_pre_hook(in_hook))
+        try:
+            run_layer(lay, x, kw[1], batch_size=len(x))
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen.get("x"), seen["y"]
+
+    X, Y = block_io(layer, out_proj)
+    X, Y = X.double(), Y.double()
+    W0, b0 = out_proj.weight.detach().double(), out_proj.bias.detach().double()
+    torch.testing.assert_close(Y, X @ W0.T + b0, rtol=1e-5, atol=1e-5)  # the hook sees what the block computes
+    removed = [c for c in range(W0.shape[1]) if c // width not in keep]
+    XR = X[..., removed]
+    comp = XR.reshape(-1, len(removed)).mean(0) @ W0[:, removed].T
+    want = Y - XR @ W0[:, removed].T + comp
+
+    sliced = copy.deepcopy(layer)
+    (slice_attention if kind == "attn" else slice_mlp)(a, sliced, keep, None, comp.float())
+    _, got = block_io(sliced)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+    # the pruner's compensation (FLAP-style, no refit) is c, and its variant slices to the same block
+    st = InputStats(X.shape[-1])
+    st.add(X.float())
+    p = (attention_problem if kind == "attn" else mlp_problem)(a, layer, 1, st)
+    (v,) = LocalPruner(Magnitude(), reconstruction="none", bias=True).prune(p, [len(keep)])
+    keep_v = v.keep
+    removed_v = [c for c in range(W0.shape[1]) if c // width not in keep_v]
+    comp_v = X[..., removed_v].reshape(-1, len(removed_v)).mean(0) @ W0[:, removed_v].T
+    torch.testing.assert_close(v.out_bias.double(), comp_v, rtol=1e-4, atol=1e-5)
+    sliced = copy.deepcopy(layer)
+    (slice_attention if kind == "attn" else slice_mlp)(a, sliced, v.keep, v.out_weight, v.out_bias)
+    _, got = block_io(sliced)
+    torch.testing.assert_close(got.double(), Y - X[..., removed_v] @ W0[:, removed_v].T + comp_v, rtol=1e-4, atol=1e-4)

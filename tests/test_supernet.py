@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 
-from conftest import compose, pruner_from_conf
-from tyr.data import TokenSetSpec, build_token_set
-from tyr.layerwise.engine import capture_layer_inputs, collect_input_stats, run_layer
+from tyr.layerwise.engine import InputStats, capture_layer_inputs, collect_input_stats, run_layer
 from tyr.modeling.adapter import get_adapter
 from tyr.modeling.slicing import slice_attention, slice_mlp
 from tyr.pruning.problem import attention_problem, mlp_problem
-from tyr.pruning.taylor import collect_taylor
 from tyr.pruning.uniform import prune_uniform
-from tyr.search import SearchSpace, mutate, Allocation
+from tyr.search import Allocation, SearchSpace, mutate
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet, eea_weights, full_weight
 from tyr.supernet.grid import LayerShape, layer_shapes, make_grid, module_levels
 from tyr.supernet.store import SupernetError, SupernetStore
+
+from conftest import pruner_from_conf
 
 MODEL = {"name": "tiny-llama", "revision": "random-seed:0", "dtype": "float32"}
 
@@ -74,33 +73,38 @@ def test_eea_expectation_equals_weighted_average_of_variant_outputs(tiny, calib,
         dens = [k / g.n_units for k in g.keep]
         assert np.allclose(w, np.array(dens) / sum(dens))
         W_exp, _ = full_weight(prob, variants, w)
-        # explicit: each variant's module output through a sliced layer, averaged with the weights
-        outs = []
+        # explicit: each variant's output through a really sliced layer, averaged with the weights
+        sliced_layers = []
         for v in variants:
             lay = copy.deepcopy(layer)
             if len(v.keep) < g.n_units:
                 (slice_attention if kind == "attn" else slice_mlp)(a, lay, v.keep, v.out_weight, v.out_bias)
-            outs.append(run_layer(lay, x, kw[1]))
-        explicit = sum(wi * o for wi, o in zip(w, outs))
+            sliced_layers.append(lay)
         lay = copy.deepcopy(layer)
         target = a.attention(lay).o_proj if kind == "attn" else a.mlp(lay).down_proj
         with torch.no_grad():
             target.weight.copy_(W_exp)
-        if kind == "attn":
-            # the attention output is linear in o_proj; compare the attention block outputs
-            pass
-        got = run_layer(lay, x, kw[1])
-        if kind == "mlp":
-            torch.testing.assert_close(got, explicit, atol=1e-4, rtol=1e-4)
-        else:
-            # the MLP is non-linear in its input, so compare at the attention block output instead
-            o_in = {}
-            h = a.attention(lay).o_proj.register_forward_pre_hook(lambda m, args: o_in.setdefault("x", args[0]))
-            run_layer(lay, x, kw[1], batch_size=len(x))
-            h.remove()
-            y_exp = o_in["x"] @ W_exp.T
-            y_explicit = sum(wi * (o_in["x"][..., prob.columns(v.keep)] @ v.out_weight.T) for wi, v in zip(w, variants))
-            torch.testing.assert_close(y_exp, y_explicit, atol=1e-4, rtol=1e-4)
+        if kind == "mlp":  # the attention is untouched and Σw = 1: compare the layer outputs
+            explicit = sum(wi * run_layer(v_lay, x, kw[1]) for wi, v_lay in zip(w, sliced_layers))
+            torch.testing.assert_close(run_layer(lay, x, kw[1]), explicit, atol=1e-4, rtol=1e-4)
+        else:  # the MLP is non-linear in its input: compare the attention block outputs
+            explicit = sum(wi * _attention_output(a, v_lay, x, kw[1]) for wi, v_lay in zip(w, sliced_layers))
+            torch.testing.assert_close(_attention_output(a, lay, x, kw[1]), explicit, atol=1e-4, rtol=1e-4)
+
+
+def _attention_output(a, layer, x, kw):
+    """The attention block's output while ``layer`` runs over ``x`` (a forward hook that returns None)."""
+    seen = {}
+
+    def hook(module, args, out):
+        seen["y"] = out[0] if isinstance(out, tuple) else out
+
+    h = a.attention(layer).register_forward_hook(hook)
+    try:
+        run_layer(layer, x, kw, batch_size=len(x))
+    finally:
+        h.remove()
+    return seen["y"]
 
 
 def _digests(root):
@@ -153,29 +157,95 @@ def test_compact_storage(tiny, calib, taylor, tmp_path):
     store, grid = _build(tiny, calib, taylor, tmp_path / "s")
     ours = store.manifest["disk_bytes"]
     # Týr's layout: every variant as zero-padded full q, k, v, o, gate, up, down tensors
-    per_layer = sum(lin.weight.numel() for lin in get_adapter(tiny.model).projections(get_adapter(tiny.model).layers(tiny.model)[0]).values())
+    a = get_adapter(tiny.model)
+    per_layer = sum(lin.weight.numel() for lin in a.projections(a.layers(tiny.model)[0]).values())
     tyr_layout = sum(len(grid.modules[k][l].keep) for k in ("attn", "mlp") for l in range(4)) * per_layer * 4 // 2
     assert ours * 2 < tyr_layout
 
 
+def _captured_input(layer, proj, x, kw) -> torch.Tensor:
+    seen = []
+
+    def hook(module, args):
+        seen.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+    h = proj.register_forward_pre_hook(hook)
+    try:
+        run_layer(layer, x, kw)
+    finally:
+        h.remove()
+    return torch.cat(seen)
+
+
+def _masked_model(model, store, levels):
+    """The pruned model of ``levels`` without slicing: every removed unit's o_proj / down_proj columns
+    zeroed, the kept ones set to the stored variant's weights (and its bias added). Equal to slicing
+    (tests/test_slicing.py)."""
+    m = copy.deepcopy(model)
+    a = get_adapter(m)
+    with torch.no_grad():
+        for l, layer in enumerate(a.layers(m)):
+            for kind, proj, width in (("attn", a.attention(layer).o_proj, a.geometry(layer).head_dim),
+                                      ("mlp", a.mlp(layer).down_proj, 1)):
+                v = store.variant(l, kind, levels[kind][l])
+                cols = [u * width + j for u in v.keep for j in range(width)]
+                W = torch.zeros_like(proj.weight)
+                W[:, cols] = v.weight.to(W.dtype)
+                proj.weight.copy_(W)
+                if v.bias is not None:
+                    proj.bias = torch.nn.Parameter(v.bias.clone() if proj.bias is None else proj.bias + v.bias)
+    return m
+
+
 @pytest.mark.parametrize("mode", ["none", "uniform", "expectation"])
-def test_modes_build_and_assemble(tiny, calib, taylor, tmp_path, mode):
+def test_modes_build_the_variants_of_their_inputs(tiny, calib, taylor, tmp_path, mode):
+    """Recomputed here from the stored variants and each mode's definition (DESIGN.md section 3):
+    layer l's inputs are the dense model's (none) or come from layers < l whose o_proj / down_proj
+    are the w-weighted mixture of their stored variants (w ∝ kept fraction for expectation, equal for
+    uniform), and the MLP's from the mixed attention of its own layer. On those inputs each stored
+    variant keeps what the pruner keeps, and its stored error is the relative error of its weights
+    measured on the captured activations. The assembled model is the masked model of the same levels,
+    also after a level change that rebuilds only the changed layer."""
     store, grid = _build(tiny, calib, taylor, tmp_path / mode, eea=mode)
-    model = copy.deepcopy(tiny.model)
-    asm = Assembler(model, store)
-    changed = asm.assemble(grid.centre_levels())
-    assert changed == [0, 1, 2, 3]
+    errors = store.errors()
+    pruner = pruner_from_conf()
+    model = copy.deepcopy(tiny.model)  # turned into the mixed model layer by layer
+    a = get_adapter(model)
+    x, kw = capture_layer_inputs(model, calib)
+    for l, layer in enumerate(a.layers(model)):
+        for kind in ("attn", "mlp"):
+            g = grid.modules[kind][l]
+            proj = a.attention(layer).o_proj if kind == "attn" else a.mlp(layer).down_proj
+            X = _captured_input(layer, proj, x, kw[l]).double()
+            st = InputStats(X.shape[1])
+            st.add(X.float())
+            problem = (attention_problem if kind == "attn" else mlp_problem)(a, layer, l, st, taylor[l][kind])
+            chosen = [v.keep for v in pruner.prune(problem, list(g.keep), g.centre)]
+            W0 = proj.weight.detach().double()
+            Y = X @ W0.T
+            mixed = torch.zeros_like(W0)
+            w = [k / g.n_units for k in g.keep] if mode == "expectation" else [1.0] * len(g.keep)
+            for lvl in range(len(g.keep)):
+                v = store.variant(l, kind, lvl)
+                assert v.keep == chosen[lvl], (mode, l, kind, lvl)
+                cols = problem.columns(v.keep)
+                err = float((X[:, cols] @ v.weight.double().T - Y).pow(2).sum() / Y.pow(2).sum())
+                assert math.isclose(errors[kind][l][lvl], err, rel_tol=2e-3, abs_tol=1e-7), (mode, l, kind, lvl)
+                mixed[:, cols] += w[lvl] / sum(w) * v.weight.double()
+            if mode != "none":
+                with torch.no_grad():
+                    proj.weight.copy_(mixed)
+        x = run_layer(layer, x, kw[l])
+
+    pruned = copy.deepcopy(tiny.model)
+    asm = Assembler(pruned, store)
     levels = grid.centre_levels()
+    assert asm.assemble(levels) == [0, 1, 2, 3]
     levels["mlp"][2] = 0
     assert asm.assemble(levels) == [2]  # only the changed layer is rebuilt
     with torch.no_grad():
-        assert torch.isfinite(model(calib[:2]).logits).all()
-    errs = store.errors()
-    for kind in ("attn", "mlp"):
-        for l in range(4):
-            g = grid.modules[kind][l]
-            for lvl, e in enumerate(errs[kind][l]):
-                assert e >= 0 and (e == 0.0) == (g.keep[lvl] == g.n_units)  # zero error exactly when nothing is cut
+        torch.testing.assert_close(pruned(calib[:2]).logits, _masked_model(tiny.model, store, levels)(calib[:2]).logits,
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_assembly_at_centre_equals_uniform_pruning(tiny, calib, taylor, tmp_path):
@@ -189,6 +259,33 @@ def test_assembly_at_centre_equals_uniform_pruning(tiny, calib, taylor, tmp_path
     Assembler(model, store).assemble(path)
     with torch.no_grad():
         torch.testing.assert_close(model(calib[:3]).logits, pruned(calib[:3]).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_path_build_keeps_existing_output_biases(tiny, calib, tmp_path):
+    """On a model whose o_proj / down_proj have biases of their own, with a bias-compensating pruner
+    (FLAP), the path supernet is still the sequential prune: the EEA forward keeps each module's own
+    bias and adds the compensation, as slicing does."""
+    biased = copy.deepcopy(tiny.model)
+    a = get_adapter(biased)
+    g = torch.Generator().manual_seed(0)
+    for layer in a.layers(biased):
+        for parent, name in ((a.attention(layer), "o_proj"), (a.mlp(layer), "down_proj")):
+            old = getattr(parent, name)
+            new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+            with torch.no_grad():
+                new.weight.copy_(old.weight)
+                new.bias.copy_(0.1 * torch.randn(old.out_features, generator=g))
+            setattr(parent, name, new)
+    seq = copy.deepcopy(biased)
+    rep = prune_uniform(seq, pruner_from_conf("flap"), calib, 0.5, None, progress=False)
+    centre = {"attn": [r["heads_kept"] for r in rep["layers"]], "mlp": [r["channels_kept"] for r in rep["layers"]]}
+    grid = make_grid(layer_shapes(biased), 0.5, interval=0.25, n_levels=5, min_channels=8, centre=centre)
+    store = SupernetStore.create_or_resume(tmp_path / "p", model=MODEL, grid=grid, eea="path", config={"biased": True})
+    build_supernet(biased, pruner_from_conf("flap"), calib, grid, store, eea="path", path=grid.centre_levels(), progress=False)
+    model = copy.deepcopy(biased)
+    Assembler(model, store).assemble(grid.centre_levels())
+    with torch.no_grad():
+        torch.testing.assert_close(model(calib[:3]).logits, seq(calib[:3]).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_real_sparsity_is_at_least_the_nominal_target(tiny, calib, taylor, tmp_path):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from tyr import dist
 from tyr.fitness import KLFitness, TeacherCache, spearman, surrogate_scores
 from tyr.pruning.local import LocalPruner
 from tyr.search import Allocation, EvolutionConfig, SearchSpace, evolve, mutate
+from tyr.search.settings import SearchSettings
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet
 from tyr.supernet.grid import KINDS, SupernetGrid, layer_shapes, make_grid
@@ -40,27 +41,6 @@ log = logging.getLogger(__name__)
 
 class SearchStateError(ValueError):
     """The run directory's search state was made with other settings (reported without a traceback)."""
-
-
-@dataclass
-class SearchSettings:
-    intervals: list[float] = field(default_factory=lambda: [0.125, 0.0625, 0.03125, 0.015625])
-    n_levels: int = 9
-    min_heads: int = 1
-    min_channels: int = 32
-    eea: str = "expectation"
-    generations: int = 50
-    offspring: int = 128
-    stages: list[tuple[int, int]] = field(default_factory=lambda: [(2048, 16), (16384, 4), (131072, 1)])
-    max_flips: int = 4
-    prescreen_keep: int | None = None  # surrogate first stage: keep this many offspring (None: off)
-    prefix_cache: bool = True
-    prefix_cache_max_mb: float = 4096.0
-    seed: int = 0
-    batch_size: int = 8
-    surrogate_check: int = 0  # evaluate this many random candidates per iteration with both fitnesses
-    reprune: bool = True  # re-prune sequentially at the searched widths; keep it if its KL is lower
-    holdout: float = 0.0  # fraction of the teacher sequences kept out of the search (the re-prune choice is scored on them)
 
 
 def keep_counts(grid: SupernetGrid, levels: dict[str, list[int]]) -> dict[str, list[int]]:

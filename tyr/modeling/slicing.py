@@ -15,7 +15,7 @@ the original head index or -1 for padding. A block pruned to nothing is replaced
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -66,6 +66,16 @@ def _bias_or_none(lin: nn.Linear, rows=None):
     return lin.bias.detach() if rows is None else lin.bias.detach()[rows]
 
 
+def _output_bias(lin: nn.Linear, extra: torch.Tensor | None) -> torch.Tensor | None:
+    """The output projection's bias after slicing: its own bias (kept: it does not depend on the
+    removed units) plus the compensation ``extra``, when there is one."""
+    own = _bias_or_none(lin)
+    if extra is None:
+        return own
+    extra = extra.to(lin.weight.device, torch.float32)
+    return extra if own is None else own.float() + extra
+
+
 def head_layout(kv_of_head: Sequence[int], keep: Sequence[int]) -> tuple[list[int], list[int], int]:
     """Order kept query heads by KV group and pad groups to equal size.
 
@@ -91,8 +101,8 @@ def slice_attention(
     """Keep only ``keep_heads`` (indices into the layer's current heads) in place.
 
     ``o_weight`` optionally replaces the kept ``o_proj`` columns: shape [hidden, len(keep)*head_dim],
-    columns ordered by ascending kept head index (a least-squares refit). ``o_bias`` adds a bias to
-    ``o_proj`` (bias compensation).
+    columns ordered by ascending kept head index (a least-squares refit). ``o_bias`` is added to
+    ``o_proj``'s bias (bias compensation; an existing bias is kept and the compensation added to it).
     """
     attn = adapter.attention(layer)
     if isinstance(attn, EmptyAttention):
@@ -107,7 +117,7 @@ def slice_attention(
         raise ValueError(f"o_weight has {o_weight.shape[1]} columns, expected {len(keep) * hd}")
     hidden = attn.o_proj.out_features
     dtype = attn.o_proj.weight.dtype
-    bias = o_bias if o_bias is not None else _bias_or_none(attn.o_proj)
+    bias = _output_bias(attn.o_proj, o_bias)
     if not keep:
         setattr(layer, adapter.attn_attr, EmptyAttention(hidden, bias, dtype))
         return
@@ -149,7 +159,8 @@ def slice_mlp(
     down_weight: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
 ) -> None:
-    """Keep only ``keep_channels`` of the MLP in place (``down_weight``: refit kept columns)."""
+    """Keep only ``keep_channels`` of the MLP in place (``down_weight``: refit kept columns;
+    ``down_bias`` is added to ``down_proj``'s bias, as ``o_bias`` in :func:`slice_attention`)."""
     mlp = adapter.mlp(layer)
     if isinstance(mlp, EmptyMLP):
         raise ValueError("this layer's MLP was already pruned to nothing")
@@ -161,8 +172,7 @@ def slice_mlp(
         raise ValueError(f"down_weight has {down_weight.shape[1]} columns, expected {len(keep)}")
     hidden = mlp.down_proj.out_features
     dtype = mlp.down_proj.weight.dtype
-    bias = down_bias if down_bias is not None else _bias_or_none(mlp.down_proj)
-    bias = None if bias is None else bias.to(mlp.down_proj.weight.device)
+    bias = _output_bias(mlp.down_proj, down_bias)
     if len(keep) == 0:
         setattr(layer, adapter.mlp_attr, EmptyMLP(hidden, bias, dtype))
         return

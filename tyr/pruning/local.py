@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
-from tyr.importance import Scorer
-from tyr.pruning.problem import ModuleProblem, Variant, compensating_bias, refit, relative_error
+from tyr.pruning.problem import ModuleProblem, Variant
+from tyr.pruning.reconstruction import compensating_bias, refit, relative_error
+from tyr.pruning.scorers.base import Scorer
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,9 @@
-"""One module (attention heads or MLP channels) of one layer, as the local pruner sees it, and the
-least-squares reconstruction of its output projection.
+"""One module (attention heads or MLP channels) of one layer, as the local pruner sees it.
 
 Notation: the output projection (``o_proj`` / ``down_proj``) has dense weight W₀ [out, in] and input
 X [tokens, in] with H = XᵀX, s = Σx, n tokens (float32). A unit owns ``unit_width`` consecutive input
-columns (head_dim for a head, 1 for a channel). Keeping units K, the refit solves
-min ‖X_K W_Kᵀ (+ b) − X W₀ᵀ‖² ⇒ W_Kᵀ = (H_KK + λI)⁻¹ (H W₀ᵀ)_K, λ = damp·mean(diag H),
-with the bias column folded into an augmented H when ``bias`` is on (FLAP-style compensation).
+columns (head_dim for a head, 1 for a channel). The reconstruction (refit, errors) is in
+:mod:`tyr.pruning.reconstruction`.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ class ModuleProblem:
     out_weight: torch.Tensor  # W₀ [out, in], float32
     members: dict[str, tuple[torch.Tensor, str]]  # projection -> (float32 weight, "rows" | "cols")
     stats: InputStats  # input statistics of the output projection
-    taylor: dict[str, torch.Tensor] | None = None  # per-unit Taylor reductions (see importance.taylor)
+    taylor: dict[str, torch.Tensor] | None = None  # per-unit Taylor reductions (see pruning.scorers.taylor)
     _aug: torch.Tensor | None = field(default=None, repr=False)  # cached float64 augmented H
     _energy: float | None = field(default=None, repr=False)  # cached ‖X W₀ᵀ‖²
 
@@ -100,51 +98,3 @@ def _augmented(stats: InputStats) -> torch.Tensor:
     Ha = torch.empty(d + 1, d + 1, dtype=torch.float64, device=H.device)
     Ha[:d, :d], Ha[:d, d], Ha[d, :d], Ha[d, d] = H, s, s, n
     return Ha
-
-
-def relative_error(problem: ModuleProblem, keep: list[int], weight: torch.Tensor, bias: torch.Tensor | None) -> float:
-    """‖X_K Wᵀ + b − X W₀ᵀ‖² / ‖X W₀ᵀ‖², exactly, from the input statistics."""
-    W0 = problem.out_weight.double()
-    D = -W0.clone()
-    cols = problem.columns(keep)
-    D[:, cols] += weight.double()
-    Ha = problem.augmented()
-    if bias is None:
-        num = float(((D @ Ha[:-1, :-1]) * D).sum())
-    else:
-        Da = torch.cat([D, bias.double()[:, None]], 1)
-        num = float(((Da @ Ha) * Da).sum())
-    return max(num, 0.0) / max(problem.dense_energy(), 1e-30)
-
-
-def refit(problem: ModuleProblem, keep: list[int], bias: bool = False, damp: float = 0.001) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Least-squares refit of the kept columns (and a bias if ``bias``) against the dense output."""
-    W0 = problem.out_weight.double()
-    cols = problem.columns(keep)
-    if len(cols) == 0:
-        if not bias:
-            return torch.zeros(W0.shape[0], 0, device=W0.device), None
-        return torch.zeros(W0.shape[0], 0, device=W0.device), (W0 @ problem.stats.mean.double()).float()
-    Ha = problem.augmented()
-    d = W0.shape[1]
-    idx = torch.cat([cols, torch.tensor([d])]) if bias else cols
-    A = Ha[idx][:, idx].clone()
-    lam = damp * torch.diagonal(Ha[:d, :d]).mean().clamp_min(1e-12)
-    A.diagonal()[: len(cols)] += lam
-    B = Ha[idx][:, :d] @ W0.T  # (ZᵀX) W₀ᵀ
-    try:
-        L = torch.linalg.cholesky(A)
-        sol = torch.cholesky_solve(B, L)
-    except RuntimeError:  # not positive definite (degenerate statistics): fall back to lstsq
-        sol = torch.linalg.lstsq(A, B).solution
-    W = sol[: len(cols)].T.float().contiguous()
-    b = sol[len(cols)].float() if bias else None
-    return W, b
-
-
-def compensating_bias(problem: ModuleProblem, keep: list[int]) -> torch.Tensor:
-    """FLAP's baseline bias: the removed columns' contribution at the mean input, W₀[:, R] · E[x_R]."""
-    W0 = problem.out_weight.double()
-    mask = torch.ones(W0.shape[1], dtype=torch.bool, device=W0.device)
-    mask[problem.columns(keep)] = False
-    return (W0[:, mask] @ problem.stats.mean.double()[mask]).float()

@@ -5,16 +5,17 @@ from __future__ import annotations
 import torch
 
 from tyr import dist
-from tyr.importance import taylor_reductions
 from tyr.layerwise.gradients import layerwise_gradients
 from tyr.modeling.adapter import get_adapter
+from tyr.pruning.scorers.taylor import taylor_reductions
 
 ATTN_MEMBERS = {"q_proj": "rows", "o_proj": "cols"}
 MLP_MEMBERS = {"gate_proj": "rows", "up_proj": "rows", "down_proj": "cols"}
 
 
-def collect_taylor(model, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = True) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
-    """``{layer: {"attn": {key: [heads]}, "mlp": {key: [channels]}}}`` (keys: importance.TAYLOR_KEYS)."""
+def collect_taylor(model, input_ids: torch.Tensor, batch_size: int = 8,
+                   progress: bool = True) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    """``{layer: {"attn": {key: [heads]}, "mlp": {key: [channels]}}}`` (keys: scorers.taylor.TAYLOR_KEYS)."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     out: dict[int, dict] = {}

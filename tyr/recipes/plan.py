@@ -16,7 +16,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tyr.planner import ArchFacts, DataSizes, GridSettings, PrunerSettings, SearchPlanSettings, Throughput, format_plan, plan
+from tyr.planner import ArchFacts, DataSizes, GridSettings, PrunerSettings, Throughput, format_plan, plan
+from tyr.search.settings import search_settings
 
 GRADIENT_SCORERS = ("HyWIA", "TaylorVector", "TaylorElement1", "TaylorElement2")
 
@@ -39,15 +40,8 @@ def plan_from_config(cfg: DictConfig) -> dict:
         seq_len=int(cfg.seq_len) if cfg.seq_len is not None else int(d.calibration.seq_len),
         search_set_tokens=_tokens(d.search), batch_size=int(cfg.batch_size),
     )
-    s, n = cfg.search, cfg.supernet
-    search = SearchPlanSettings(
-        name=str(s.name), intervals=tuple(float(x) for x in s.intervals), n_levels=int(s.n_levels),
-        min_heads=int(s.min_heads), min_channels=int(s.min_channels), generations=int(s.generations),
-        offspring=int(s.offspring), stages=tuple((int(a), int(b)) for a, b in s.stages),
-        prescreen_keep=None if s.prescreen_keep is None else int(s.prescreen_keep), topk=int(s.topk),
-        prefix_cache=bool(s.prefix_cache), prefix_cache_max_mb=float(s.prefix_cache_max_mb),
-        surrogate_check=int(s.surrogate_check),
-    )
+    n = cfg.supernet
+    search = search_settings(OmegaConf.to_container(cfg.search, resolve=True), int(cfg.batch_size))
     probes = len(cfg.pruner.scorer.get("components", ("fine", "coarse"))) if scorer == "HyWIA" else 0
     return plan(
         arch, str(cfg.model.dtype), float(cfg.target_sparsity),

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -50,7 +50,8 @@ def eea_weights(grid: ModuleGrid, mode: str) -> list[float]:
     raise ValueError(f"no mixing weights for EEA mode {mode!r}")
 
 
-def full_weight(problem: ModuleProblem, variants: list[Variant], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def full_weight(problem: ModuleProblem, variants: list[Variant],
+                weights: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Σ_e w_e · (variant e's output projection at full input width, zero columns where removed)."""
     W = torch.zeros_like(problem.out_weight)
     has_bias = any(v.out_bias is not None for v in variants)
@@ -66,8 +67,11 @@ def full_weight(problem: ModuleProblem, variants: list[Variant], weights: list[f
 
 @contextmanager
 def swapped_linear(parent: nn.Module, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Iterator[None]:
-    """Temporarily replace ``parent.<name>`` by a Linear with the given weight (and bias)."""
+    """Temporarily replace ``parent.<name>`` by a Linear with the given weight; ``bias`` (a
+    compensation) is added to the module's own bias, which a pruned module keeps."""
     old = getattr(parent, name)
+    if old.bias is not None:
+        bias = old.bias.detach().float() + (0.0 if bias is None else bias.float())
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=old.weight.dtype, device=old.weight.device)
     with torch.no_grad():
         new.weight.copy_(weight)
@@ -112,7 +116,8 @@ def prune_levels(pruner: LocalPruner, problem: ModuleProblem, keep: list[int], c
     dev = problem.out_weight.device
     for items in dist.all_gather_object(local):
         for i, v in items:
-            out[i] = Variant(v.keep, v.out_weight.to(dev), None if v.out_bias is None else v.out_bias.to(dev), v.rel_error, v.info)
+            bias = None if v.out_bias is None else v.out_bias.to(dev)
+            out[i] = Variant(v.keep, v.out_weight.to(dev), bias, v.rel_error, v.info)
     return out
 
 

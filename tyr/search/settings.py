@@ -1,0 +1,54 @@
+"""The coarse-to-fine search settings (torch-free). Their defaults are Týr's settings — the one place
+they are written: the driver (:mod:`tyr.coarse_to_fine`) and the planner (:mod:`tyr.planner`) take
+this dataclass, and the config option ``search=paper`` is registered from it (:mod:`tyr.recipes`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class SearchSettings:
+    name: str = "paper"
+    intervals: list[float] = field(default_factory=lambda: [0.125, 0.0625, 0.03125, 0.015625])  # 4 iterations
+    n_levels: int = 9
+    min_heads: int = 1
+    min_channels: int = 32
+    eea: str = "expectation"
+    generations: int = 50
+    offspring: int = 128
+    stages: list[tuple[int, int]] = field(default_factory=lambda: [(2048, 16), (16384, 4), (131072, 1)])  # (tokens, survivors)
+    max_flips: int = 4
+    prescreen_keep: int | None = None  # surrogate first stage: keep this many offspring (None: off)
+    prefix_cache: bool = True
+    prefix_cache_max_mb: float = 16384.0
+    surrogate_check: int = 64  # evaluate this many random candidates per iteration with both fitnesses
+    reprune: bool = True  # re-prune sequentially at the searched widths; keep it if its KL is lower
+    holdout: float = 0.25  # fraction of the teacher sequences kept out of the search (the re-prune choice is scored on them)
+    topk: int = 8192  # teacher top-k logits kept per position
+    seed: int = 0
+    batch_size: int = 8  # not a search option: the recipes pass their top-level batch_size
+
+
+CONFIG_FIELDS = tuple(f.name for f in fields(SearchSettings) if f.name != "batch_size")
+
+
+def paper_config() -> dict[str, Any]:
+    """Týr's settings as a ``search`` config option (the keys of ``conf/search/*.yaml``)."""
+    d = asdict(SearchSettings())
+    return {k: [list(s) for s in d[k]] if k == "stages" else d[k] for k in CONFIG_FIELDS}
+
+
+def search_settings(options: Mapping[str, Any], batch_size: int = 8) -> SearchSettings:
+    """Typed settings from a ``search`` config option (a plain mapping); unknown keys are an error."""
+    unknown = sorted(set(options) - set(CONFIG_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown search settings {unknown}; known: {list(CONFIG_FIELDS)}")
+    d = dict(options)
+    if "stages" in d:
+        d["stages"] = [(int(t), int(s)) for t, s in d["stages"]]
+    if "intervals" in d:
+        d["intervals"] = [float(x) for x in d["intervals"]]
+    return SearchSettings(**d, batch_size=int(batch_size))
