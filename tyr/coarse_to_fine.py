@@ -165,6 +165,8 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
                                                   np.random.default_rng(settings.seed + 1000 + it), settings.stages[0][0])
             log.info("surrogate rank correlation with KL: %.3f", extra["surrogate"]["spearman"])
         fitness.generation = (resume["generation"] - 1) if resume else -1  # the next stage-0 call is generation 0 / resumed one
+        for k, v in (current or {}).get("fitness_stats", {}).items():  # counters of the killed session(s)
+            setattr(fitness.stats, k, v)
         t_search = time.time()
         bar = Progress(settings.generations, f"search iteration {it + 1}/{len(settings.intervals)}: generation",
                        initial=resume["generation"] if resume else 0, every=10.0, enabled=dist.is_main())
@@ -174,7 +176,8 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
                       "layer_forwards_saved": fitness.stats.layer_forwards_saved}
             fitness.generation = record["generation"]  # keeps token rotation aligned even if a generation had no stages
             state["current"] = {"iteration": it, "evolution": evo_state, "extra": extra,
-                                "search_seconds": searched_before + time.time() - t_search}
+                                "search_seconds": searched_before + time.time() - t_search,
+                                "fitness_stats": {k: v for k, v in asdict(fitness.stats).items() if k != "history"}}
             if dist.is_main():
                 history.write(**record)
                 fault_point("search.generation")

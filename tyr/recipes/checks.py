@@ -118,7 +118,8 @@ def check_data(cfg: DictConfig, search: bool) -> None:
         check_token_set(cfg.data.gradient, "data.gradient")
 
 
-def check_search(cfg: DictConfig) -> None:
+def check_search(cfg: DictConfig, tokens: bool = True) -> None:
+    """The search settings; with ``tokens``, also that every stage fits in the search token set."""
     s = cfg.search
     n = int(s.n_levels)
     _need(n >= 3 and n % 2 == 1, f"search.n_levels={n} must be odd and at least 3 (a centre level and one step either side)")
@@ -141,7 +142,7 @@ def check_search(cfg: DictConfig) -> None:
     _need(stages[-1][1] == 1, f"search.stages: the last stage must keep 1 survivor, not {stages[-1][1]}")
     d = cfg.data.search
     N, T = int(d.num_sequences), int(d.seq_len)
-    if N > 0:
+    if N > 0 and tokens:
         n_hold = max(1, int(round(hold * N))) if hold > 0 else 0
         _need(n_hold < N, f"search.holdout={hold} leaves no search sequences out of data.search.num_sequences={N}")
         avail = (N - n_hold) * T
@@ -211,7 +212,7 @@ def check_plan(cfg: DictConfig) -> None:
     for part in ("calibration", "search", "gradient"):
         d = cfg.data[part]
         _need(int(d.seq_len) >= 2 and int(d.num_sequences) >= 1, f"data.{part}: seq_len and num_sequences must be positive")
-    check_search(cfg)
+    check_search(cfg, tokens=False)  # a plan may size a search for data it does not name
     check_supernet(cfg)
 
 
@@ -279,7 +280,9 @@ class Checks(Callback):
 
             if isinstance(e, MissingMandatoryValue):
                 fail(f"missing setting {str(e).splitlines()[0].split('key:')[-1].strip() or e}: give it on the command line")
-            fail(str(e) if isinstance(e, (SettingsError, ValueError)) else f"{type(e).__name__}: {e}")
+            from tyr.recipes.common import user_errors, user_message
+
+            fail(user_message(e) if isinstance(e, (ValueError, *user_errors())) else f"{type(e).__name__}: {e}")
         if run_dir is not None and config.hydra.output_subdir is not None:
             hydra_dir = run_dir / str(config.hydra.output_subdir)
             _previous_record.update({p: p.read_bytes() for p in hydra_dir.glob("*.yaml")} if hydra_dir.is_dir() else {})

@@ -52,7 +52,7 @@ def finished_result(run_dir: Path, cfg: DictConfig, name: str = "results.json") 
     return result if strip(saved) == strip(to_container(cfg)) else None
 
 
-def _user_errors() -> tuple[type, ...]:
+def user_errors() -> tuple[type, ...]:
     """Errors caused by the user's input or environment, reported without a traceback."""
     from tyr.artifacts import CorruptArtifactError, StaleArtifactError
     from tyr.coarse_to_fine import SearchStateError
@@ -103,7 +103,7 @@ def recorded(fn):
             if hc.mode == RunMode.MULTIRUN:
                 log.error("job failed (recorded in %s): %s", run_dir / "failed.json", e)
                 return None
-            if isinstance(e, _user_errors()):  # bad input: one clear message, no traceback
+            if isinstance(e, user_errors()):  # bad input: one clear message, no traceback
                 checks.fail(user_message(e))
             raise
 

@@ -61,9 +61,12 @@ def eval_settings(cfg: DictConfig) -> dict:
 
 def records(cfg: DictConfig, model_id: dict, needs_gradients: bool) -> dict[str, StageRecord]:
     """The prepare and search records of a pipeline config."""
-    prepare = StageRecord("prepare", {"model": model_id, "search_data": _c(cfg.data.search), "topk": int(cfg.search.topk)})
-    build = {"model": model_id, "pruner": _c(cfg.pruner), "calibration": _c(cfg.data.calibration),
-             "gradient": _c(cfg.data.gradient) if needs_gradients else None, "target_sparsity": float(cfg.target_sparsity)}
+    # keys are the config paths, so a differing setting is named as the user writes it
+    prepare = StageRecord("prepare", {"model": model_id, "data.search": _c(cfg.data.search),
+                                      "search.topk": int(cfg.search.topk)})
+    build = {"model": model_id, "pruner": _c(cfg.pruner), "data.calibration": _c(cfg.data.calibration),
+             "data.gradient": _c(cfg.data.gradient) if needs_gradients else None,
+             "target_sparsity": float(cfg.target_sparsity)}
     search = {k: v for k, v in _c(cfg.search).items() if k not in ("name", "topk")}
     return {"prepare": prepare, "search": StageRecord("search", {"prepare": prepare.key, **build, "search": search})}
 
