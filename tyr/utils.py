@@ -132,3 +132,15 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def track(iterable, desc: str, total: int | None = None, enabled: bool = True, every: float = 30.0):
+    """``for x in track(items, "desc")``: :class:`Progress` around a loop (tqdm or log lines)."""
+    items = list(iterable) if total is None else iterable
+    bar = Progress(len(items) if total is None else total, desc, every=every, enabled=enabled)
+    try:
+        for x in items:
+            yield x
+            bar.update()
+    finally:
+        bar.close()
