@@ -449,6 +449,32 @@ def test_verified_file_round_trip_and_corruption(tmp_path):
         read_verified(tmp_path / "f.safetensors")
 
 
+def test_build_that_failed_before_its_first_layer_does_not_block_the_corrected_command(tmp_path):
+    """A manifest with no layer and no activation checkpoint holds no work: another configuration
+    starts afresh in its place; once a layer exists, another configuration is refused, naming it."""
+    from tyr.supernet.grid import LayerShape, make_grid
+    from tyr.supernet.store import SupernetError, SupernetStore
+
+    grid = make_grid([LayerShape(4, 10.0, 64, 3.0)] * 2, 0.5, 0.25, 3, 1, 8)
+    model = {"name": "m", "revision": "r", "dtype": "float32"}
+    SupernetStore.create_or_resume(tmp_path, model=model, grid=grid, eea="expectation", config={"calibration": {"num_sequences": 0}})
+    s = SupernetStore.create_or_resume(tmp_path, model=model, grid=grid, eea="expectation", config={"calibration": {"num_sequences": 8}})
+    assert s.manifest["config"]["calibration"]["num_sequences"] == 8
+    s.manifest["layers"]["0"] = {"shard": "x", "sha256": "y", "bytes": 0, "errors": {}, "info": {}}
+    s.save_manifest()
+    with pytest.raises(SupernetError, match=r"calibration.num_sequences: 8 -> 16"):
+        SupernetStore._create_or_resume(tmp_path, model=model, grid=grid, eea="expectation",
+                                        config={"calibration": {"num_sequences": 16}})
+
+
+@pytest.mark.slow
+def test_moved_run_exports_with_the_export_recipe(reference, cache, tmp_path):
+    run = copy_of(reference, tmp_path)
+    p = subprocess.run([sys.executable, "-m", "tyr.recipes.export", f"run={run}", "verify=false"], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and (run / "hf_model" / "config.json").exists(), p.stderr[-2000:]
+
+
 def test_zz_counts():
     """The suite's counts (run last in this file): kills, corruptions and bad settings tried."""
     print(f"\nfault-injection counts: {COUNTS}")

@@ -102,6 +102,7 @@ def main(cfg: DictConfig) -> None:
     pruner = instantiate(cfg.pruner)
     recs = stages.records(cfg, stages.model_identity(cfg), pruner.needs_gradients)
     lm = load(cfg)
+    dist.barrier()  # every rank sees the files as rank 0 left them after a redo
     dense_counts = parameter_counts(lm.model)
     tok = dict(tokenizer=lm.tokenizer, cache=token_cache(cfg), tokenizer_name=lm.name)
     timings = read_json_checked(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}

@@ -118,9 +118,16 @@ def check_run(cfg: DictConfig, run_dir: Path) -> None:
                 f"rerun with redo={stage} to redo it and every stage after it, or choose another directory (name=...)")
 
 
+def _writer() -> bool:
+    """Rank 0 writes the run's files (under torchrun, before the process group exists too)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def apply_redo(run_dir: Path, redo: str | None) -> None:
     """Remove the artifacts and records of stage ``redo`` and every stage after it."""
-    if redo is None:
+    if redo is None or not _writer():
         return
     for stage in STAGES[STAGES.index(redo):]:
         for pat in ARTIFACTS[stage]:
@@ -134,7 +141,7 @@ def begin(run_dir: Path, record: StageRecord) -> None:
     """Write a stage's record as it starts making artifacts (its settings are then the directory's)."""
     path = record_path(run_dir, record.stage)
     old = StageRecord.read(path) if path.exists() else None
-    if old is None or old.key != record.key:
+    if _writer() and (old is None or old.key != record.key):
         record.write(path)
 
 
