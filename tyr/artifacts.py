@@ -136,7 +136,10 @@ def tensors_sha256(tensors: dict) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            u = t.reshape(-1).view(torch.uint8)
+            for i in range(0, u.numel(), 1 << 26):  # in 64 MB pieces: memory-mapped activations stay on disk
+                h.update(u[i : i + (1 << 26)].numpy())
     return h.hexdigest()
 
 

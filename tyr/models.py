@@ -8,7 +8,6 @@ folder one at a time (:mod:`tyr.streaming`).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -43,14 +42,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         return _DTYPES[name]
     except KeyError:
         raise ValueError(f"dtype {name!r} is not one of {sorted(_DTYPES)}") from None
-
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 @dataclass
@@ -126,7 +117,9 @@ class GGUFPackageSource:
         tmp.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        revision = "gguf-sha256:" + _sha256(gguf)
+        from tyr.artifacts import file_sha256
+
+        revision = "gguf-sha256:" + file_sha256(gguf)
         (tmp / "tyr_source.json").write_text(
             json.dumps({"source": "gguf-package", "package": self.package, "file": gguf.name, "revision": revision}, indent=1)
         )

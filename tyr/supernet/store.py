@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tyr import dist
-from tyr.artifacts import CorruptArtifactError, describe_diff, fault_point, load_cache, read_json_checked, write_verified
+from tyr.artifacts import (CorruptArtifactError, describe_diff, fault_point, file_sha256 as sha256_file, load_cache,
+                           read_json_checked, write_verified)
 from tyr.supernet.grid import KINDS, SupernetGrid
 from tyr.utils import write_json
 
@@ -40,14 +41,6 @@ def read_manifest(path: Path) -> dict:
         return read_json_checked(path)
     except CorruptArtifactError as e:
         raise SupernetError(f"{e}; delete {path.parent} to rebuild it (in a pipeline run: redo=search)") from None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 22):
-            h.update(b)
-    return h.hexdigest()
 
 
 def config_hash(obj: dict) -> str:
