@@ -27,13 +27,13 @@ from omegaconf import DictConfig
 
 from tyr import dist
 from tyr.allocation import nearest_levels, outlier_ratios, owl_sparsities
+from tyr.artifacts import describe_diff, read_json_checked, settings_key
 from tyr.coarse_to_fine import SearchSettings, build_path_supernet, final_allocation, keep_counts, run_search, search_forms
 from tyr.data import TokenSetSpec, get_token_set
 from tyr.evaluation import evaluate_model, results_table
 from tyr.fitness import TeacherCache
 from tyr.modeling.params import parameter_counts
 from tyr.plots import plot_allocation, plot_search_history
-from tyr.artifacts import describe_diff, read_json_checked, settings_key
 from tyr.recipes import stages
 from tyr.recipes.common import recorded, eval_kwargs, load, load_in_memory, log, start, taylor_for, to_container, token_cache
 from tyr.supernet.assemble import Assembler
@@ -181,7 +181,8 @@ def main(cfg: DictConfig) -> None:
             rec["manifest"] = str(Path(rec["manifest"]).resolve().relative_to(run_dir.resolve()))  # the run dir may move
             write_json(run_dir / "allocation.json", rec)
         rows[f"{lm.name} {name} {cfg.target_sparsity:.0%}"] = _evaluated(
-            out, lm, cfg, stages.form_key(search_key, name, levels), allocation=name, budget=rec["budget"],
+            out, lm, cfg, stages.form_key(search_key, name, levels, store.root.resolve().relative_to(run_dir.resolve())),
+            allocation=name, budget=rec["budget"],
             supernet=str(store.root))
         asm.restore_dense()
         if name == "searched":
@@ -194,7 +195,8 @@ def main(cfg: DictConfig) -> None:
     plot_allocation(searched_sparsity, uniform_sparsity, run_dir / "allocation.png",
                     f"{lm.name} at {cfg.target_sparsity:.0%}: searched vs uniform")
     exported = read_json_checked(run_dir / "export.json") if (run_dir / "export.json").exists() else {}
-    export_key = settings_key(stages.form_key(search_key, chosen["source"], chosen["levels"]))
+    export_key = settings_key(stages.form_key(search_key, chosen["source"], chosen["levels"],
+                                              candidates["searched"][0].root.resolve().relative_to(run_dir.resolve())))
     if cfg.export and (exported.get("key") != export_key or not (run_dir / "hf_model" / "config.json").exists()):
         from tyr.recipes.export import export_run
 

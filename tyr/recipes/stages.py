@@ -145,9 +145,11 @@ def begin(run_dir: Path, record: StageRecord) -> None:
         record.write(path)
 
 
-def form_key(search_key: str, allocation: str, levels: dict | None = None) -> dict:
-    """The identity of a model form to evaluate or export: the search that made it, its name, widths."""
-    return {"search": search_key, "allocation": allocation, "levels": levels}
+def form_key(search_key: str, allocation: str, levels: dict | None = None, supernet: Path | None = None) -> dict:
+    """The identity of a model form to evaluate or export: the search that made it, its name, its
+    supernet (relative to the run directory) and its levels in it."""
+    return {"search": search_key, "allocation": allocation, "supernet": None if supernet is None else str(supernet),
+            "levels": levels}
 
 
 def results_key(cfg: DictConfig, form: dict) -> tuple[str, dict]:
