@@ -232,3 +232,37 @@ def test_unsupported_models_are_refused():
                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32)
     with pytest.raises(ExportError, match="sliding"):
         pruned_config(MistralForCausalLM(cfg))
+
+
+def test_folder_records_the_tested_transformers(folder):
+    import transformers
+
+    from tyr.modeling.hf_pruned.configuration_tyr_llama import TESTED_TRANSFORMERS
+
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["tyr_transformers_tested"] == list(TESTED_TRANSFORMERS)
+    assert cfg["tyr_exported_with_transformers"] == transformers.__version__
+
+
+def test_untested_transformers_failure_is_one_line(pruned, ids, monkeypatch):
+    """Outside the tested range a failing forward names the versions and what to install; inside it, the
+    original error is raised unchanged (a real bug must not hide behind a version message)."""
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    import tyr.modeling.hf_pruned.configuration_tyr_llama as tyr_config
+
+    ex = to_export_model(pruned)
+
+    def changed_api(self, *args, **kwargs):
+        raise TypeError("forward() got multiple values for argument 'cache'")
+
+    monkeypatch.setattr(LlamaModel, "forward", changed_api)
+    with pytest.raises(TypeError, match="multiple values"):
+        ex(ids)
+    monkeypatch.setattr(tyr_config, "TESTED_TRANSFORMERS", ("5.0.0", "5.1.0"))  # the installed one is now untested
+    with pytest.raises(tyr_config.TyrTransformersVersionError) as err:
+        ex(ids)
+    msg = str(err.value)
+    assert "\n" not in msg and transformers.__version__ in msg and "pip install 'transformers>=5.0.0,<=5.1.0'" in msg
+    assert msg.count("tested with") == 1 and "multiple values for argument 'cache'" in msg

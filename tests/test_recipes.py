@@ -69,7 +69,7 @@ def test_build_recipe_reruns_resume(tmp_path):
     assert p.returncode != 0 and "manifest.json" in p.stderr and "another configuration" in p.stdout + p.stderr
 
 
-def test_pipeline_recipe_tiny_end_to_end(tmp_path):
+def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch):
     args = ["model=tiny-llama", "eval=smoke", "data.calibration.num_sequences=8", "data.calibration.seq_len=64",
             "data.gradient.num_sequences=4", "data.gradient.seq_len=64", "data.search.num_sequences=8",
             "data.search.seq_len=64", "search.min_channels=8", "search.generations=2", "search.offspring=4",
@@ -95,6 +95,19 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path):
     before = (run / "results_searched.json").read_text()
     p = run_recipe("tyr.recipes.pipeline", *args)
     assert p.returncode == 0 and (run / "results_searched.json").read_text() == before
+    # an export whose check fails leaves the verified folder as it was, and no staging folder behind
+    import tyr.recipes.export as rx
+    from tyr.export import ExportVerificationError
+
+    def failing_check(*args, **kwargs):
+        raise ExportVerificationError("injected")
+
+    shipped = {f.name: f.read_bytes() for f in (run / "hf_model").iterdir()}
+    monkeypatch.setattr(rx, "verify_export", failing_check)
+    with pytest.raises(ExportVerificationError):
+        rx.export_run(run, overwrite=True)
+    assert {f.name: f.read_bytes() for f in (run / "hf_model").iterdir()} == shipped
+    assert not [f.name for f in run.iterdir() if f.name.startswith(".hf_model")]
 
 
 def test_multirun_records_a_failed_job_and_goes_on(tmp_path):

@@ -8,19 +8,20 @@ checked in a fresh process.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tyr.artifacts import fault_point, read_json_checked
 from tyr.data import TokenSetSpec, get_token_set
 from tyr.export import export_model, export_streamed, verify_export
 from tyr.models import load_model
 from tyr.recipes.common import log, recorded
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.store import SupernetStore
-from tyr.artifacts import fault_point, read_json_checked
 from tyr.utils import setup_run, write_json
 
 
@@ -39,20 +40,33 @@ def export_run(run_dir: Path, out: Path | None = None, verify: bool = True, layo
     store = SupernetStore.open((run_dir / alloc["manifest"]).parent, expect_model={"name": lm.name, "revision": lm.revision})
     asm = Assembler(lm.model, store)
     asm.assemble(alloc["levels"])
-    out = out or run_dir / "hf_model"
-    if asm.streaming:
-        export_streamed(lm.model, asm, lm.tokenizer, out, allocation=alloc, layout=layout, overwrite=overwrite)
+    out = Path(out or run_dir / "hf_model")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (overwrite=true replaces it)")
+    # Written and checked under a staging name, renamed into place only once verified: a failed
+    # export or check never leaves an unusable folder where a loadable one is expected.
+    staging = out.with_name(f".{out.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        if asm.streaming:
+            export_streamed(lm.model, asm, lm.tokenizer, staging, allocation=alloc, layout=layout)
+            if verify:
+                log.warning("streamed export: the fresh-process comparison with the in-memory model is skipped")
+                verify = False
+        else:
+            export_model(lm.model, lm.tokenizer, staging, allocation=alloc, layout=layout)
+        record = {"out": str(out), "bytes": sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()),
+                  "streamed": asm.streaming, "manifest": alloc["manifest"], "key": key}
         if verify:
-            log.warning("streamed export: the fresh-process comparison with the in-memory model is skipped")
-            verify = False
-    else:
-        export_model(lm.model, lm.tokenizer, out, allocation=alloc, layout=layout, overwrite=overwrite)
-    record = {"out": str(out), "bytes": sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file()),
-              "streamed": asm.streaming, "manifest": alloc["manifest"], "key": key}
-    if verify:
-        spec = TokenSetSpec(**OmegaConf.to_container(run_cfg.data.search, resolve=True))
-        ids = get_token_set(spec, lm.tokenizer, token_cache or str(Path(run_cfg.paths.cache_dir) / "tokens"), lm.name).input_ids[:2, :128]
-        record["verify"] = verify_export(out, lm.model, ids)
+            spec = TokenSetSpec(**OmegaConf.to_container(run_cfg.data.search, resolve=True))
+            cache = token_cache or str(Path(run_cfg.paths.cache_dir) / "tokens")
+            ids = get_token_set(spec, lm.tokenizer, cache, lm.name).input_ids[:2, :128]
+            record["verify"] = verify_export(staging, lm.model, ids)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     asm.restore_dense()
     fault_point("export.record")
     write_json(Path(out).parent / "export.json", record)

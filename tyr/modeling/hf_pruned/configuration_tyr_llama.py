@@ -25,16 +25,64 @@ per-layer lists:
 False). Sliding-window attention is not supported.
 """
 
+import functools
+
 import transformers
-from huggingface_hub.dataclasses import strict
-from transformers.models.llama.configuration_llama import LlamaConfig
+from packaging.version import Version
 
 # The transformers releases this architecture code was tested with (experiments/compat.sh; the lock pins one).
 # Recorded in every exported config.json; outside this range a failure names the range and what to install.
-TESTED_TRANSFORMERS = ("5.0.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
 
 
-@strict
+class TyrTransformersVersionError(RuntimeError):
+    """The installed transformers is outside the range this folder was tested with, and it failed."""
+
+
+def transformers_version_hint(exc: BaseException) -> str | None:
+    """One line naming the versions and what to install, when the installed transformers is untested."""
+    lo, hi = TESTED_TRANSFORMERS
+    now = Version(transformers.__version__)
+    if Version(lo) <= now <= Version(hi):
+        return None
+    reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    return (
+        f"this tyr_llama model was tested with transformers {lo} to {hi}, but transformers "
+        f"{transformers.__version__} is installed and failed ({reason}); "
+        f"run: pip install 'transformers>={lo},<={hi}'"
+    )
+
+
+def guard_transformers_version(fn):
+    """Turn a failure under an untested transformers release into one line saying what to install."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TyrTransformersVersionError:
+            raise  # already one line (an inner guarded call)
+        except Exception as exc:  # noqa: BLE001 - re-raised unchanged inside the tested range
+            hint = transformers_version_hint(exc)
+            if hint is None:
+                raise
+            raise TyrTransformersVersionError(hint) from None
+
+    return wrapper
+
+
+try:
+    from huggingface_hub.dataclasses import strict
+    from transformers.models.llama.configuration_llama import LlamaConfig
+except ImportError as _exc:
+    _hint = transformers_version_hint(_exc)
+    if _hint is None:
+        raise
+    raise TyrTransformersVersionError(_hint) from None
+
+
+
+
 class TyrLlamaConfig(LlamaConfig):
     """``LlamaConfig`` plus per-layer attention heads, KV heads, MLP widths and bias flags."""
 
@@ -108,4 +156,18 @@ class TyrLlamaConfig(LlamaConfig):
         return self.layer_num_heads[layer_idx] > 0
 
 
-__all__ = ["TESTED_TRANSFORMERS", "TyrLlamaConfig"]
+try:  # validators are bound when the decorator runs; before transformers 5.23 configs are no dataclasses
+    TyrLlamaConfig = strict(TyrLlamaConfig)
+except Exception as _exc:  # noqa: BLE001 - re-raised unchanged inside the tested range
+    _hint = transformers_version_hint(_exc)
+    if _hint is None:
+        raise
+    raise TyrTransformersVersionError(_hint) from None
+
+__all__ = [
+    "TESTED_TRANSFORMERS",
+    "TyrLlamaConfig",
+    "TyrTransformersVersionError",
+    "guard_transformers_version",
+    "transformers_version_hint",
+]

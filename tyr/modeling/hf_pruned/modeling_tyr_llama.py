@@ -22,50 +22,13 @@ entries of attention-less layers are replaced by ``DummyLayer``\\ s, which ``Cac
 and the mask code skip, so they read the first layer that has attention.
 """
 
-import functools
 import inspect
 from collections.abc import Callable
 
 import torch
-import transformers
-from packaging.version import Version
 from torch import nn
 
-from .configuration_tyr_llama import TESTED_TRANSFORMERS
-
-
-class TyrTransformersVersionError(RuntimeError):
-    """The installed transformers is outside the range this folder was tested with, and it failed."""
-
-
-def _version_hint(exc: BaseException) -> str | None:
-    """One line naming the versions and what to install, when the installed transformers is untested."""
-    lo, hi = TESTED_TRANSFORMERS
-    now = Version(transformers.__version__)
-    if Version(lo) <= now <= Version(hi):
-        return None
-    reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-    return (
-        f"this tyr_llama model was tested with transformers {lo} to {hi}, but transformers "
-        f"{transformers.__version__} is installed and failed ({reason}); "
-        f"run: pip install 'transformers>={lo},<={hi}'"
-    )
-
-
-def _guard(fn):
-    """Turn a failure under an untested transformers release into one line saying what to install."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - re-raised unchanged inside the tested range
-            hint = _version_hint(exc)
-            if hint is None:
-                raise
-            raise TyrTransformersVersionError(hint) from None
-
-    return wrapper
+from .configuration_tyr_llama import TyrTransformersVersionError, guard_transformers_version, transformers_version_hint
 
 
 try:
@@ -86,7 +49,7 @@ try:
         eager_attention_forward,
     )
 except ImportError as _exc:
-    _hint = _version_hint(_exc)
+    _hint = transformers_version_hint(_exc)
     if _hint is None:
         raise
     raise TyrTransformersVersionError(_hint) from None
@@ -295,7 +258,7 @@ class TyrLlamaModel(TyrLlamaPreTrainedModel, LlamaModel):
             if i < len(layers) and not isinstance(layers[i], DummyLayer):
                 layers[i] = DummyLayer()
 
-    @_guard
+    @guard_transformers_version
     def forward(self, input_ids: torch.LongTensor | None = None, **kwargs):
         cache = _pop_cache(kwargs)
         use_cache = kwargs.pop("use_cache", None)
@@ -310,7 +273,7 @@ class TyrLlamaModel(TyrLlamaPreTrainedModel, LlamaModel):
 class TyrLlamaForCausalLM(TyrLlamaPreTrainedModel, LlamaForCausalLM):
     """Causal LM head over :class:`TyrLlamaModel` (forward and generation are Llama's)."""
 
-    @_guard
+    @guard_transformers_version
     def __init__(self, config: TyrLlamaConfig):
         TyrLlamaPreTrainedModel.__init__(self, config)
         self.model = TyrLlamaModel(config)
@@ -319,7 +282,7 @@ class TyrLlamaForCausalLM(TyrLlamaPreTrainedModel, LlamaForCausalLM):
         self.post_init()
 
     # Llama's forward, its signature kept (generation inspects it), behind the version guard.
-    forward = _guard(LlamaForCausalLM.forward)
+    forward = guard_transformers_version(LlamaForCausalLM.forward)
 
 
 __all__ = ["CACHE_KWARG", "TyrLlamaForCausalLM", "TyrLlamaModel", "TyrLlamaPreTrainedModel", "TyrTransformersVersionError"]
