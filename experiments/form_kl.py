@@ -31,7 +31,9 @@ from tyr.supernet.store import SupernetStore
 
 def forms(run: Path) -> dict[str, tuple[Path, dict]]:
     """name -> (supernet folder, levels) for every form whose supernet exists in ``run``."""
-    state = json.loads((run / "search_state.json").read_text())
+    from tyr.coarse_to_fine import resolved
+
+    state = resolved(json.loads((run / "search_state.json").read_text()), run)  # paths relative to the run
     last = state["iterations"][-1]
     first = SupernetStore.open(state["iterations"][0]["supernet"])
     out = {"searched (supernet)": (Path(last["supernet"]), last["levels"]),
@@ -84,6 +86,8 @@ def main() -> None:
         cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
         lm = load_model(cfg.model.name, instantiate(cfg.model.source), cfg.model.dtype)
         teacher = TeacherCache.load(run / "teacher.safetensors")
+        if teacher is None:
+            raise SystemExit(f"{run}/teacher.safetensors is missing, corrupt or unverified: rerun the pipeline to rebuild it")
         rows = {}
         done = json.loads((run / "form_kl.json").read_text())["forms"] if (run / "form_kl.json").exists() else {}
         for name, (folder, levels) in forms(run).items():

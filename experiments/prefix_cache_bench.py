@@ -47,6 +47,8 @@ def main() -> None:
     lm = load_from_conf(args.model)
     store = SupernetStore.open(run / "iter0" / "supernet")
     teacher = TeacherCache.load(run / "teacher.safetensors")
+    if teacher is None:
+        raise SystemExit(f"{run}/teacher.safetensors is missing, corrupt or unverified: rerun the pipeline to rebuild it")
     grid = store.grid
     space = SearchSpace.from_costs(grid.costs(), budget=grid.allocation_params(grid.centre_levels()))
     asm = Assembler(lm.model, store)

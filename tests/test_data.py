@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tyr.data import TextTooShortError, TokenSet, TokenSetSpec, build_token_set, get_token_set, load_text, tokenize_text
+from tyr.data import DataSourceError, TextTooShortError, TokenSet, TokenSetSpec, build_token_set, get_token_set, load_text, tokenize_text
 
 
 def test_round_trip(tiny, tmp_path):
@@ -78,5 +78,5 @@ def test_local_jsonl_and_parquet_sources(tmp_path):
     assert load_text(f"jsonl:{tmp_path}/*.jsonl[4:8]") == "\n\n".join(docs[4:8])
     assert load_text(f"parquet:{tmp_path}/*.parquet[3:7]") == "\n\n".join(docs[3:7])
     assert load_text(f"parquet:{tmp_path}/*.parquet[:2]") == "\n\n".join(docs[:2])
-    with pytest.raises(FileNotFoundError, match="no files match"):
+    with pytest.raises(DataSourceError, match="no files match"):
         load_text(f"parquet:{tmp_path}/missing/*.parquet")

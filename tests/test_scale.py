@@ -245,7 +245,7 @@ def test_torchrun_build_and_search_equal_one_process(tmp_path, token_cache):
     (gloo on CPU): same shards (float tolerance), same allocation."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TYR_THREADS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     common = ["model=tiny-llama", "pruner=magnitude", "search=fast", "search.intervals=[0.25]", "search.n_levels=5",
-              "search.min_channels=8", "search.generations=1", "search.offspring=6", "search.stages=[[188,2],[376,1]]",
+              "search.min_channels=8", "search.generations=1", "search.offspring=6", "search.stages=[[188,2],[288,1]]",
               "search.surrogate_check=0", "search.topk=64", "data.calibration.num_sequences=8", "data.calibration.seq_len=48",
               "data.search.num_sequences=8", "data.search.seq_len=48", "compare=[]", "export=false", "eval=smoke",
               "eval.perplexity=[]", "eval.tasks=[]", "batch_size=2"]

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from tyr import dist
+from tyr.artifacts import fault_point, read_json_checked
 from tyr.fitness import KLFitness, TeacherCache, spearman, surrogate_scores
 from tyr.pruning.local import LocalPruner
 from tyr.search import Allocation, EvolutionConfig, SearchSpace, evolve, mutate
@@ -34,7 +35,7 @@ from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet
 from tyr.supernet.grid import KINDS, SupernetGrid, layer_shapes, make_grid
 from tyr.supernet.store import SupernetStore
-from tyr.utils import JsonlWriter, read_json, write_json
+from tyr.utils import JsonlWriter, Progress, write_json
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
 
     run_dir = Path(run_dir)
     state_file = run_dir / "search_state.json"
-    state = read_json(state_file) if state_file.exists() else {"iterations": [], "current": None}
+    state = read_json_checked(state_file) if state_file.exists() else {"iterations": [], "current": None}
     N = teacher.input_ids.shape[0]
     if not 0.0 <= settings.holdout < 1.0:
         raise ValueError(f"search.holdout={settings.holdout} must be a fraction in [0, 1)")
@@ -106,6 +107,8 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
     state["holdout_sequences"] = n_hold
     searched_rows = (0, N - n_hold)
     history = JsonlWriter(run_dir / "history.jsonl")
+    if dist.is_main():
+        _drop_uncommitted(history.path, state)
     shapes = layer_shapes(model)
     centre = None
     for done in state["iterations"]:
@@ -133,31 +136,43 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         errors = store.errors()
         evo = EvolutionConfig(generations=settings.generations, offspring=settings.offspring, stages=list(settings.stages),
                               seed=settings.seed + it, max_flips=settings.max_flips, prescreen_keep=settings.prescreen_keep)
-        resume = state["current"]["evolution"] if state.get("current") and state["current"]["iteration"] == it else None
-        extra = {}
+        current = state["current"] if state.get("current") and state["current"]["iteration"] == it else None
+        resume = current["evolution"] if current else None
+        extra = dict(current.get("extra", {})) if current else {}  # the surrogate check of a killed session
+        searched_before = float(current.get("search_seconds", 0.0)) if current else 0.0
         if settings.surrogate_check and resume is None:
             extra["surrogate"] = _surrogate_check(space, start, errors, fitness, settings.surrogate_check,
                                                   np.random.default_rng(settings.seed + 1000 + it), settings.stages[0][0])
             log.info("surrogate rank correlation with KL: %.3f", extra["surrogate"]["spearman"])
         fitness.generation = (resume["generation"] - 1) if resume else -1  # the next stage-0 call is generation 0 / resumed one
+        for k, v in (current or {}).get("fitness_stats", {}).items():  # counters of the killed session(s)
+            setattr(fitness.stats, k, v)
         t_search = time.time()
+        bar = Progress(settings.generations, f"search iteration {it + 1}/{len(settings.intervals)}: generation",
+                       initial=resume["generation"] if resume else 0, every=10.0, enabled=dist.is_main())
 
-        def on_generation(record: dict, evo_state: dict, it=it) -> None:
+        def on_generation(record: dict, evo_state: dict, it=it, extra=extra, bar=bar) -> None:
             record = {**record, "iteration": it, "layer_forwards": fitness.stats.layer_forwards,
                       "layer_forwards_saved": fitness.stats.layer_forwards_saved}
             fitness.generation = record["generation"]  # keeps token rotation aligned even if a generation had no stages
-            state["current"] = {"iteration": it, "evolution": evo_state}
+            state["current"] = {"iteration": it, "evolution": evo_state, "extra": extra,
+                                "search_seconds": searched_before + time.time() - t_search,
+                                "fitness_stats": {k: v for k, v in asdict(fitness.stats).items() if k != "history"}}
             if dist.is_main():
                 history.write(**record)
+                fault_point("search.generation")
                 write_json(state_file, state)
+            bar.update(note=f"KL {record['best_fitness']:.4g}" if record["best_fitness"] is not None else "")
 
         prescreen = (lambda allocs: surrogate_scores(errors, allocs)) if settings.prescreen_keep else None
         result = evolve(space, fitness, evo, start=start, state=resume, on_generation=on_generation, prescreen=prescreen)
+        bar.close()
         best = result.best.to_json()
         iteration = {
             "iteration": it, "interval": interval, "levels": best, "keep": keep_counts(grid, best),
             "fitness": result.best_fitness, "budget": space.budget, "cost": space.cost(result.best),
-            "supernet": str(store.root), "build_seconds": t_build, "search_seconds": time.time() - t_search,
+            "supernet": _rel(store.root, run_dir), "build_seconds": store.manifest.get("build_seconds_total", t_build),
+            "search_seconds": searched_before + time.time() - t_search,
             "fitness_stats": {k: v for k, v in asdict(fitness.stats).items() if k != "history"}, **extra,
         }
         state["iterations"].append(iteration)
@@ -180,12 +195,12 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         if not n_hold:
             log.warning("search.holdout=0: the re-prune choice is scored on the tokens the search selected on "
                         "(biased towards the supernet form)")
-        searched_store = SupernetStore.open(final["supernet"], expect_model=model_id)
+        searched_store = SupernetStore.open(run_dir / final["supernet"], expect_model=model_id)
         kl_searched = full_kl(model, searched_store, final["levels"], teacher, settings.batch_size, rows)
         kl_reprune = full_kl(model, path_store, path_store.grid.centre_levels(), teacher, settings.batch_size, rows)
         chosen = "reprune" if kl_reprune < kl_searched else "supernet"
         n_tok = (rows[1] - rows[0]) * (teacher.input_ids.shape[1] - 1)
-        state["reprune"] = {"supernet": str(path_store.root), "levels": path_store.grid.centre_levels(),
+        state["reprune"] = {"supernet": _rel(path_store.root, run_dir), "levels": path_store.grid.centre_levels(),
                             "kl_sequences": list(rows), "kl_tokens": n_tok, "kl_supernet": kl_searched,
                             "kl_reprune": kl_reprune, "chosen": chosen, "seconds": time.time() - t0}
         if dist.is_main():
@@ -193,7 +208,52 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         log.info("sequential re-prune at the searched widths: KL %.4f vs %.4f from the supernet (%d %s tokens); "
                  "keeping the %s model", kl_reprune, kl_searched, n_tok, "held-out" if n_hold else "search",
                  chosen)
-    return state
+    return resolved(state, run_dir)
+
+
+def _rel(path: Path, run_dir: Path) -> str:
+    """Paths in the run's state are relative to the run directory, so the directory can be moved."""
+    import os
+
+    return os.path.relpath(Path(path).resolve(), Path(run_dir).resolve())
+
+
+def resolved(state: dict, run_dir: str | Path) -> dict:
+    """A copy of a search state with its supernet paths made absolute (older states hold absolute ones)."""
+    import copy
+
+    out = copy.deepcopy(state)
+    for rec in out["iterations"] + ([out["reprune"]] if out.get("reprune") else []):
+        rec["supernet"] = str(Path(run_dir) / rec["supernet"])
+    return out
+
+
+def _drop_uncommitted(path: Path, state: dict) -> None:
+    """history.jsonl keeps only generations the state has committed, once each: a kill between
+    writing a generation's record and the state would otherwise leave a record that the resumed run
+    writes again."""
+    import json
+
+    if not path.exists():
+        return
+    cur = state.get("current")
+    done_gen = cur["evolution"]["generation"] if cur else 0
+    keep, seen = [], set()
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        key = (r.get("iteration"), r.get("generation"))
+        committed = key[0] < len(state["iterations"]) or (cur is not None and key[0] == cur["iteration"] and key[1] < done_gen)
+        if committed and key not in seen:
+            seen.add(key)
+            keep.append(line)
+    text = "".join(l + "\n" for l in keep)
+    if text != path.read_text():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
 
 
 def search_forms(state: dict) -> dict[str, dict]:

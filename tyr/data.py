@@ -33,18 +33,44 @@ class TextTooShortError(ValueError):
     """The source text holds fewer tokens than the token set asks for."""
 
 
+class DataSourceError(ValueError):
+    """A text source that cannot be read: unknown name, missing file, a bad line (one-line message)."""
+
+
+KNOWN_SOURCES = ("wikitext2_test, wikitext2_train, wikitext2_valid, ptb_test, ptb_valid, c4, c4[a:b], "
+                 "jsonl:PATH[a:b], parquet:PATH[a:b]")
+
+
 # ------------------------------------------------------------------------------------------------
 # Text sources
 # ------------------------------------------------------------------------------------------------
 
 
 def _read_jsonl_texts(path: Path, key: str, start: int, stop: int | None) -> list[str]:
-    with open(path) as f:
-        docs = [json.loads(line)[key] for line in f if line.strip()]
+    """Documents ``start..stop-1`` (the ``key`` field of each non-empty line); a line that is not a
+    JSON object with a string ``key`` is a :class:`DataSourceError` naming the file and line."""
+    if not path.exists():
+        raise DataSourceError(f"text file {path} does not exist")
+    docs: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if stop is not None and len(docs) >= stop:
+                break
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataSourceError(f"{path}:{i}: not a JSON line ({e.msg})") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get(key), str):
+                raise DataSourceError(f"{path}:{i}: no {key!r} string field in this JSON line")
+            docs.append(doc[key])
     return docs[start:stop]
 
 
 def _lines(path: Path) -> str:
+    if not path.exists():
+        raise DataSourceError(f"text file {path} does not exist")
     return path.read_text(encoding="utf-8")
 
 
@@ -68,18 +94,18 @@ def load_text(source: str) -> str:
         return "\n\n".join(_read_jsonl_texts(d / "c4_sample" / "c4_sample.jsonl", "text", start, stop))
     if source.startswith(("jsonl:", "parquet:")):
         return "\n\n".join(_local_documents(source))
-    raise ValueError(
-        f"unknown text source {source!r}; known: wikitext2_test, wikitext2_train, wikitext2_valid, "
-        "ptb_test, ptb_valid, c4, c4[a:b], jsonl:PATH[a:b], parquet:PATH[a:b]"
-    )
+    raise DataSourceError(f"unknown text source {source!r}; known: {KNOWN_SOURCES}")
 
 
 def _split_range(spec: str) -> tuple[str, int, int | None]:
     """``'path[a:b]'`` -> (path, a, b); no brackets: the whole range."""
     if spec.endswith("]") and "[" in spec:
         path, rng = spec[:-1].rsplit("[", 1)
-        a, b = rng.split(":")
-        return path, int(a or 0), (int(b) if b else None)
+        try:
+            a, b = rng.split(":")
+            return path, int(a or 0), (int(b) if b else None)
+        except ValueError:
+            raise DataSourceError(f"text source {spec!r}: the range must be [a:b] with integers a, b") from None
     return spec, 0, None
 
 
@@ -93,19 +119,71 @@ def _local_documents(source: str) -> list[str]:
     pattern, start, stop = _split_range(spec)
     files = sorted(glob.glob(os.path.expanduser(pattern)))
     if not files:
-        raise FileNotFoundError(f"text source {source!r}: no files match {pattern!r}")
+        raise DataSourceError(f"text source {source!r}: no files match {pattern!r}")
     docs: list[str] = []
     for f in files:
         if stop is not None and len(docs) >= stop:
             break
         if kind == "jsonl":
-            with open(f, encoding="utf-8") as fh:
-                docs.extend(json.loads(line)["text"] for line in fh if line.strip())
+            docs.extend(_read_jsonl_texts(Path(f), "text", 0, None if stop is None else stop - len(docs)))
         else:
             import pyarrow.parquet as pq
 
-            docs.extend(pq.read_table(f, columns=["text"]).column("text").to_pylist())
+            try:
+                docs.extend(pq.read_table(f, columns=["text"]).column("text").to_pylist())
+            except Exception as e:  # noqa: BLE001 - not parquet, no text column: the user's file
+                raise DataSourceError(f"{f}: cannot read a 'text' column ({type(e).__name__}: {str(e)[:100]})") from None
     return docs[start:stop]
+
+
+def check_source(source: str) -> None:
+    """Everything about a text source that can be checked without tokenizing: the name is known,
+    the files exist, and (jsonl) every line of the range used is a JSON object with a ``text``
+    string; (parquet) every file has a ``text`` column. Raises :class:`DataSourceError`."""
+    d = data_dir()
+    fixed = {"wikitext2_test": d / "wikitext2" / "wiki.test.raw", "wikitext2_train": d / "wikitext2" / "wiki.train.tokens",
+             "wikitext2_valid": d / "wikitext2" / "wiki.valid.tokens", "ptb_test": d / "ptb" / "ptb.test.txt",
+             "ptb_valid": d / "ptb" / "ptb.valid.txt"}
+    if source in fixed:
+        if not fixed[source].exists():
+            raise DataSourceError(f"text source {source!r}: {fixed[source]} does not exist")
+    elif source == "c4" or source.startswith("c4["):
+        _, start, stop = _split_range(source)
+        _read_jsonl_texts(d / "c4_sample" / "c4_sample.jsonl", "text", start, stop)
+    elif source.startswith("jsonl:"):
+        _local_documents(source)
+    elif source.startswith("parquet:"):
+        import glob
+
+        pattern, _, _ = _split_range(source.split(":", 1)[1])
+        files = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not files:
+            raise DataSourceError(f"text source {source!r}: no files match {pattern!r}")
+        import pyarrow.parquet as pq
+
+        for f in files:
+            try:
+                names = pq.read_schema(f).names
+            except Exception as e:  # noqa: BLE001
+                raise DataSourceError(f"{f}: not a parquet file ({type(e).__name__})") from None
+            if "text" not in names:
+                raise DataSourceError(f"{f}: no 'text' column (columns: {', '.join(names[:8])})")
+    else:
+        raise DataSourceError(f"unknown text source {source!r}; known: {KNOWN_SOURCES}")
+
+
+def check_spec(spec: "TokenSetSpec", what: str) -> None:
+    """A token set's numbers and source, checked before anything is loaded (``what``: its config path)."""
+    if spec.seq_len < 2:
+        raise DataSourceError(f"{what}.seq_len={spec.seq_len} must be at least 2")
+    if spec.num_sequences == 0 or spec.num_sequences < -1:
+        raise DataSourceError(f"{what}.num_sequences={spec.num_sequences} must be positive (or -1: all windows)")
+    if spec.sampling not in ("random", "contiguous"):
+        raise DataSourceError(f"{what}.sampling={spec.sampling!r} must be 'random' or 'contiguous'")
+    try:
+        check_source(spec.source)
+    except DataSourceError as e:
+        raise DataSourceError(f"{what}.source: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,7 +268,7 @@ def tokenize_text(text: str, tokenizer) -> np.ndarray:
 
 def build_token_set(spec: TokenSetSpec, tokenizer, tokenizer_name: str = "") -> TokenSet:
     if spec.seq_len <= 0:
-        raise ValueError(f"seq_len must be positive, got {spec.seq_len}")
+        raise DataSourceError(f"seq_len must be positive, got {spec.seq_len}")
     ids = tokenize_text(load_text(spec.source), tokenizer)
     n_windows = len(ids) // spec.seq_len
     want = n_windows if spec.num_sequences == -1 else spec.num_sequences

@@ -106,6 +106,33 @@ def _budget_hflm(model, tokenizer, max_batch: int, logits_mb: float | None):
     return BudgetHFLM(pretrained=model, tokenizer=tokenizer, batch_size="auto", max_batch_size=max_batch, device="cpu")
 
 
+# lm-eval warnings about what tyr does on purpose (an in-memory model, num_fewshot=0) and per-call chatter.
+_LM_EVAL_EXPECTED = ("model kwarg is not of type", "already-initialized model", "Overwriting default num_fewshot",
+                     "Setting verbosity through simple_evaluate", "Building contexts for", "Selected tasks", "Task: tyr_")
+
+
+class _LmEvalFilter(logging.Filter):
+    """Drops lm-eval's expected warnings and shows any other message once per process."""
+
+    seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if any(s in msg for s in _LM_EVAL_EXPECTED) or msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+def quiet_lm_eval() -> None:
+    """Install :class:`_LmEvalFilter` on lm-eval's loggers (idempotent)."""
+    for name in ("lm_eval", "lm_eval.models.huggingface", "lm_eval.evaluator", "lm_eval.evaluator_utils",
+                 "lm_eval.api.task", "lm_eval.api.model"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _LmEvalFilter) for f in lg.filters):
+            lg.addFilter(_LmEvalFilter())
+
+
 def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 16,
               task_dir: str | None = None, logits_mb: float | None = 256) -> ZeroShotResult:
     """lm-eval zero-shot accuracy on local task files, run on the in-memory model. Batches hold up to
@@ -117,6 +144,7 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batc
 
     from tyr.tasks import TASKS, write_tasks
 
+    quiet_lm_eval()
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tasks(task_dir or tmp, tasks)

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from tyr import dist, streaming
+from tyr.artifacts import load_cache, write_verified
 from tyr.layerwise.engine import capture_layer_inputs, run_layer
 from tyr.modeling.adapter import get_adapter
 
@@ -85,19 +84,20 @@ class TeacherCache:
         parts = [p for p in parts if p is not None]
         return cls(input_ids.clone(), *(torch.cat([p[j] for p in parts]) for j in range(3)))
 
-    def save(self, path: str | Path) -> None:
-        """Write the cache (rank 0 only when distributed; every rank holds the same cache)."""
+    def save(self, path: str | Path, key: str | None = None) -> None:
+        """Write the cache with its checksum and settings key (rank 0 only when distributed; every
+        rank holds the same cache)."""
         if not dist.is_main():
             return
-        tmp = str(path) + ".tmp"
-        save_file({"input_ids": self.input_ids.int(), "topk_ids": self.topk_ids, "topk_logp": self.topk_logp,
-                   "tail_logp": self.tail_logp}, tmp)
-        os.replace(tmp, path)
+        write_verified(path, {"input_ids": self.input_ids.int(), "topk_ids": self.topk_ids, "topk_logp": self.topk_logp,
+                              "tail_logp": self.tail_logp}, key=key)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TeacherCache":
-        t = load_file(str(path))
-        return cls(t["input_ids"].long(), t["topk_ids"], t["topk_logp"], t["tail_logp"])
+    def load(cls, path: str | Path, key: str | None = None) -> "TeacherCache | None":
+        """The cache at ``path`` if it is intact and was made with settings ``key``; else None (a
+        corrupt or stale file is logged, and the caller rebuilds it)."""
+        t = load_cache(path, key, log)
+        return None if t is None else cls(t["input_ids"].long(), t["topk_ids"], t["topk_logp"], t["tail_logp"])
 
 
 def kl_sum(hidden: torch.Tensor, norm, head, teacher: TeacherCache, rows, chunk: int = 1024) -> float:

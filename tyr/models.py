@@ -8,7 +8,6 @@ folder one at a time (:mod:`tyr.streaming`).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -43,14 +42,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         return _DTYPES[name]
     except KeyError:
         raise ValueError(f"dtype {name!r} is not one of {sorted(_DTYPES)}") from None
-
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 @dataclass
@@ -126,7 +117,9 @@ class GGUFPackageSource:
         tmp.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        revision = "gguf-sha256:" + _sha256(gguf)
+        from tyr.artifacts import file_sha256
+
+        revision = "gguf-sha256:" + file_sha256(gguf)
         (tmp / "tyr_source.json").write_text(
             json.dumps({"source": "gguf-package", "package": self.package, "file": gguf.name, "revision": revision}, indent=1)
         )
@@ -161,7 +154,7 @@ class PretrainedSource:
         if self.path:
             p = Path(os.path.expanduser(str(self.path)))
             if (p / "config.json").exists():
-                return str(p), self.revision or f"path:{p.resolve()}"
+                return str(p), self.revision or content_revision(p)
             tried.append(f"local path {p} ({'no config.json there' if p.exists() else 'does not exist'})")
         else:
             tried.append("local path (not set)")
@@ -176,7 +169,7 @@ class PretrainedSource:
                     allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
                     local_files_only=offline,
                 )
-                return folder, self.revision or f"hub:{self.hub_id}"
+                return folder, self.revision or content_revision(folder)
             except Exception as e:  # offline, gated, missing: all end in the same advice
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 tried.append(f"Hugging Face Hub / cache {self.hub_id!r} ({type(e).__name__}: {first[:200]})")
@@ -185,6 +178,32 @@ class PretrainedSource:
             f"checkpoint folder with `model.source.path=/path/to/folder` (a folder holding config.json "
             f"and *.safetensors), or make the Hub id reachable."
         )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+
+
+def content_revision(folder: str | Path) -> str:
+    """A local checkpoint's identity: a digest of its weight files' content, not its path, so that a
+    folder whose weights were replaced in place is a new model (cached per file by mtime and size)."""
+    from tyr.artifacts import weights_digest
+
+    return weights_digest(folder, cache_dir() / "digests.json")
+
+
+def check_folder(name: str, folder: str | Path) -> None:
+    """A checkpoint folder must hold config.json, weights and a tokenizer (checked before loading)."""
+    p = Path(os.path.expanduser(str(folder)))
+    if not p.is_dir():
+        raise ModelNotFoundError(f"model {name!r}: checkpoint folder {p} does not exist")
+    from tyr.artifacts import weight_files
+
+    missing = [what for what, ok in (("config.json", (p / "config.json").exists()),
+                                     ("weights (*.safetensors)", bool(weight_files(p))),
+                                     ("tokenizer (tokenizer.json / tokenizer.model)",
+                                      any((p / f).exists() for f in TOKENIZER_FILES))) if not ok]
+    if missing:
+        raise ModelNotFoundError(f"model {name!r}: checkpoint folder {p} lacks: {', '.join(missing)}")
 
 
 @dataclass
@@ -211,7 +230,13 @@ class RandomInitSource:
             folder, _ = self.tokenizer_from.folder(self.tokenizer_name)
             tok = AutoTokenizer.from_pretrained(str(folder))
         model.eval()
-        return LoadedModel(name, model, tok, None, f"random-seed:{self.seed}")
+        return LoadedModel(name, model, tok, None, self.revision())
+
+    def revision(self) -> str:
+        """The seed and the config: the weights are a function of both."""
+        from tyr.artifacts import settings_key
+
+        return f"random-seed:{self.seed}:{settings_key(dict(self.config))}"
 
 
 def _check_supported(folder: str) -> None:

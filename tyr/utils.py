@@ -88,3 +88,59 @@ def setup_run(seed: int = 0, threads: int = 0) -> None:
     if threads and threads > 0:
         torch.set_num_threads(int(threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def format_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Progress:
+    """Progress over ``total`` steps: a tqdm bar in a terminal; otherwise (logs, CI) a log line
+    ``desc i/total, elapsed, ETA`` at most every ``every`` seconds and at the last step."""
+
+    def __init__(self, total: int, desc: str, initial: int = 0, every: float = 30.0, enabled: bool = True):
+        import sys
+
+        from tqdm.auto import tqdm
+
+        self.total, self.desc, self.n, self.every = total, desc, initial, every
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False) if self.tty else None
+        self.t0 = self.last = time.time()
+        self.start_n = initial
+
+    def eta(self) -> float | None:
+        done = self.n - self.start_n
+        return (time.time() - self.t0) / done * (self.total - self.n) if done > 0 else None
+
+    def update(self, n: int = 1, note: str = "") -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if note:
+                self.bar.set_postfix_str(note)
+            return
+        now = time.time()
+        if self.enabled and (now - self.last >= self.every or self.n >= self.total):
+            self.last = now
+            eta = self.eta()
+            log.info("%s %d/%d, %s elapsed, ETA %s%s", self.desc, self.n, self.total, format_seconds(now - self.t0),
+                     "?" if eta is None else format_seconds(eta), f" ({note})" if note else "")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def track(iterable, desc: str, total: int | None = None, enabled: bool = True, every: float = 30.0):
+    """``for x in track(items, "desc")``: :class:`Progress` around a loop (tqdm or log lines)."""
+    items = list(iterable) if total is None else iterable
+    bar = Progress(len(items) if total is None else total, desc, every=every, enabled=enabled)
+    try:
+        for x in items:
+            yield x
+            bar.update()
+    finally:
+        bar.close()

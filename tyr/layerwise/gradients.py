@@ -23,11 +23,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from tyr import dist, streaming
 from tyr.layerwise.engine import capture_layer_inputs, run_layer
 from tyr.modeling.adapter import get_adapter
+from tyr.utils import track
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def layerwise_gradients(model, input_ids: torch.Tensor, on_layer: GradCallback, 
     try:
         x0, kwargs = capture_layer_inputs(model, ids, batch_size)
         checkpoints = [x0]
-        for i in tqdm(range(len(layers)), desc="grad fwd", disable=None if progress else True, leave=False):
+        for i in track(range(len(layers)), "gradients: forward layer", enabled=progress and dist.is_main()):
             with streaming.layer(model, i) as layer:
                 checkpoints.append(run_layer(layer, checkpoints[-1], kwargs[i], batch_size,
                                              out=streaming.empty_like_activations(model, x0)))
@@ -68,7 +68,7 @@ def layerwise_gradients(model, input_ids: torch.Tensor, on_layer: GradCallback, 
             _sequence_loss(x, norm, head, ids[s : s + 1].to(device)).backward()
             d_out[s : s + 1] = x.grad.to(d_out.device)
         checkpoints.pop()
-        for li in tqdm(range(len(layers) - 1, -1, -1), desc="grad bwd", disable=None if progress else True, leave=False):
+        for li in track(range(len(layers) - 1, -1, -1), "gradients: backward layer", enabled=progress and dist.is_main()):
             with streaming.layer(model, li) as layer:
                 proj = adapter.projections(layer)
                 params = {name: lin.weight for name, lin in proj.items()}

@@ -35,14 +35,14 @@ def collect_taylor(model, input_ids: torch.Tensor, batch_size: int = 8,
 
 def load_or_collect_taylor(model, input_ids: torch.Tensor, cache_file: str | None, batch_size: int = 8,
                            progress: bool = True) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
-    """:func:`collect_taylor`, cached in a safetensors file (the caller keys it by model and tokens)."""
-    import os
-    from pathlib import Path
+    """:func:`collect_taylor`, cached in a verified safetensors file (the caller keys it by model and
+    tokens); a corrupt cache is logged and collected again."""
+    import logging
 
-    from safetensors.torch import load_file, save_file
+    from tyr.artifacts import load_cache, write_verified
 
-    if cache_file and Path(cache_file).exists():
-        flat = load_file(cache_file)
+    flat = load_cache(cache_file, log=logging.getLogger(__name__)) if cache_file else None
+    if flat is not None:
         out: dict[int, dict] = {}
         for key, t in flat.items():
             li, kind, name = key.split(".")
@@ -50,9 +50,6 @@ def load_or_collect_taylor(model, input_ids: torch.Tensor, cache_file: str | Non
         return out
     out = collect_taylor(model, input_ids, batch_size, progress)
     if cache_file and dist.is_main():
-        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        flat = {f"{li}.{kind}.{name}": t.contiguous() for li, d in out.items() for kind, dd in d.items() for name, t in dd.items()}
-        tmp = cache_file + ".tmp"
-        save_file(flat, tmp)
-        os.replace(tmp, cache_file)
+        write_verified(cache_file, {f"{li}.{kind}.{name}": t for li, d in out.items() for kind, dd in d.items()
+                                    for name, t in dd.items()})
     return out

@@ -13,7 +13,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from tyr.layerwise.engine import capture_layer_inputs, collect_input_stats, run_layer
 from tyr.modeling.adapter import get_adapter
@@ -21,6 +20,7 @@ from tyr.modeling.params import layer_counts, parameter_counts
 from tyr.modeling.slicing import slice_attention, slice_mlp
 from tyr.pruning.local import LocalPruner
 from tyr.pruning.problem import attention_problem, mlp_problem
+from tyr.utils import track
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def prune_uniform(model, pruner: LocalPruner, calib_ids: torch.Tensor, sparsity:
     t0 = time.time()
     x, kwargs = capture_layer_inputs(model, calib_ids, batch_size)
     reports = []
-    for li, layer in enumerate(tqdm(adapter.layers(model), desc=f"prune {sparsity:.0%}", disable=None if progress else True)):
+    for li, layer in enumerate(track(adapter.layers(model), f"prune {sparsity:.0%}: layer", enabled=progress)):
         before = layer_counts(adapter, layer)
         t = taylor[li] if taylor is not None else {"attn": None, "mlp": None}
         # attention heads

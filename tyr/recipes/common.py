@@ -41,24 +41,38 @@ def finished_result(run_dir: Path, cfg: DictConfig, name: str = "results.json") 
     saved = result.get("config")
     if not isinstance(saved, dict):
         return None
+    from tyr.recipes.stages import EVAL_SPEED_KEYS
+
     def strip(c: dict) -> dict:
         c = {k: v for k, v in c.items() if k not in ("threads", "paths")}
         if isinstance(c.get("eval"), dict):
-            c["eval"] = {k: v for k, v in c["eval"].items() if k not in ("batch_size", "logits_mb", "ppl_batch_size")}
+            c["eval"] = {k: v for k, v in c["eval"].items() if k not in EVAL_SPEED_KEYS}
         return c
 
     return result if strip(saved) == strip(to_container(cfg)) else None
 
 
-def _user_errors() -> tuple[type, ...]:
+def user_errors() -> tuple[type, ...]:
     """Errors caused by the user's input or environment, reported without a traceback."""
+    from tyr.artifacts import CorruptArtifactError, StaleArtifactError
     from tyr.coarse_to_fine import SearchStateError
-    from tyr.data import TextTooShortError
+    from tyr.data import DataSourceError, TextTooShortError
     from tyr.modeling.adapter import UnsupportedArchitectureError
     from tyr.models import ModelNotFoundError
+    from tyr.recipes.checks import SettingsError
     from tyr.supernet.store import SupernetError
 
-    return (ModelNotFoundError, UnsupportedArchitectureError, SupernetError, TextTooShortError, SearchStateError)
+    return (ModelNotFoundError, UnsupportedArchitectureError, SupernetError, TextTooShortError, SearchStateError,
+            DataSourceError, SettingsError, CorruptArtifactError, StaleArtifactError)
+
+
+def user_message(e: Exception) -> str:
+    """One line for a user error; a corrupt file names the command that remakes it."""
+    from tyr.artifacts import CorruptArtifactError
+    from tyr.recipes.stages import repair_hint
+
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg + (repair_hint(e.path) if isinstance(e, CorruptArtifactError) and "rerun" not in msg else "")
 
 
 def recorded(fn):
@@ -70,25 +84,27 @@ def recorded(fn):
 
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig):
+        from hydra.types import RunMode
+
+        from tyr.recipes import checks
+
+        hc = HydraConfig.get()
         try:
+            if hc.mode == RunMode.MULTIRUN:  # a single run was checked before its directory existed
+                checks.validate(cfg, str(hc.job.name), Path(hc.runtime.output_dir))
             return fn(cfg)
         except Exception as e:  # noqa: BLE001 - recorded, then re-raised unless in a sweep
-            from hydra.types import RunMode
-
             from tyr.utils import write_json
 
-            hc = HydraConfig.get()
             run_dir = Path(hc.runtime.output_dir)
+            checks.restore_record()  # a failed rerun leaves the run's saved config as it was
             write_json(run_dir / "failed.json", {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                                                  "overrides": list(hc.overrides.task)})
             if hc.mode == RunMode.MULTIRUN:
                 log.error("job failed (recorded in %s): %s", run_dir / "failed.json", e)
                 return None
-            if isinstance(e, _user_errors()):  # bad input: one clear message, no traceback
-                import sys
-
-                print(f"tyr: {e}", file=sys.stderr)
-                sys.exit(2)
+            if isinstance(e, user_errors()):  # bad input: one clear message, no traceback
+                checks.fail(user_message(e))
             raise
 
     return wrapper

@@ -27,16 +27,18 @@ from omegaconf import DictConfig
 
 from tyr import dist
 from tyr.allocation import nearest_levels, outlier_ratios, owl_sparsities
+from tyr.artifacts import describe_diff, read_json_checked, settings_key
 from tyr.coarse_to_fine import SearchSettings, build_path_supernet, final_allocation, keep_counts, run_search, search_forms
 from tyr.data import TokenSetSpec, get_token_set
 from tyr.evaluation import evaluate_model, results_table
 from tyr.fitness import TeacherCache
 from tyr.modeling.params import parameter_counts
 from tyr.plots import plot_allocation, plot_search_history
+from tyr.recipes import stages
 from tyr.recipes.common import recorded, eval_kwargs, load, load_in_memory, log, start, taylor_for, to_container, token_cache
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.store import SupernetStore
-from tyr.utils import peak_rss_mb, read_json, write_json
+from tyr.utils import peak_rss_mb, write_json
 
 
 def _settings(cfg: DictConfig) -> SearchSettings:
@@ -75,18 +77,18 @@ def allocation_record(model, store: SupernetStore, levels: dict, dense_counts: d
     }
 
 
-def _evaluated(out: Path, lm, cfg: DictConfig, **record) -> dict:
-    """The model as it is now, evaluated once: ``out`` is read back on a rerun (unless it was written
-    for another model, e.g. the supernet form of the searched widths before the re-prune won)."""
+def _evaluated(out: Path, lm, cfg: DictConfig, form: dict, **record) -> dict:
+    """The model as it is now, evaluated once: ``out`` is read back on a rerun only if it was made
+    with the same evaluation settings for the same model form (its key); otherwise re-evaluated."""
+    key, settings = stages.results_key(cfg, form)
     if out.exists():
-        old = read_json(out)
-        # records written before the re-prune existed name no supernet: still valid, except "searched"
-        legacy = None if record.get("allocation") == "searched" else record.get("supernet")
-        if old.get("supernet", legacy) == record.get("supernet"):
+        old = read_json_checked(out)
+        if old.get("key") == key:
             return old
-        log.info("%s was evaluated on %s; re-evaluating on %s", out.name, old.get("supernet"), record.get("supernet"))
+        log.info("%s was evaluated with other settings (%s); re-evaluating", out.name,
+                 describe_diff(old.get("settings") or {}, settings))
     res = evaluate_model(lm.model, lm.tokenizer, **eval_kwargs(cfg))
-    res.update(model=lm.name, **record, config=to_container(cfg))
+    res.update(model=lm.name, **record, config=to_container(cfg), key=key, settings=settings)
     write_json(out, res)
     return res
 
@@ -96,11 +98,14 @@ def _evaluated(out: Path, lm, cfg: DictConfig, **record) -> dict:
 def main(cfg: DictConfig) -> None:
     run_dir = start(cfg)
     t_start = time.time()
-    lm = load(cfg)
-    dense_counts = parameter_counts(lm.model)
+    stages.apply_redo(run_dir, cfg.get("redo"))
     pruner = instantiate(cfg.pruner)
+    recs = stages.records(cfg, stages.model_identity(cfg), pruner.needs_gradients)
+    lm = load(cfg)
+    dist.barrier()  # every rank sees the files as rank 0 left them after a redo
+    dense_counts = parameter_counts(lm.model)
     tok = dict(tokenizer=lm.tokenizer, cache=token_cache(cfg), tokenizer_name=lm.name)
-    timings = read_json(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}
+    timings = read_json_checked(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}
 
     # prepare
     t0 = time.time()
@@ -111,11 +116,11 @@ def main(cfg: DictConfig) -> None:
     k = int(cfg.search.topk)
     log.info("teacher cache: %d tokens x top-%d = %.1f MB", search_ids.numel(), k,
              TeacherCache.estimate_bytes(search_ids.numel(), k) / 1e6)
-    if teacher_file.exists():
-        teacher = TeacherCache.load(teacher_file)
-    else:
+    teacher = TeacherCache.load(teacher_file, recs["prepare"].key) if teacher_file.exists() else None
+    if teacher is None:  # none yet, or corrupt (logged): built again
+        stages.begin(run_dir, recs["prepare"])
         teacher = TeacherCache.build(lm.model, search_ids, k, int(cfg.batch_size))
-        teacher.save(teacher_file)
+        teacher.save(teacher_file, recs["prepare"].key)
     timings.setdefault("prepare", time.time() - t0)
 
     # build + search
@@ -125,6 +130,7 @@ def main(cfg: DictConfig) -> None:
                     "target_sparsity": float(cfg.target_sparsity)}
     t0 = time.time()
     settings = _settings(cfg)
+    stages.begin(run_dir, recs["search"])
     state = run_search(lm.model, model_id, pruner, calib, taylor, teacher, float(cfg.target_sparsity), settings,
                        run_dir, store_config)
     timings.setdefault("build_and_search", time.time() - t0)
@@ -145,13 +151,11 @@ def main(cfg: DictConfig) -> None:
         # the chosen form is "searched"; the other form of the same widths is kept for the record
         name = "searched" if source == chosen["source"] else f"searched_{source}"
         candidates[name] = (SupernetStore.open(form["supernet"], expect_model=model_id), form["levels"], form["fitness"])
-    known = {"dense", "uniform", "uniform_reprune", "owl"}
-    unknown = set(cfg.compare) - known
-    if unknown:
-        raise ValueError(f"compare: unknown allocations {sorted(unknown)}; known: {', '.join(sorted(known))}")
+    search_key = recs["search"].key
     rows = {}
     if "dense" in cfg.compare:  # the unpruned model, same protocol: the top row of the table
-        rows[f"{lm.name} dense"] = _evaluated(run_dir / "results_dense.json", lm, cfg, allocation="dense")
+        rows[f"{lm.name} dense"] = _evaluated(run_dir / "results_dense.json", lm, cfg, {"model": recs["prepare"].settings["model"]},
+                                              allocation="dense")
     if "uniform" in cfg.compare:
         candidates["uniform"] = (first_store, first_store.grid.centre_levels(), None)
     if "uniform_reprune" in cfg.compare:
@@ -161,12 +165,12 @@ def main(cfg: DictConfig) -> None:
         candidates["uniform_reprune"] = (store, store.grid.centre_levels(), None)
     if "owl" in cfg.compare:
         owl_file = run_dir / "owl.json"
-        if not owl_file.exists():
+        if not owl_file.exists() or read_json_checked(owl_file).get("search") != search_key:
             ratios = outlier_ratios(lm.model, calib, batch_size=int(cfg.batch_size))
             target = owl_sparsities(ratios, float(cfg.target_sparsity))
-            write_json(owl_file, {"outlier_ratios": ratios, "layer_sparsity": target,
+            write_json(owl_file, {"outlier_ratios": ratios, "layer_sparsity": target, "search": search_key,
                                   "levels": nearest_levels(first_store.grid, target)})
-        candidates["owl"] = (first_store, read_json(owl_file)["levels"], None)
+        candidates["owl"] = (first_store, read_json_checked(owl_file)["levels"], None)
     for name, (store, levels, fit) in candidates.items():
         out = run_dir / f"results_{name}.json"
         asm = Assembler(lm.model, store)
@@ -174,9 +178,12 @@ def main(cfg: DictConfig) -> None:
         rec = allocation_record(lm.model, store, levels, dense_counts, fit)
         if name == "searched":
             rec["source"] = chosen["source"]  # "reprune" (sequentially re-pruned) or "supernet"
+            rec["manifest"] = str(Path(rec["manifest"]).resolve().relative_to(run_dir.resolve()))  # the run dir may move
             write_json(run_dir / "allocation.json", rec)
-        rows[f"{lm.name} {name} {cfg.target_sparsity:.0%}"] = _evaluated(out, lm, cfg, allocation=name,
-                                                                        budget=rec["budget"], supernet=str(store.root))
+        rows[f"{lm.name} {name} {cfg.target_sparsity:.0%}"] = _evaluated(
+            out, lm, cfg, stages.form_key(search_key, name, levels, store.root.resolve().relative_to(run_dir.resolve())),
+            allocation=name, budget=rec["budget"],
+            supernet=str(store.root))
         asm.restore_dense()
         if name == "searched":
             searched_sparsity = {k: [m["sparsity"] for m in rec["modules"][k]] for k in ("attn", "mlp")}
@@ -187,13 +194,14 @@ def main(cfg: DictConfig) -> None:
     plot_search_history(history, run_dir / "search_fitness.png")
     plot_allocation(searched_sparsity, uniform_sparsity, run_dir / "allocation.png",
                     f"{lm.name} at {cfg.target_sparsity:.0%}: searched vs uniform")
-    exported = read_json(run_dir / "export.json") if (run_dir / "export.json").exists() else {}
-    stale = exported.get("manifest") != str(candidates["searched"][0].root / "manifest.json")
-    if cfg.export and (stale or not (run_dir / "hf_model" / "config.json").exists()):
+    exported = read_json_checked(run_dir / "export.json") if (run_dir / "export.json").exists() else {}
+    export_key = settings_key(stages.form_key(search_key, chosen["source"], chosen["levels"],
+                                              candidates["searched"][0].root.resolve().relative_to(run_dir.resolve())))
+    if cfg.export and (exported.get("key") != export_key or not (run_dir / "hf_model" / "config.json").exists()):
         from tyr.recipes.export import export_run
 
         t0 = time.time()
-        rec = export_run(run_dir, verify=True, lm=lm, token_cache=token_cache(cfg), overwrite=True)
+        rec = export_run(run_dir, verify=True, lm=lm, token_cache=token_cache(cfg), overwrite=True, key=export_key)
         timings["export"] = time.time() - t0
         log.info("exported %s (%.1f MB)", rec["out"], rec["bytes"] / 1e6)
     summary = {"rows": rows, "iterations": state["iterations"], "timings": timings, "peak_rss_mb": peak_rss_mb(),

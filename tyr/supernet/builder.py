@@ -23,15 +23,15 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
 from tyr import dist, streaming
+from tyr.artifacts import fault_point
 from tyr.layerwise.engine import capture_layer_inputs, collect_input_stats, run_layer
 from tyr.modeling.adapter import get_adapter
 from tyr.pruning.local import LocalPruner
 from tyr.pruning.problem import ModuleProblem, Variant, attention_problem, mlp_problem
 from tyr.supernet.grid import ModuleGrid, SupernetGrid
 from tyr.supernet.store import SupernetError, SupernetStore
+from tyr.utils import Progress
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,10 @@ def build_supernet(model, pruner: LocalPruner, calib_ids: torch.Tensor, grid: Su
         raise SupernetError("the ranks' activation checkpoints disagree on the next layer; delete "
                             f"{store.root}/activations*.safetensors to rebuild from the last common point")
     dtype = adapter.projections(layers[0])["o_proj"].weight.dtype
-    for li in tqdm(range(start, len(layers)), desc="supernet", disable=None if progress and dist.is_main() else True,
-                   initial=start, total=len(layers)):
+    bar = Progress(len(layers), f"supernet {store.root.parent.name} layer", initial=start, every=10.0,
+                   enabled=progress and dist.is_main())
+    seconds_before = float(store.manifest.get("build_seconds_total", 0.0))  # earlier sessions of this build
+    for li in range(start, len(layers)):
         t_layer = time.time()
         t = taylor[li] if taylor is not None else {"attn": None, "mlp": None}
         g_attn, g_mlp = grid.modules["attn"][li], grid.modules["mlp"][li]
@@ -178,17 +180,22 @@ def build_supernet(model, pruner: LocalPruner, calib_ids: torch.Tensor, grid: Su
             del pa, pm, wa, wm, st
         info = {"seconds": time.time() - t_layer, "attn": va[g_attn.centre].info, "mlp": vm[g_mlp.centre].info}
         if dist.is_main():
+            store.manifest["build_seconds_total"] = seconds_before + time.time() - t0  # survives a kill
             store.write_layer(li, {"attn": va, "mlp": vm}, dtype, info)
+        fault_point("build.layer")
         x = x_next
         store.save_checkpoint(li + 1, x, dist.rank(), dist.world())
         if on_layer is not None and dist.is_main():
             on_layer({"layer": li, "attn_errors": [v.rel_error for v in va], "mlp_errors": [v.rel_error for v in vm], **info})
         del va, vm
+        bar.update()
+    bar.close()
     # Every rank must have written its last activation checkpoint before rank 0 marks the build complete
     # and deletes them all; otherwise a slower rank's final checkpoint outlives the build.
     dist.barrier()
     if dist.is_main():
-        store.mark_complete({"build_seconds_last_session": time.time() - t0})
+        store.mark_complete({"build_seconds_last_session": time.time() - t0,
+                             "build_seconds_total": seconds_before + time.time() - t0})
     dist.barrier()
     store.reload()
     return store.manifest

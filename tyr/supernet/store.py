@@ -22,8 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tyr import dist
+from tyr.artifacts import (CorruptArtifactError, describe_diff, fault_point, file_sha256 as sha256_file, load_cache,
+                           read_json_checked, write_verified)
 from tyr.supernet.grid import KINDS, SupernetGrid
-from tyr.utils import read_json, write_json
+from tyr.utils import write_json
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -34,12 +36,11 @@ class SupernetError(RuntimeError):
     """A supernet on disk that cannot be used: corrupt, from another model or another config."""
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 22):
-            h.update(b)
-    return h.hexdigest()
+def read_manifest(path: Path) -> dict:
+    try:
+        return read_json_checked(path)
+    except CorruptArtifactError as e:
+        raise SupernetError(f"{e}; delete {path.parent} to rebuild it (in a pipeline run: redo=search)") from None
 
 
 def config_hash(obj: dict) -> str:
@@ -80,8 +81,11 @@ class SupernetStore:
         header = {"model": model, "eea": eea, "grid": grid.to_json(), "config": config}
         h = config_hash(header)
         if path.exists():
-            m = read_json(path)
-            cls._check_compatible(path, m, model, h)
+            m = read_manifest(path)
+            if not m.get("layers") and not any(root.glob("activations*.safetensors")):
+                m = None  # nothing was built yet (e.g. a build that failed before its first layer): start afresh
+        if path.exists() and m is not None:
+            cls._check_compatible(path, m, model, h, header)
             store = cls(root, m)
             for l in store.completed_layers():
                 store.verify_layer(l)
@@ -103,7 +107,7 @@ class SupernetStore:
         return store
 
     @staticmethod
-    def _check_compatible(path: Path, m: dict, model: dict, h: str) -> None:
+    def _check_compatible(path: Path, m: dict, model: dict, h: str, header: dict | None = None) -> None:
         if m.get("schema_version") != SCHEMA_VERSION:
             raise SupernetError(f"{path}: schema version {m.get('schema_version')} is not {SCHEMA_VERSION}")
         for key in ("name", "revision"):
@@ -111,7 +115,9 @@ class SupernetStore:
                 raise SupernetError(f"{path}: built for model {m['model'].get('name')} @ {m['model'].get('revision')}, "
                                     f"not {model.get('name')} @ {model.get('revision')}; use another directory")
         if m.get("config_hash") != h:
-            raise SupernetError(f"{path}: built with another configuration (hash {m.get('config_hash')} != {h}); "
+            old = {k: m.get(k) for k in ("model", "eea", "grid", "config")}
+            what = describe_diff(old, header) if header is not None else f"hash {m.get('config_hash')} != {h}"
+            raise SupernetError(f"{path}: built with another configuration ({what}); "
                                 "use another directory or delete it to rebuild")
 
     @classmethod
@@ -120,7 +126,7 @@ class SupernetStore:
         path = Path(root) / MANIFEST
         if not path.exists():
             raise SupernetError(f"no supernet manifest at {path}")
-        m = read_json(path)
+        m = read_manifest(path)
         if m.get("schema_version") != SCHEMA_VERSION:
             raise SupernetError(f"{path}: schema version {m.get('schema_version')} is not {SCHEMA_VERSION}")
         if expect_model is not None and any(m["model"].get(k) != expect_model.get(k) for k in ("name", "revision")):
@@ -198,7 +204,7 @@ class SupernetStore:
 
     def reload(self) -> None:
         """Re-read the manifest from disk (other ranks, after rank 0 wrote it)."""
-        self.manifest = read_json(self.root / MANIFEST)
+        self.manifest = read_manifest(self.root / MANIFEST)
 
     # --- activation checkpoint (resume) ---------------------------------------------------------
     def checkpoint_path(self, part: int = 0, parts: int = 1) -> Path:
@@ -206,18 +212,25 @@ class SupernetStore:
         return self.root / (CHECKPOINT if parts == 1 else f"activations.rank{part}of{parts}.safetensors")
 
     def save_checkpoint(self, next_layer: int, hidden: torch.Tensor, part: int = 0, parts: int = 1) -> None:
-        path = self.checkpoint_path(part, parts)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"hidden": hidden.contiguous()}, str(tmp), metadata={"next_layer": str(next_layer)})
-        os.replace(tmp, path)
+        """The inputs of layer ``next_layer``, with their checksum (tyr.artifacts.write_verified)."""
+        write_verified(self.checkpoint_path(part, parts), {"hidden": hidden}, metadata={"next_layer": next_layer})
+        fault_point("build.checkpoint")
 
     def load_checkpoint(self, part: int = 0, parts: int = 1) -> tuple[int, torch.Tensor] | None:
+        """The checkpoint (next layer, activations), or None if there is none or it is corrupt (the
+        build then restarts from the calibration tokens; the finished shards are kept)."""
+        import logging
+
         path = self.checkpoint_path(part, parts)
         if not path.exists():
             return None
-        with safe_open(str(path), "pt") as f:
-            nxt = int(f.metadata()["next_layer"])
-        return nxt, load_file(str(path))["hidden"]
+        try:
+            with safe_open(str(path), "pt") as f:
+                nxt = int(json.loads(f.metadata()["tyr_verified"])["next_layer"])
+        except Exception:  # noqa: BLE001 - unreadable header: load_cache below reports it
+            nxt = None
+        t = load_cache(path, log=logging.getLogger(__name__))
+        return None if t is None or nxt is None else (nxt, t["hidden"])
 
     # --- reading -----------------------------------------------------------------------------
     def verify_layer(self, layer: int) -> None:
@@ -229,7 +242,8 @@ class SupernetStore:
             raise SupernetError(f"supernet shard missing: {path}")
         digest = sha256_file(path)
         if digest != entry["sha256"]:
-            raise SupernetError(f"supernet shard corrupt: {path} (sha256 {digest[:12]}… != manifest {entry['sha256'][:12]}…)")
+            raise SupernetError(f"supernet shard corrupt: {path} (sha256 {digest[:12]}… != manifest {entry['sha256'][:12]}…); "
+                                "delete the supernet to rebuild it (in a pipeline run: redo=search)")
         self._verified.add(layer)
 
     def verify(self) -> None:
