@@ -167,3 +167,18 @@ def test_pipeline_family(name, dtype, tmp_path):
     cfg = json.loads((run / "hf_model" / "config.json").read_text())
     assert cfg["dtype"] == dtype and cfg["model_type"] == get_adapter(cfg["pruned_from_model_type"]).export_type
     assert sum(cfg["layer_num_heads"]) < 16 or sum(cfg["layer_intermediate_size"]) < 4 * 128  # something was pruned
+
+
+def test_prune_recipe_exports_a_checked_folder(tmp_path):
+    """The uniform prune recipe with export=true writes hf_model/ and checks it in a fresh process."""
+    p = run_recipe("tyr.recipes.prune", "model=tiny-qwen3", "eval=smoke", "eval.tasks=[]", "eval.ppl_windows=1",
+                   "pruner=magnitude", "target_sparsity=0.5", "export=true", "data.calibration.num_sequences=8",
+                   "data.calibration.seq_len=64", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    v = json.loads((tmp_path / "export.json").read_text())["verify"]
+    assert v["model_class"] == "TyrQwen3ForCausalLM" and v["max_abs_logit_diff"] <= 1e-4
+    assert v["max_abs_cache_logit_diff"] <= v["cache_atol"] <= 1e-3 and v["generate_cache_equals_no_cache"]
+    rec = json.loads((tmp_path / "hf_model" / "tyr_allocation.json").read_text())
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert rec["allocation"]["recipe"] == "prune" and rec["parameters"]["total"] == res["params"]["total"]
+    assert abs(rec["allocation"]["achieved_sparsity"] - 0.5) < 0.01
