@@ -18,7 +18,6 @@ import json
 import pytest
 import torch
 
-from conftest import load_from_conf
 from test_recipes import run_recipe
 from tyr.export import pruned_config, to_export_model
 from tyr.modeling.adapter import get_adapter
@@ -37,10 +36,16 @@ PLANS = {
 
 
 @functools.lru_cache(maxsize=None)
-def _family(name: str):
+def _family(name: str, dtype: str = "float32"):
     """The tiny model with its norm weights perturbed (random init leaves them at one: a norm applied to
     the wrong channels would go unnoticed)."""
-    lm = load_from_conf(name)
+    from hydra.utils import instantiate
+
+    from conftest import compose
+    from tyr.models import load_model
+
+    cfg = compose("evaluate", [f"model={name}", f"model.dtype={dtype}"])
+    lm = load_model(cfg.model.name, instantiate(cfg.model.source), dtype)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for n, p in lm.model.named_parameters():
@@ -182,3 +187,37 @@ def test_prune_recipe_exports_a_checked_folder(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert rec["allocation"]["recipe"] == "prune" and rec["parameters"]["total"] == res["params"]["total"]
     assert abs(rec["allocation"]["achieved_sparsity"] - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("name", ["tiny-mistral", "tiny-qwen2", "tiny-qwen3"])
+def test_bf16_export_reloads_and_generates(name, tmp_path):
+    """The families whose pipeline runs above in float32 only: a bf16 pruned model (uneven plan, layer
+    without attention, empty MLP) exported, reloaded in a fresh process in bf16 and generating. Tolerances
+    as in test_pipeline_family: reloaded logits within 1e-4 of the in-memory model, the KV cache path
+    within 0.05 max|logits|, greedy generation with the cache equal to without."""
+    from tyr.export import export_model, verify_export
+
+    lm = _family(name, "bfloat16")  # built in bf16 as a user loads it (rotary frequencies stay float32)
+    sliced, _ = _sliced_and_masked(lm.model, PLANS["uneven"])
+    out = export_model(sliced, lm.tokenizer, tmp_path / "m")
+    v = verify_export(out, sliced, _ids(32), strict_generation=True)
+    assert v["max_abs_logit_diff"] <= 1e-4 and v["max_abs_cache_logit_diff"] <= v["cache_atol"] <= 0.3
+    assert v["generate_cache_equals_no_cache"] and v["model_class"] == EXPORTED[name]
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_untested_transformers_failure_is_one_line(monkeypatch):
+    """A failure inside the exported family code under a transformers outside the tested range becomes
+    one line naming the range and what to install; inside the range the error is left as it is."""
+    from tyr.modeling.hf_pruned import modeling_tyr_llama
+    from tyr.modeling.hf_pruned.configuration_tyr_llama import TESTED_TRANSFORMERS
+    from tyr.modeling.hf_pruned.modeling_tyr_llama import TyrTransformersVersionError
+
+    ex = to_export_model(_family("tiny-qwen3").model)
+    with pytest.raises(ValueError, match="exactly one of input_ids"):
+        ex(input_ids=None)
+    monkeypatch.setattr(modeling_tyr_llama.transformers, "__version__", "9.0.0")  # the module the guard reads
+    with pytest.raises(TyrTransformersVersionError) as e:
+        ex(input_ids=None)
+    lo, hi = TESTED_TRANSFORMERS
+    assert "\n" not in str(e.value) and f"pip install 'transformers>={lo},<={hi}'" in str(e.value)

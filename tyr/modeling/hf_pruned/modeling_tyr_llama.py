@@ -46,7 +46,7 @@ def _version_hint(exc: BaseException) -> str | None:
         return None
     reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
     return (
-        f"this tyr_llama model was tested with transformers {lo} to {hi}, but transformers "
+        f"this tyr model (pruned export) was tested with transformers {lo} to {hi}, but transformers "
         f"{transformers.__version__} is installed and failed ({reason}); "
         f"run: pip install 'transformers>={lo},<={hi}'"
     )
