@@ -18,10 +18,10 @@ import json
 import pytest
 import torch
 
+from test_export import _greedy, _stepwise_logits
 from test_recipes import run_recipe
 from tyr.export import pruned_config, to_export_model
 from tyr.modeling.adapter import get_adapter
-from tyr.modeling.hf_pruned.modeling_tyr_llama import CACHE_KWARG
 from tyr.modeling.slicing import slice_attention, slice_mlp
 
 FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3"]
@@ -73,21 +73,6 @@ def _ids(n=40):
     return torch.randint(0, 49152, (2, n), generator=torch.Generator().manual_seed(0))
 
 
-def _stepwise(model, ids, split):
-    with torch.no_grad():
-        out = model(ids[:, :split], use_cache=True)
-        cache, steps = out[CACHE_KWARG], [out.logits]
-        for t in range(split, ids.shape[1]):
-            steps.append(model(ids[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache}).logits)
-    return torch.cat(steps, dim=1)
-
-
-def _greedy(model, ids, use_cache):
-    with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
-                              do_sample=False, use_cache=use_cache, pad_token_id=0)
-
-
 @pytest.mark.parametrize("plan", sorted(PLANS))
 @pytest.mark.parametrize("name", FAMILIES)
 def test_sliced_equals_masked_dense(name, plan):
@@ -115,7 +100,7 @@ def test_exported_architecture_reproduces_the_sliced_model(name, plan):
     with torch.no_grad():
         ref = sliced(ids).logits
         assert (ex(ids).logits - ref).abs().max() <= 1e-4
-    assert (_stepwise(ex, ids, 17) - ref).abs().max() <= 1e-4  # prefill past the 16-token window, then step
+    assert (_stepwise_logits(ex, ids, 17) - ref).abs().max() <= 1e-4  # prefill past the 16-token window, then step
     assert torch.equal(_greedy(ex, ids, True), _greedy(ex, ids, False))
 
 

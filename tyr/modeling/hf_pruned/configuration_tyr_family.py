@@ -12,6 +12,8 @@ Self-contained (imports only ``transformers``, ``huggingface_hub`` and its sibli
 with ``trust_remote_code=True`` without tyr installed.
 """
 
+from dataclasses import dataclass
+
 from huggingface_hub.dataclasses import strict
 
 from .configuration_tyr_llama import TESTED_TRANSFORMERS, check_layer_lists, fill_layer_defaults
@@ -30,8 +32,19 @@ except ImportError as _exc:  # an untested transformers: say what to install (mo
     raise TyrTransformersVersionError(_hint) from None
 
 
+@dataclass
 class _PerLayer:
-    """What every family's tyr config does on top of the family's config."""
+    """The per-layer fields (defaults: dense) and checks every family's tyr config adds to the family's config."""
+
+    layer_num_heads: list[int] | None = None
+    layer_num_kv_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+    layer_o_bias: list[bool] | None = None
+    layer_down_bias: list[bool] | None = None
+    layer_head_ids: list[list[int]] | None = None
+    pruned_from_model_type: str | None = None
+    tyr_transformers_tested: list[str] | None = None
+    tyr_exported_with_transformers: str | None = None
 
     def __post_init__(self, **kwargs):
         fill_layer_defaults(self)
@@ -45,57 +58,21 @@ class _PerLayer:
 @strict
 class TyrMistralConfig(_PerLayer, MistralConfig):
     model_type = "tyr_mistral"
-    layer_num_heads: list[int] | None = None
-    layer_num_kv_heads: list[int] | None = None
-    layer_intermediate_size: list[int] | None = None
-    layer_o_bias: list[bool] | None = None
-    layer_down_bias: list[bool] | None = None
-    layer_head_ids: list[list[int]] | None = None
-    pruned_from_model_type: str | None = None
-    tyr_transformers_tested: list[str] | None = None
-    tyr_exported_with_transformers: str | None = None
 
 
 @strict
 class TyrQwen2Config(_PerLayer, Qwen2Config):
     model_type = "tyr_qwen2"
-    layer_num_heads: list[int] | None = None
-    layer_num_kv_heads: list[int] | None = None
-    layer_intermediate_size: list[int] | None = None
-    layer_o_bias: list[bool] | None = None
-    layer_down_bias: list[bool] | None = None
-    layer_head_ids: list[list[int]] | None = None
-    pruned_from_model_type: str | None = None
-    tyr_transformers_tested: list[str] | None = None
-    tyr_exported_with_transformers: str | None = None
 
 
 @strict
 class TyrQwen3Config(_PerLayer, Qwen3Config):
     model_type = "tyr_qwen3"
-    layer_num_heads: list[int] | None = None
-    layer_num_kv_heads: list[int] | None = None
-    layer_intermediate_size: list[int] | None = None
-    layer_o_bias: list[bool] | None = None
-    layer_down_bias: list[bool] | None = None
-    layer_head_ids: list[list[int]] | None = None
-    pruned_from_model_type: str | None = None
-    tyr_transformers_tested: list[str] | None = None
-    tyr_exported_with_transformers: str | None = None
 
 
 @strict
 class TyrGemma3TextConfig(_PerLayer, Gemma3TextConfig):
     model_type = "tyr_gemma3_text"
-    layer_num_heads: list[int] | None = None
-    layer_num_kv_heads: list[int] | None = None
-    layer_intermediate_size: list[int] | None = None
-    layer_o_bias: list[bool] | None = None
-    layer_down_bias: list[bool] | None = None
-    layer_head_ids: list[list[int]] | None = None
-    pruned_from_model_type: str | None = None
-    tyr_transformers_tested: list[str] | None = None
-    tyr_exported_with_transformers: str | None = None
 
 
 __all__ = ["TESTED_TRANSFORMERS", "TyrGemma3TextConfig", "TyrMistralConfig", "TyrQwen2Config", "TyrQwen3Config"]

@@ -100,51 +100,32 @@ def _forward_of(family_cls):
     return _guard(forward)
 
 
-class TyrMistralForCausalLM(MistralForCausalLM):
-    config_class = TyrMistralConfig
-    config: TyrMistralConfig
+class _PerLayerWidths:
+    """Built as the family's ``*ForCausalLM`` at the dense widths, then given the per-layer widths."""
 
     @_guard
-    def __init__(self, config: TyrMistralConfig):
+    def __init__(self, config):
         super().__init__(config)
         resize_layers(self.model, config)
 
+
+class TyrMistralForCausalLM(_PerLayerWidths, MistralForCausalLM):
+    config_class = TyrMistralConfig
     forward = _forward_of(MistralForCausalLM)
 
 
-class TyrQwen2ForCausalLM(Qwen2ForCausalLM):
+class TyrQwen2ForCausalLM(_PerLayerWidths, Qwen2ForCausalLM):
     config_class = TyrQwen2Config
-    config: TyrQwen2Config
-
-    @_guard
-    def __init__(self, config: TyrQwen2Config):
-        super().__init__(config)
-        resize_layers(self.model, config)
-
     forward = _forward_of(Qwen2ForCausalLM)
 
 
-class TyrQwen3ForCausalLM(Qwen3ForCausalLM):
+class TyrQwen3ForCausalLM(_PerLayerWidths, Qwen3ForCausalLM):
     config_class = TyrQwen3Config
-    config: TyrQwen3Config
-
-    @_guard
-    def __init__(self, config: TyrQwen3Config):
-        super().__init__(config)
-        resize_layers(self.model, config)
-
     forward = _forward_of(Qwen3ForCausalLM)
 
 
-class TyrGemma3ForCausalLM(Gemma3ForCausalLM):
+class TyrGemma3ForCausalLM(_PerLayerWidths, Gemma3ForCausalLM):
     config_class = TyrGemma3TextConfig
-    config: TyrGemma3TextConfig
-
-    @_guard
-    def __init__(self, config: TyrGemma3TextConfig):
-        super().__init__(config)
-        resize_layers(self.model, config)
-
     forward = _forward_of(Gemma3ForCausalLM)
 
 
