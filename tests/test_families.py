@@ -32,6 +32,8 @@ EXPORTED = {"tiny-llama": "TyrLlamaForCausalLM", "tiny-mistral": "TyrMistralForC
 PLANS = {
     "uneven": [([0, 1, 2], range(0, 128, 2)), ([3], range(100)), ([0, 1, 2, 3], []), ([], range(7))],
     "layer0_without_attention": [([], range(50)), ([1, 2], range(128)), ([0], range(9)), ([0, 3], range(3))],
+    # only layer 2 has attention: in tiny-gemma3 the full layer, every sliding layer without a cache entry
+    "one_layer_attends": [([], range(50)), ([], range(128)), ([0, 1], range(9)), ([], range(3))],
 }
 
 
