@@ -72,3 +72,30 @@ def test_task_files_normalise_all_documents(tmp_path):
         assert len(docs) == n
         assert all(0 <= d["gold"] < len(d["choices"]) for d in docs)
         assert (out / f"tyr_{name}.yaml").exists()
+
+
+def test_standard_task_names_local_or_lm_eval():
+    """The five tasks whose data ships run locally under their lm-eval names; other lm-eval names go to
+    lm-eval's registry, with the metric lm-eval's papers report."""
+    from tyr.tasks import BUILTIN, TASKS, check_tasks, metric_of, task_manager
+
+    check_tasks(["arc_easy", "arc_challenge", "boolq", "openbookqa", "piqa"])  # no lm-eval index, no network
+    assert set(TASKS) | set(BUILTIN) == {"boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"}
+    tm = task_manager(["boolq", "hellaswag", "winogrande"])
+    assert {"hellaswag", "winogrande"} <= set(tm.all_tasks) and "tyr_boolq" not in tm.all_tasks
+    assert metric_of("hellaswag", {"acc": 0.3, "acc_norm": 0.4}) == "acc_norm"
+    assert metric_of("winogrande", {"acc": 0.5}) == "acc" and metric_of("boolq", {"acc": 0.6, "acc_norm": 0.6}) == "acc"
+
+
+def test_lm_eval_task_without_its_data_offline_is_one_line(tmp_path):
+    """Offline, an lm-eval task whose data set is not cached stops the recipe before the model loads:
+    exit 2 and one line on stderr naming the task and the data set."""
+    from test_recipes import run_recipe
+
+    p = run_recipe("tyr.recipes.evaluate", "model=tiny-llama", "eval=smoke", "eval.tasks=[boolq,winogrande]",
+                   f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 2
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tyr: zero-shot task 'winogrande'"), p.stderr[-2000:]
+    assert "allenai/winogrande" in lines[0] and "Traceback" not in p.stdout
+    assert not (tmp_path / "results.json").exists()

@@ -225,13 +225,20 @@ def test_export_is_atomic_and_refuses_to_overwrite(pruned, tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-def test_unsupported_models_are_refused():
-    from transformers import MistralConfig, MistralForCausalLM
+def test_unsupported_layouts_and_families_are_refused():
+    from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+    from tyr.modeling.adapter import UnsupportedArchitectureError
 
     cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32)
-    with pytest.raises(ExportError, match="sliding"):
-        pruned_config(MistralForCausalLM(cfg))
+    mistral = MistralForCausalLM(cfg)
+    assert pruned_config(mistral).model_type == "tyr_mistral"  # sliding windows are the family's own code now
+    with pytest.raises(ExportError, match="Llama models only"):
+        pruned_config(mistral, layout="index")
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedArchitectureError, match="gpt2"):
+        pruned_config(gpt2)
 
 
 def test_folder_records_the_tested_transformers(folder):

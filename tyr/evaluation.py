@@ -135,24 +135,27 @@ def quiet_lm_eval() -> None:
 
 def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 16,
               task_dir: str | None = None, logits_mb: float | None = 256) -> ZeroShotResult:
-    """lm-eval zero-shot accuracy on local task files, run on the in-memory model. Batches hold up to
-    ``batch_size`` requests and at most ``logits_mb`` MB of logits (None: fixed ``batch_size``)."""
+    """lm-eval zero-shot accuracy on the in-memory model: local task files for the tasks whose data
+    ships with tyr, lm-eval's built-in tasks (their data from the Hub or its cache) for other names
+    (:mod:`tyr.tasks`). Batches hold up to ``batch_size`` requests and at most ``logits_mb`` MB of
+    logits (None: fixed ``batch_size``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    from tyr.tasks import TASKS, write_tasks
+    from tyr.tasks import TASKS, metric_of, task_manager, write_tasks
 
     quiet_lm_eval()
     t0 = time.time()
+    local = [t for t in tasks if t in TASKS]
+    registered = {t: f"tyr_{t}" if t in TASKS else t for t in tasks}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_tasks(task_dir or tmp, tasks)
-        tm = TaskManager(include_path=str(folder), include_defaults=False)
+        folder = write_tasks(task_dir or tmp, local) if local else None
+        tm = task_manager(list(tasks), include_path=[str(folder)] if folder else None)
         lm = _budget_hflm(model, tokenizer, batch_size, logits_mb)
         out = simple_evaluate(
             model=lm,
-            tasks=[f"tyr_{t}" for t in tasks],
+            tasks=list(registered.values()),
             num_fewshot=0,
             limit=limit,
             task_manager=tm,
@@ -162,11 +165,11 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batc
         )
     scores, metrics, samples = {}, {}, {}
     for t in tasks:
-        r = out["results"][f"tyr_{t}"]
+        r = out["results"][registered[t]]
         m = {k.split(",")[0]: float(v) for k, v in r.items() if k.endswith(",none") and "stderr" not in k}
         metrics[t] = m
-        scores[t] = m[TASKS[t][2]]
-        samples[t] = int(out.get("n-samples", {}).get(f"tyr_{t}", {}).get("effective", -1))
+        scores[t] = m[metric_of(t, m)]
+        samples[t] = int(out.get("n-samples", {}).get(registered[t], {}).get("effective", -1))
     return ZeroShotResult(scores, metrics, samples, time.time() - t0)
 
 

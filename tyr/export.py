@@ -1,20 +1,20 @@
 """Export a pruned model as a Hugging Face folder that loads with ``AutoModelForCausalLM``.
 
-A pruned model in memory is a stock ``LlamaForCausalLM`` (or Mistral / Qwen2) whose layers were
-sliced in place (:mod:`tyr.modeling.slicing`). No built-in transformers architecture holds
-per-layer query heads, KV heads and MLP widths together, so the export uses the small custom
-architecture in :mod:`tyr.modeling.hf_pruned` (``model_type: tyr_llama``, plain Llama tensor names,
-per-layer width lists in ``config.json``). Its two ``.py`` files are copied into the folder
-(``auto_map``) and it loads with ``trust_remote_code=True`` without tyr installed.
+A pruned model in memory is a stock ``LlamaForCausalLM`` (or Mistral / Qwen2 / Qwen3 / Gemma-3)
+whose layers were sliced in place (:mod:`tyr.modeling.slicing`). No built-in transformers
+architecture holds per-layer query heads, KV heads and MLP widths together, so the export uses a
+small custom architecture per family from :mod:`tyr.modeling.hf_pruned` (the family adapter's
+``export_type``: ``tyr_llama``, ``tyr_mistral``, ``tyr_qwen2``, ``tyr_qwen3``, ``tyr_gemma3_text``;
+the family's tensor names, per-layer width lists in ``config.json``). Its ``.py`` files are copied
+into the folder (``auto_map``) and it loads with ``trust_remote_code=True`` without tyr installed.
 
 Layouts:
 
 - ``"padded"`` (default): zero padding heads are stored as zeros so every layer's GQA groups are
   even and attention runs on the stock fast path (exact: a zero head meets zero ``o_proj`` columns);
 - ``"index"``: padding heads are dropped and each query head reads its KV head through an index
-  map (``index_select`` of K/V); fewer stored weights, slower decode. For speed comparisons.
-
-Supported families: llama, mistral, qwen2 (q/k/v bias), without sliding-window attention.
+  map (``index_select`` of K/V); fewer stored weights, slower decode. For speed comparisons
+  (``tyr_llama`` only).
 """
 
 from __future__ import annotations
@@ -37,12 +37,11 @@ import torch
 from torch import nn
 
 from tyr.modeling.adapter import get_adapter
-from tyr.modeling.hf_pruned import TyrLlamaConfig, TyrLlamaForCausalLM
+from tyr.modeling.hf_pruned import ARCHITECTURES, TyrLlamaConfig, TyrLlamaForCausalLM
 from tyr.modeling.params import layer_counts, parameter_counts
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 LAYOUTS = ("padded", "index")
 ALLOCATION_FILE = "tyr_allocation.json"
 
@@ -80,23 +79,14 @@ class ExportVerificationError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_supported(model: nn.Module) -> None:
-    adapter = get_adapter(model)
-    if adapter.family not in SUPPORTED_FAMILIES:
-        raise ExportError(
-            f"export supports the {', '.join(SUPPORTED_FAMILIES)} families; this model is {adapter.family!r} "
-            "(its block structure differs from Llama's: norms, activations or attention)"
-        )
-    cfg = model.config
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and int(window) < int(cfg.max_position_embeddings):
-        raise ExportError(
-            f"sliding-window attention (sliding_window={window} < max_position_embeddings="
-            f"{cfg.max_position_embeddings}) is not supported by the tyr_llama export"
-        )
-    layer_types = getattr(cfg, "layer_types", None)
-    if layer_types is not None and any(t != "full_attention" for t in layer_types):
-        raise ExportError(f"only full-attention layers can be exported, got layer_types={sorted(set(layer_types))}")
+def _check_supported(model: nn.Module, layout: str = "padded") -> str:
+    """The exported architecture's model_type for ``model`` (its family adapter says which)."""
+    export_type = get_adapter(model).export_type
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout != "padded" and export_type != TyrLlamaConfig.model_type:
+        raise ExportError(f"the {layout!r} layout exists for Llama models only; this model exports as {export_type}")
+    return export_type
 
 
 def _bias(module: nn.Module, attr: str | None = None) -> torch.Tensor | None:
@@ -179,18 +169,44 @@ def _index_maps(widths: list[dict[str, Any]]) -> tuple[list[int], list[list[int]
     return heads, (kv_maps if any(m is not None for m in kv_maps) else None), head_ids
 
 
-def pruned_config(model: nn.Module, layout: str = "padded") -> TyrLlamaConfig:
-    """The ``TyrLlamaConfig`` describing an in-memory pruned model (per-layer widths and biases).
+def _family_config(model: nn.Module, export_type: str, widths: list[dict[str, Any]]):
+    """A non-Llama family's tyr config: every field of the family's own config plus per-layer lists."""
+    base = model.config
+    fields = base.to_dict()
+    for k in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype",
+              "torch_dtype", "layer_kv_of_head"):
+        fields.pop(k, None)
+    config_class, lm_class = ARCHITECTURES[export_type]
+    cfg = config_class(**{
+        **fields,
+        "layer_num_heads": [w["num_head_slots"] for w in widths],
+        "layer_num_kv_heads": [w["num_kv_heads"] for w in widths],
+        "layer_intermediate_size": [w["intermediate_size"] for w in widths],
+        "layer_o_bias": [w["o_bias"] for w in widths],
+        "layer_down_bias": [w["down_bias"] for w in widths],
+        "layer_head_ids": [w["head_ids"] for w in widths],
+        "pruned_from_model_type": fields.get("pruned_from_model_type") or str(base.model_type),
+        "tyr_transformers_tested": None,
+        "tyr_exported_with_transformers": None,
+        "architectures": [lm_class.__name__],
+    })
+    cfg.dtype = next(model.parameters()).dtype
+    return cfg
+
+
+def pruned_config(model: nn.Module, layout: str = "padded"):
+    """The tyr config describing an in-memory pruned model (per-layer widths and biases): a
+    ``TyrLlamaConfig`` for Llama, the family's own tyr config for the other families.
 
     Global sizes (``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``) keep the
     dense values of the base config; the per-layer lists give the actual shapes.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    _check_supported(model)
+    export_type = _check_supported(model, layout)
+    widths = layer_widths(model)
+    if export_type != TyrLlamaConfig.model_type:
+        return _family_config(model, export_type, widths)
     adapter = get_adapter(model)
     base = model.config
-    widths = layer_widths(model)
     kwargs: dict[str, Any] = {k: getattr(base, k) for k in _BASE_FIELDS if hasattr(base, k)}
     if kwargs.get("num_key_value_heads") is None:
         kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
@@ -242,16 +258,20 @@ def _cloned_state_dict(model: nn.Module, clone: bool = True) -> dict[str, torch.
     return out
 
 
-def _build(config: TyrLlamaConfig, state: dict[str, torch.Tensor], generation_config=None) -> TyrLlamaForCausalLM:
-    """Construct on the meta device (no random init) and adopt ``state``'s tensors."""
+def _build(config, state: dict[str, torch.Tensor], source: nn.Module, generation_config=None) -> nn.Module:
+    """Construct on the meta device (no random init), adopt ``state``'s tensors and take the
+    non-persistent buffers (rotary frequencies, Gemma's embedding scale) from ``source``."""
     with torch.device("meta"):
-        out = TyrLlamaForCausalLM(config)
+        out = ARCHITECTURES[config.model_type][1](config)
     missing, unexpected = out.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        raise ExportError(f"state dict does not match the tyr_llama layout: missing={missing} unexpected={unexpected}")
-    device = next(iter(state.values())).device
-    rotary = out.model.rotary_emb
-    out.model.rotary_emb = type(rotary)(config=out.config).to(device)  # non-persistent buffers were on meta
+        raise ExportError(f"state dict does not match the {config.model_type} layout: missing={missing} unexpected={unexpected}")
+    buffers = dict(source.named_buffers())
+    for name, buf in list(out.named_buffers()):
+        if buf.is_meta and name in buffers:  # non-persistent buffers were left on meta
+            owner, _, attr = name.rpartition(".")
+            module = out.get_submodule(owner)
+            module.register_buffer(attr, buffers[name].detach().clone(), persistent=attr not in module._non_persistent_buffers_set)
     if config.tie_word_embeddings:
         out.lm_head.weight = out.model.embed_tokens.weight
     meta = [n for n, t in list(out.named_parameters()) + list(out.named_buffers()) if t.is_meta]
@@ -278,8 +298,9 @@ def _index_state(state: dict[str, torch.Tensor], widths: list[dict[str, Any]], h
     return state
 
 
-def to_export_model(model: nn.Module, layout: str = "padded", copy_weights: bool = True) -> TyrLlamaForCausalLM:
-    """A ``TyrLlamaForCausalLM`` holding a copy of the in-memory pruned model's weights.
+def to_export_model(model: nn.Module, layout: str = "padded", copy_weights: bool = True) -> nn.Module:
+    """The exported architecture (``TyrLlamaForCausalLM``, ``TyrQwen3ForCausalLM``, ...) holding a copy
+    of the in-memory pruned model's weights.
 
     ``layout="padded"`` (default, fast) keeps zero padding heads as stored zeros; ``"index"`` drops
     them and uses per-layer KV index maps where groups are uneven. ``copy_weights=False`` shares
@@ -289,7 +310,7 @@ def to_export_model(model: nn.Module, layout: str = "padded", copy_weights: bool
     state = _cloned_state_dict(model, clone=copy_weights)
     if layout == "index":
         state = _index_state(state, layer_widths(model), config.head_dim)
-    out = _build(config, state, getattr(model, "generation_config", None))
+    out = _build(config, state, model, getattr(model, "generation_config", None))
     out.config._attn_implementation = model.config._attn_implementation
     return out
 
@@ -317,7 +338,7 @@ def index_layout_from_padded(model: nn.Module) -> TyrLlamaForCausalLM:
     d.update(layer_num_heads=heads, layer_kv_of_head=kv_maps, layer_head_ids=head_ids)
     new_cfg = TyrLlamaConfig(**d)
     state = _index_state(_cloned_state_dict(model), widths, cfg.head_dim)
-    out = _build(new_cfg, state, getattr(model, "generation_config", None))
+    out = _build(new_cfg, state, model, getattr(model, "generation_config", None))
     out.config._attn_implementation = cfg._attn_implementation
     return out
 
@@ -429,7 +450,8 @@ def _write_folder(out_dir: Path, write, tokenizer: Any, record: dict, extra_file
                 raise ValueError(f"extra file name {name!r} must be a relative path inside the folder")
             _write_extra(tmp / name, content)
         cfg = json.loads((tmp / "config.json").read_text())
-        missing = [f for f in ("configuration_tyr_llama.py", "modeling_tyr_llama.py") if not (tmp / f).exists()]
+        code = {ref.split(".")[0] + ".py" for ref in cfg.get("auto_map", {}).values()}
+        missing = sorted(f for f in code | {"configuration_tyr_llama.py", "modeling_tyr_llama.py"} if not (tmp / f).exists())
         if "auto_map" not in cfg or missing:
             raise ExportError(f"save_pretrained did not write auto_map / custom code (missing {missing})")
         old = None
@@ -481,12 +503,12 @@ def export_streamed(
 
     out_dir = _check_out_dir(out_dir, overwrite)
     t0 = time.time()
-    _check_supported(model)
+    _check_supported(model, layout)
     with _meta_pruned_layers(model, assembler):
         config = pruned_config(model, layout)
         widths = layer_widths(model)
         with torch.device("meta"):
-            meta_export = TyrLlamaForCausalLM(config)
+            meta_export = ARCHITECTURES[config.model_type][1](config)
         record = allocation_record(model, meta_export, allocation, layout)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     names = streaming.execution(model).layer_names

@@ -41,10 +41,16 @@ class AttentionGeometry:
 
 @dataclass(frozen=True)
 class DecoderAdapter:
-    """Structure of a Llama-like decoder (Llama, Mistral, Qwen2, Gemma-3 text)."""
+    """Structure of a Llama-like decoder (Llama, Mistral, Qwen2, Qwen3, Gemma-3 text).
+
+    ``export_type``: the ``model_type`` of the architecture a pruned model of this family is exported
+    as (:mod:`tyr.modeling.hf_pruned`). Qwen3 and Gemma-3 have per-head ``q_norm`` / ``k_norm`` over
+    ``head_dim`` channels, shared by all heads: slicing heads leaves them as they are.
+    """
 
     family: str
     model_types: tuple[str, ...]
+    export_type: str
     attn_attr: str = "self_attn"
     mlp_attr: str = "mlp"
 
@@ -113,10 +119,12 @@ class DecoderAdapter:
 
 
 _ADAPTERS: tuple[DecoderAdapter, ...] = (
-    DecoderAdapter("llama", ("llama", "tyr_llama")),  # tyr_llama: exported pruned checkpoints
-    DecoderAdapter("mistral", ("mistral",)),
-    DecoderAdapter("qwen2", ("qwen2",)),
-    DecoderAdapter("gemma3", ("gemma3_text",)),
+    # tyr_*: exported pruned checkpoints, loaded back
+    DecoderAdapter("llama", ("llama", "tyr_llama"), "tyr_llama"),
+    DecoderAdapter("mistral", ("mistral", "tyr_mistral"), "tyr_mistral"),
+    DecoderAdapter("qwen2", ("qwen2", "tyr_qwen2"), "tyr_qwen2"),
+    DecoderAdapter("qwen3", ("qwen3", "tyr_qwen3"), "tyr_qwen3"),
+    DecoderAdapter("gemma3", ("gemma3_text", "tyr_gemma3_text"), "tyr_gemma3_text"),
 )
 
 

@@ -2,8 +2,8 @@
 ``python -m tyr.recipes.export run=<pipeline run dir> [out=DIR]``.
 
 The model is rebuilt from the dense weights and the supernet named in ``allocation.json``, written
-with per-layer widths (``tyr_llama`` architecture, loadable with ``trust_remote_code=True``), and
-checked in a fresh process.
+with per-layer widths (the family's exported architecture, ``tyr_llama``, ``tyr_qwen3``, ...,
+loadable with ``trust_remote_code=True``), and checked in a fresh process.
 """
 
 from __future__ import annotations

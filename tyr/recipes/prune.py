@@ -2,12 +2,14 @@
 
 Every layer is pruned to the same parameter sparsity with the chosen local pruner, the pruned model
 is evaluated, and ``results.json``, ``layers.jsonl`` (and for HyWIA ``fusion_weights.png``) are
-written into the run directory.
+written into the run directory. With ``export=true`` the pruned model is also written as a Hugging
+Face folder (``hf_model/``) and checked in a fresh process, as the pipeline does (``export.json``).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import hydra
 import torch
@@ -30,6 +32,20 @@ def dense_pass_seconds(model, ids: torch.Tensor, batch_size: int) -> float:
         model(x, labels=x).loss.backward()
     model.zero_grad(set_to_none=True)
     return time.time() - t0
+
+
+def export_checked(lm, out: Path, ids: torch.Tensor, allocation: dict) -> dict:
+    """Export the pruned in-memory model to ``out`` and check it in a fresh process against the model on
+    two of ``ids``' sequences (at most 128 tokens); the record is written next to it as export.json."""
+    from tyr.export import export_model, verify_export
+
+    t0 = time.time()
+    export_model(lm.model, lm.tokenizer, out, allocation=allocation, overwrite=True)
+    record = {"out": str(out), "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+              "verify": verify_export(out, lm.model, ids[:2, :128]), "seconds": time.time() - t0}
+    write_json(out.parent / "export.json", record)
+    log.info("exported and verified %s (%.1f MB)", out, record["bytes"] / 1e6)
+    return record
 
 
 @hydra.main(config_path="../../conf", config_name="prune", version_base="1.3")
@@ -65,6 +81,10 @@ def main(cfg: DictConfig) -> None:
                target_sparsity=report["target_sparsity"], achieved_sparsity=report["achieved_sparsity"],
                timings=timings, wall_time=time.time() - t_start, peak_rss_mb=peak_rss_mb(), config=to_container(cfg),
                calibration_tokens=int(calib.numel()))
+    if cfg.export:
+        res["export"] = export_checked(lm, run_dir / "hf_model", calib, {
+            "recipe": "prune", "pruner": cfg.pruner.name, "reconstruction": cfg.pruner.reconstruction,
+            "target_sparsity": report["target_sparsity"], "achieved_sparsity": report["achieved_sparsity"]})
     write_json(run_dir / "results.json", res)
     write_json(run_dir / "prune_report.json", report)
     plot_fusion_weights(report["layers"], run_dir / "fusion_weights.png",

@@ -1,8 +1,12 @@
-"""Local lm-eval tasks over the repo's data files (lm-eval's built-in tasks need the Hub).
+"""Zero-shot tasks by their standard lm-eval names: local files over the repo's data where tyr ships
+the data, lm-eval's built-in tasks (which need their data set from the Hub, or its cache) otherwise.
 
-Each task's documents are normalised once to ``{"query", "choices", "gold"}`` JSONL with the same
-prompts as lm-eval's built-in task of the same name, and a YAML naming that file is written next to
-it; ``TaskManager(include_path=...)`` then finds the tasks by name (``tyr_<name>``).
+Local tasks (:data:`TASKS`: arc_easy, arc_challenge, boolq, openbookqa, piqa): each task's documents
+are normalised once to ``{"query", "choices", "gold"}`` JSONL with the same prompts as lm-eval's
+built-in task of the same name, and a YAML naming that file is written next to it;
+``TaskManager(include_path=...)`` then finds the tasks by name (``tyr_<name>``). Any other name is
+an lm-eval task (hellaswag, winogrande, ...): :func:`check_tasks` says in one line what is missing
+before a model is loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +16,18 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from tyr.data import data_dir
+
+# lm-eval built-in tasks whose folder under lm_eval/tasks is known (indexing one folder takes about a
+# second, all of lm-eval's ~20 s): name -> (folder, metric reported: acc_norm where lm-eval reports it).
+BUILTIN = {"hellaswag": ("hellaswag", "acc_norm"), "winogrande": ("winogrande", "acc")}
+
+
+class UnknownTaskError(ValueError):
+    """A zero-shot task name that is neither a local task nor registered in lm-eval."""
+
+
+class TaskDataMissingError(RuntimeError):
+    """An lm-eval built-in task whose data set cannot be loaded (offline and not cached)."""
 
 _LETTERS = "ABCDE"
 
@@ -95,6 +111,51 @@ metric_list:
 metadata:
   version: 1.0
 """
+
+
+def task_manager(names: list[str], include_path: list[str] | None = None):
+    """An lm-eval ``TaskManager`` that knows the built-in tasks among ``names`` (only their folders when
+    all are in :data:`BUILTIN`, else all of lm-eval's) plus the folders of ``include_path``."""
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    builtin = [n for n in names if n not in TASKS]
+    root = Path(lm_eval.tasks.__file__).parent
+    folders = [str(root / BUILTIN[n][0]) for n in builtin if n in BUILTIN]
+    full = any(n not in BUILTIN for n in builtin)
+    return TaskManager(include_path=[*(include_path or []), *folders] or None, include_defaults=full)
+
+
+def metric_of(name: str, metrics: dict[str, float]) -> str:
+    """The metric reported for a task: acc_norm for ARC / OBQA / PIQA / HellaSwag, acc for BoolQ /
+    WinoGrande, acc_norm (else acc, else the first) for other lm-eval tasks."""
+    if name in TASKS:
+        return TASKS[name][2]
+    if name in BUILTIN:
+        return BUILTIN[name][1]
+    return next((m for m in ("acc_norm", "acc") if m in metrics), next(iter(metrics)))
+
+
+def check_tasks(names: list[str]) -> None:
+    """Raise :class:`UnknownTaskError` / :class:`TaskDataMissingError` (one line naming what is missing)
+    unless every task can run: local tasks always can; lm-eval tasks need their data set loadable."""
+    builtin = [n for n in names if n not in TASKS]
+    if not builtin:
+        return
+    tm = task_manager(builtin)
+    unknown = [n for n in builtin if n not in tm.all_tasks]
+    if unknown:
+        raise UnknownTaskError(f"unknown zero-shot task(s) {unknown}: neither a local task ({', '.join(TASKS)}) "
+                               "nor registered in lm-eval (`lm_eval ls tasks` lists those)")
+    for name in builtin:
+        try:
+            tm.load([name])
+        except Exception as e:  # noqa: BLE001 - offline, gated, not cached: all mean the data is missing
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise TaskDataMissingError(
+                f"zero-shot task {name!r} is lm-eval's built-in task and its data set could not be loaded ({why}); "
+                f"run once with Hub access to fill the datasets cache, or keep to the tasks whose data ships in "
+                f"data/: {', '.join(TASKS)}") from None
 
 
 def write_tasks(out_dir: str | Path, names: list[str] | None = None) -> Path:

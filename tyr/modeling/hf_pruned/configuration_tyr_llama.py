@@ -47,7 +47,7 @@ def transformers_version_hint(exc: BaseException) -> str | None:
         return None
     reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
     return (
-        f"this tyr_llama model was tested with transformers {lo} to {hi}, but transformers "
+        f"this tyr model (pruned export) was tested with transformers {lo} to {hi}, but transformers "
         f"{transformers.__version__} is installed and failed ({reason}); "
         f"run: pip install 'transformers>={lo},<={hi}'"
     )
@@ -83,6 +83,54 @@ except ImportError as _exc:
 
 
 
+def fill_layer_defaults(cfg) -> None:
+    """Unset per-layer lists mean "dense": every layer has the global sizes (shared by every tyr_* config)."""
+    n = cfg.num_hidden_layers
+    if cfg.layer_num_heads is None:
+        cfg.layer_num_heads = [int(cfg.num_attention_heads)] * n
+    if cfg.layer_num_kv_heads is None:
+        cfg.layer_num_kv_heads = [int(cfg.num_key_value_heads or cfg.num_attention_heads)] * n
+    if cfg.layer_intermediate_size is None:
+        cfg.layer_intermediate_size = [int(cfg.intermediate_size)] * n
+    if cfg.layer_o_bias is None:
+        cfg.layer_o_bias = [False] * n
+    if cfg.layer_down_bias is None:
+        cfg.layer_down_bias = [False] * n
+    if cfg.tyr_transformers_tested is None:
+        cfg.tyr_transformers_tested = list(TESTED_TRANSFORMERS)
+    if cfg.tyr_exported_with_transformers is None:
+        cfg.tyr_exported_with_transformers = transformers.__version__
+
+
+def check_layer_lists(cfg) -> None:
+    """The per-layer lists of a tyr_* config are consistent with each other."""
+    if cfg.head_dim is None or cfg.head_dim <= 0:
+        raise ValueError("a tyr config needs an explicit positive head_dim")
+    n = cfg.num_hidden_layers
+    for name in ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size", "layer_o_bias", "layer_down_bias",
+                 "layer_kv_of_head", "layer_head_ids"):
+        value = getattr(cfg, name, None)
+        if value is not None and len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries, expected num_hidden_layers={n}")
+    if cfg.layer_num_heads is None or cfg.layer_num_kv_heads is None:
+        return
+    for i, (nh, nkv) in enumerate(zip(cfg.layer_num_heads, cfg.layer_num_kv_heads)):
+        if nh < 0 or nkv < 0 or (nh == 0) != (nkv == 0):
+            raise ValueError(f"layer {i}: {nh} query heads and {nkv} KV heads (both or neither must be 0)")
+        kv_maps = getattr(cfg, "layer_kv_of_head", None)
+        kv_map = kv_maps[i] if kv_maps is not None else None
+        if kv_map is not None:
+            if len(kv_map) != nh or any(k < 0 or k >= nkv for k in kv_map):
+                raise ValueError(f"layer {i}: layer_kv_of_head {kv_map} does not fit {nh} heads / {nkv} KV heads")
+        elif nh and nh % nkv:
+            raise ValueError(
+                f"layer {i}: {nh} query heads is not a multiple of {nkv} KV heads "
+                "(pad groups with zero heads or give layer_kv_of_head)"
+            )
+    if cfg.layer_intermediate_size is not None and any(c < 0 for c in cfg.layer_intermediate_size):
+        raise ValueError("layer_intermediate_size entries must be >= 0")
+
+
 class TyrLlamaConfig(LlamaConfig):
     """``LlamaConfig`` plus per-layer attention heads, KV heads, MLP widths and bias flags."""
 
@@ -102,55 +150,14 @@ class TyrLlamaConfig(LlamaConfig):
     tyr_exported_with_transformers: str | None = None
 
     def __post_init__(self, **kwargs):
-        n = self.num_hidden_layers
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        # Unset lists mean "dense": every layer has the global sizes.
-        if self.layer_num_heads is None:
-            self.layer_num_heads = [int(self.num_attention_heads)] * n
-        if self.layer_num_kv_heads is None:
-            self.layer_num_kv_heads = [int(self.num_key_value_heads)] * n
-        if self.layer_intermediate_size is None:
-            self.layer_intermediate_size = [int(self.intermediate_size)] * n
-        if self.layer_o_bias is None:
-            self.layer_o_bias = [False] * n
-        if self.layer_down_bias is None:
-            self.layer_down_bias = [False] * n
-        if self.tyr_transformers_tested is None:
-            self.tyr_transformers_tested = list(TESTED_TRANSFORMERS)
-        if self.tyr_exported_with_transformers is None:
-            self.tyr_exported_with_transformers = transformers.__version__
+        fill_layer_defaults(self)
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
         """Part of ``@strict`` validation: per-layer lists are consistent (no ``hidden % heads`` rule)."""
-        if self.head_dim is None or self.head_dim <= 0:
-            raise ValueError("TyrLlamaConfig needs an explicit positive head_dim")
-        n = self.num_hidden_layers
-        for name in ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size", "layer_o_bias", "layer_down_bias"):
-            value = getattr(self, name)
-            if value is not None and len(value) != n:
-                raise ValueError(f"{name} has {len(value)} entries, expected num_hidden_layers={n}")
-        for name in ("layer_kv_of_head", "layer_head_ids"):
-            value = getattr(self, name)
-            if value is not None and len(value) != n:
-                raise ValueError(f"{name} has {len(value)} entries, expected num_hidden_layers={n}")
-        if self.layer_num_heads is None or self.layer_num_kv_heads is None:
-            return
-        for i, (nh, nkv) in enumerate(zip(self.layer_num_heads, self.layer_num_kv_heads)):
-            if nh < 0 or nkv < 0 or (nh == 0) != (nkv == 0):
-                raise ValueError(f"layer {i}: {nh} query heads and {nkv} KV heads (both or neither must be 0)")
-            kv_map = self.layer_kv_of_head[i] if self.layer_kv_of_head is not None else None
-            if kv_map is not None:
-                if len(kv_map) != nh or any(k < 0 or k >= nkv for k in kv_map):
-                    raise ValueError(f"layer {i}: layer_kv_of_head {kv_map} does not fit {nh} heads / {nkv} KV heads")
-            elif nh and nh % nkv:
-                raise ValueError(
-                    f"layer {i}: {nh} query heads is not a multiple of {nkv} KV heads "
-                    "(pad groups with zero heads or give layer_kv_of_head)"
-                )
-        if self.layer_intermediate_size is not None and any(c < 0 for c in self.layer_intermediate_size):
-            raise ValueError("layer_intermediate_size entries must be >= 0")
+        check_layer_lists(self)
 
     def layer_has_attention(self, layer_idx: int) -> bool:
         return self.layer_num_heads[layer_idx] > 0
@@ -168,6 +175,8 @@ __all__ = [
     "TESTED_TRANSFORMERS",
     "TyrLlamaConfig",
     "TyrTransformersVersionError",
+    "check_layer_lists",
+    "fill_layer_defaults",
     "guard_transformers_version",
     "transformers_version_hint",
 ]

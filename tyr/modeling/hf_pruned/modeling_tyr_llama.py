@@ -64,6 +64,31 @@ def _pop_cache(kwargs: dict) -> "Cache | None":
     new, old = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
     return new if new is not None else old
 
+
+def prepare_cache(cache: "Cache | None", config) -> None:
+    """Give attention-less layers (``config.layer_num_heads[i] == 0``) a ``DummyLayer`` cache entry, so
+    the past length and the masks are read from a layer that has attention.
+
+    Without this, a model whose layer 0 has no attention would see a past length of 0 at every
+    decoding step (wrong position ids and causal mask). If no layer has attention, positions
+    and masks are unused and the cache is left alone.
+    """
+    if not isinstance(cache, Cache):
+        return
+    n = config.num_hidden_layers
+    empty = [i for i in range(n) if config.layer_num_heads[i] == 0]
+    if not empty or len(empty) == n:
+        return
+    layers = cache.layers
+    replicate = getattr(cache, "layer_class_to_replicate", None)
+    if replicate is not None:  # lazily grown cache: create the entries now
+        while len(layers) < n:
+            layers.append(replicate())
+    for i in empty:
+        if i < len(layers) and not isinstance(layers[i], DummyLayer):
+            layers[i] = DummyLayer()
+
+
 from .configuration_tyr_llama import TyrLlamaConfig  # noqa: E402
 
 
@@ -233,30 +258,8 @@ class TyrLlamaModel(TyrLlamaPreTrainedModel, LlamaModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def attentionless_layers(self) -> list[int]:
-        return [i for i in range(self.config.num_hidden_layers) if self.config.layer_num_heads[i] == 0]
-
     def prepare_cache(self, cache: "Cache | None") -> None:
-        """Give attention-less layers a ``DummyLayer`` so the past length is read from a real one.
-
-        Without this, a model whose layer 0 has no attention would see a past length of 0 at every
-        decoding step (wrong position ids and causal mask). If no layer has attention, positions
-        and masks are unused and the cache is left alone.
-        """
-        if not isinstance(cache, Cache):
-            return
-        empty = self.attentionless_layers()
-        n = self.config.num_hidden_layers
-        if not empty or len(empty) == n:
-            return
-        layers = cache.layers
-        replicate = getattr(cache, "layer_class_to_replicate", None)
-        if replicate is not None:  # lazily grown cache: create the entries now
-            while len(layers) < n:
-                layers.append(replicate())
-        for i in empty:
-            if i < len(layers) and not isinstance(layers[i], DummyLayer):
-                layers[i] = DummyLayer()
+        prepare_cache(cache, self.config)
 
     @guard_transformers_version
     def forward(self, input_ids: torch.LongTensor | None = None, **kwargs):
@@ -285,4 +288,4 @@ class TyrLlamaForCausalLM(TyrLlamaPreTrainedModel, LlamaForCausalLM):
     forward = guard_transformers_version(LlamaForCausalLM.forward)
 
 
-__all__ = ["CACHE_KWARG", "TyrLlamaForCausalLM", "TyrLlamaModel", "TyrLlamaPreTrainedModel", "TyrTransformersVersionError"]
+__all__ = ["CACHE_KWARG", "prepare_cache", "TyrLlamaForCausalLM", "TyrLlamaModel", "TyrLlamaPreTrainedModel", "TyrTransformersVersionError"]
