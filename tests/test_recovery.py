@@ -218,3 +218,41 @@ def test_settings_are_checked_and_keyed():
     s = settings()
     assert s.key("a", "t") == replace(s, checkpoint_every=7, device="cuda").key("a", "t")  # runtime only
     assert len({s.key("a", "t"), replace(s, lr=1e-3).key("a", "t"), s.key("b", "t"), s.key("a", "u")}) == 4
+
+
+def test_recipe_recovers_a_prune_run_and_exports(tmp_path):
+    """prune (tiny, uniform) -> recover (LoRA): before/after evaluation, loss plot, verified export;
+    a rerun reuses it; other settings get another directory; bad settings and a budget beyond the
+    text are one line on stderr with exit 2."""
+    from test_recipes import run_recipe
+
+    prune = tmp_path / "prune"
+    p = run_recipe("tyr.recipes.prune", "model=tiny-llama", "eval=smoke", "pruner=magnitude", "target_sparsity=0.5",
+                   "data.calibration.num_sequences=8", "data.calibration.seq_len=64", f"hydra.run.dir={prune}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    args = [f"run={prune}", "eval=smoke", "eval.tasks=[]", "recover.tokens=1536", "recover.seq_len=64",
+            "recover.batch_size=4", "recover.micro_batch_size=2", "recover.checkpoint_every=2",
+            "recover.data=[{source:ptb_valid,weight:1.0}]"]
+    p = run_recipe("tyr.recipes.recover", *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (out,) = (prune / "recover").glob("lora-*")
+    res = json.loads((out / "results.json").read_text())
+    assert res["recovery"]["tokens"] == 1536 and res["recovery"]["finished"] and res["recovery"]["steps"] == 6
+    assert res["verify"]["max_abs_logit_diff"] <= 1e-4 and res["verify"]["generate_cache_equals_no_cache"]
+    assert res["before"]["perplexity"]["wikitext2"]["ppl"] != res["after"]["perplexity"]["wikitext2"]["ppl"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 6 and (out / "loss.png").stat().st_size > 1000
+    assert json.loads((out / "hf_model" / "tyr_recovery.json").read_text())["recovery"]["mode"] == "lora"
+    assert (prune / "pruned_model.safetensors").exists() and "wikitext2 perplexity" in p.stdout
+    before = (out / "results.json").read_text()
+    p = run_recipe("tyr.recipes.recover", *args)
+    assert p.returncode == 0 and "already done" in p.stdout + p.stderr and (out / "results.json").read_text() == before
+    p = run_recipe("tyr.recipes.recover", *args, "recover=full", "stop_after=1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    (full,) = (prune / "recover").glob("full-*")
+    assert not (full / "results.json").exists() and [c.name for c in (full / "checkpoints").iterdir()] == ["step-000001"]
+    for bad, msg in (("recover.tokens=100000000", "larger than the text"), ("recover.mode=qlora", "recover.mode"),
+                     ("recover.data=[{source:'c4[0:50]',weight:1.0}]", "overlaps the calibration text")):
+        p = run_recipe("tyr.recipes.recover", *args, bad)
+        assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, (bad, p.stderr[-2000:])
+    p = run_recipe("tyr.recipes.recover", "--help")
+    assert p.returncode == 0 and "Examples" in p.stdout and "recover: full, lora" in p.stdout
