@@ -131,7 +131,8 @@ def recover_model(lm, student, source: dict, s: RecoverySettings, root: Path, cf
     """Recover ``student`` from the dense ``lm.model`` into ``root/<mode>-<key>``; returns the result
     (None on ranks other than 0, and when ``stop_after`` ended the training early)."""
     teacher_id = f"{lm.name}|{lm.revision}|{next(lm.model.parameters()).dtype}"
-    key = s.key(fingerprint(student), teacher_id)
+    student_id = fingerprint(student)
+    key = s.key(student_id, teacher_id)
     out = root / f"{s.mode}-{key}"
     label = f"{lm.name} {source['kind']}"
     if (out / "results.json").exists():
@@ -142,11 +143,13 @@ def recover_model(lm, student, source: dict, s: RecoverySettings, root: Path, cf
     if dist.is_main():
         write_json(out / "settings.json", {"key": key, "settings": asdict(s),
                                            "teacher": teacher_id, "source": {k: v for k, v in source.items() if k != "allocation"}})
-        before = before or _evaluated(out / "results_before.json", student, lm, ecfg, stage="before")
+        # the pruned model before recovery: one evaluation per student and protocol, whatever the settings
+        before = before or _evaluated(root / f"results_before-{student_id[:12]}.json", student, lm, ecfg, stage="before")
     t0 = time.time()
     windows = recovery_windows(list(s.sources), s.seq_len, s.windows, s.seed, lm.tokenizer, token_cache(cfg), lm.name)
     student, summary = train(lm.model, student, windows, s, out, stop_after=stop_after)
     student.to("cpu")
+    lm.model.to("cpu")
     if not summary["finished"] or not dist.is_main():
         return None
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
