@@ -2,7 +2,7 @@
 
     python -m experiments.recovery_report runs/recovery [--out experiments/results]
 
-Reads ``<root>/prune-s<sparsity>/recover/<mode>-<key>/results.json`` (tyr.recipes.recover). The table
+Reads ``<root>/prune-s<sparsity>/recover/<mode>-<key>/results-<protocol>.json`` (tyr.recipes.recover). The table
 (issue 15's schema) takes, per sparsity and mode, the run evaluated with the most perplexity windows
 (ties: the most tokens); each ``after_<mode>`` entry also holds its own ``tokens`` and ``seconds``, and the
 top-level ``tokens`` / ``seconds`` are LoRA's. The plot shows every LoRA / full run's WikiText-2
@@ -29,7 +29,7 @@ def scores(res: dict) -> dict:
 
 def collect(root: Path) -> list[dict]:
     runs = []
-    for f in sorted(root.glob("prune-s*/recover/*/results.json")):
+    for f in sorted(root.glob("prune-s*/recover/*/results-*.json")):  # one per run and evaluation protocol
         r = json.loads(f.read_text())
         runs.append({"sparsity": f.parts[-4].removeprefix("prune-s"), "mode": r["recovery"]["mode"],
                      "tokens": r["recovery"]["tokens"], "seconds": round(r["recovery"]["seconds"]),

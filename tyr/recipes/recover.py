@@ -135,16 +135,18 @@ def recover_model(lm, student, source: dict, s: RecoverySettings, root: Path, cf
     key = s.key(student_id, teacher_id)
     out = root / f"{s.mode}-{key}"
     label = f"{lm.name} {source['kind']}"
-    if (out / "results.json").exists():
-        log.info("recovery already done with these settings: %s", out / "results.json")
-        return read_json(out / "results.json")
-    out.mkdir(parents=True, exist_ok=True)
     ecfg = _eval_cfg(cfg, lm.name)
+    protocol = hashlib.sha256(json.dumps(to_container(ecfg.eval), sort_keys=True).encode()).hexdigest()[:8]
+    done = out / f"results-{protocol}.json"  # one result per evaluation protocol; results.json: the latest
+    if done.exists():
+        log.info("recovery already done and evaluated with these settings: %s", done)
+        return read_json(done)
+    out.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
         write_json(out / "settings.json", {"key": key, "settings": asdict(s),
                                            "teacher": teacher_id, "source": {k: v for k, v in source.items() if k != "allocation"}})
         # the pruned model before recovery: one evaluation per student and protocol, whatever the settings
-        before = before or _evaluated(root / f"results_before-{student_id[:12]}.json", student, lm, ecfg, stage="before")
+        before = before or _evaluated(root / f"results_before-{student_id[:12]}-{protocol}.json", student, lm, ecfg, stage="before")
     t0 = time.time()
     windows = recovery_windows(list(s.sources), s.seq_len, s.windows, s.seed, lm.tokenizer, token_cache(cfg), lm.name)
     student, summary = train(lm.model, student, windows, s, out, stop_after=stop_after)
@@ -154,7 +156,7 @@ def recover_model(lm, student, source: dict, s: RecoverySettings, root: Path, cf
         return None
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     plot_recovery(records, out / "loss.png", f"{label}: recovery ({s.mode}, {summary['tokens']:,} tokens)")
-    after = _evaluated(out / "results_after.json", student, lm, ecfg, stage="after", recovery=summary)
+    after = _evaluated(out / f"results_after-{protocol}.json", student, lm, ecfg, stage="after", recovery=summary)
     result = {"key": key, "dir": str(out), "before": before, "after": after, "recovery": summary, "wall_seconds_this_run": time.time() - t0,
               "settings": read_json(out / "settings.json")}
     if export:
@@ -164,6 +166,7 @@ def recover_model(lm, student, source: dict, s: RecoverySettings, root: Path, cf
                      extra_files={"tyr_recovery.json": {"settings": result["settings"], "recovery": summary}})
         result["verify"] = verify_export(out / "hf_model", student, windows[:2, : min(128, s.seq_len)])
         result["hf_model"] = str(out / "hf_model")
+    write_json(done, result)
     write_json(out / "results.json", result)
     rows = {f"{label} {s.mode} before": before, f"{label} {s.mode} after ({summary['tokens']:,} tokens)": after}
     (out / "results.md").write_text(results_table(rows) + "\n")
