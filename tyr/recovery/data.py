@@ -1,9 +1,9 @@
 """Recovery text: local sources mixed by weight into a fixed, seeded order of token windows.
 
 Every source is turned into all of its whole windows of ``seq_len`` tokens (a contiguous token set of
-:mod:`tyr.data`, cached per tokenizer). The mix takes from each source its share of the windows the
-budget needs, in a seeded order, and interleaves them; the order depends only on the settings, so a
-resumed run reads on from the same position. Recovery text must not overlap the text that
+:mod:`tyr.data`, cached per tokenizer). The sources take turns in proportion to their weights, each
+giving its windows in a seeded order; the order depends only on the settings, so a resumed run reads
+on from the same position, and a smaller budget trains on the start of a larger one's text. Recovery text must not overlap the text that
 calibrated, searched or evaluates the model: :func:`check_disjoint` compares document ranges.
 """
 
@@ -63,22 +63,26 @@ def check_disjoint(sources: list[str], used: dict[str, str]) -> None:
                                     "that calibration, search and evaluation do not use")
 
 
-def shares(n: int, weights: list[float]) -> list[int]:
-    """``n`` split by ``weights`` (largest remainders; the counts sum to ``n``)."""
-    total = sum(weights)
-    exact = [n * w / total for w in weights]
-    counts = [int(math.floor(x)) for x in exact]
-    for i in sorted(range(len(weights)), key=lambda i: counts[i] - exact[i])[: n - sum(counts)]:
-        counts[i] += 1
-    return counts
+def schedule(n: int, weights: list[float]) -> list[int]:
+    """The source of each of ``n`` positions, by smooth weighted round robin: every prefix holds each
+    source in proportion to its weight (within one window)."""
+    total, credit, out = sum(weights), [0.0] * len(weights), []
+    for _ in range(n):
+        credit = [c + w for c, w in zip(credit, weights)]
+        j = max(range(len(weights)), key=lambda i: credit[i])
+        credit[j] -= total
+        out.append(j)
+    return out
 
 
 def mix_windows(windows: list[torch.Tensor], weights: list[float], n: int, seed: int, names: list[str] | None = None
                 ) -> torch.Tensor:
-    """``n`` windows [n, T] drawn from ``windows`` (one [N_i, T] tensor per source) by ``weights``:
-    each source gives a seeded random choice of its share, and the whole is shuffled (seeded)."""
+    """``n`` windows [n, T] from ``windows`` (one [N_i, T] tensor per source): the sources take turns
+    by :func:`schedule`, each giving its windows in a seeded random order. The mix of a smaller budget
+    is the start of a larger one's (same seed), so budgets can be compared on nested text."""
     names = names or [f"source {i}" for i in range(len(windows))]
-    counts = shares(n, weights)
+    order = schedule(n, weights)
+    counts = [order.count(i) for i in range(len(windows))]
     short = [(nm, c, len(w)) for nm, c, w in zip(names, counts, windows) if c > len(w)]
     if short:
         T = windows[0].shape[1]
@@ -86,11 +90,14 @@ def mix_windows(windows: list[torch.Tensor], weights: list[float], n: int, seed:
         detail = "; ".join(f"{nm} gets {c} windows but holds {h}" for nm, c, h in short)
         raise RecoveryBudgetError(
             f"recovery budget of {n * T:,} tokens ({n} windows of {T}) is larger than the text: {detail}. "
-            f"At these weights the sources hold {have * T:,} tokens; lower recover.tokens or add sources.")
-    rng = np.random.default_rng(seed)
-    parts = [w[torch.from_numpy(np.sort(rng.permutation(len(w))[:c]))] for w, c in zip(windows, counts)]
-    mixed = torch.cat(parts)
-    return mixed[torch.from_numpy(rng.permutation(len(mixed)))]
+            f"At these weights the sources hold about {have * T:,} tokens; lower recover.tokens or add sources.")
+    perms = [np.random.default_rng([seed, i]).permutation(len(w)) for i, w in enumerate(windows)]
+    taken = [0] * len(windows)
+    rows = []
+    for j in order:
+        rows.append(windows[j][int(perms[j][taken[j]])])
+        taken[j] += 1
+    return torch.stack(rows) if rows else torch.empty(0, windows[0].shape[1], dtype=windows[0].dtype)
 
 
 def recovery_windows(sources: list[tuple[str, float]], seq_len: int, n: int, seed: int, tokenizer, cache: str,
