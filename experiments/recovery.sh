@@ -23,6 +23,11 @@ for sp in 0.5 0.25; do
   $PY -m tyr.recipes.recover "run=$run" recover=lora recover.tokens=$TOKENS_LORA $FULL_EVAL "$@"
   $PY -m tyr.recipes.recover "run=$run" recover=full recover.tokens=$TOKENS_FULL $FULL_EVAL "$@"
 done
+# searched + recovered against uniform + recovered: the demo pipeline (it recovers with the small default
+# budget), then its searched model with the same budgets as the uniform one
+$PY -m tyr.recipes.pipeline +experiment=demo "paths.output_dir=$OUT"
+$PY -m tyr.recipes.recover "run=$OUT/pipeline/smollm2-135m/demo-s0.5" recover=lora recover.tokens=$TOKENS_LORA $FULL_EVAL "$@"
+$PY -m tyr.recipes.recover "run=$OUT/pipeline/smollm2-135m/demo-s0.5" recover=full recover.tokens=$TOKENS_FULL $FULL_EVAL "$@"
 for tokens in 100000 300000 1000000; do   # perplexity against tokens (50 %, LoRA, quick protocol, no tasks)
   $PY -m tyr.recipes.recover "run=$OUT/prune-s0.5" recover=lora recover.tokens=$tokens eval=quick eval.tasks=[] \
     export=false "$@"

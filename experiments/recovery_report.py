@@ -2,9 +2,9 @@
 
     python -m experiments.recovery_report runs/recovery [--out experiments/results]
 
-Reads ``<root>/prune-s<sparsity>/recover/<mode>-<key>/results-<protocol>.json`` (tyr.recipes.recover). The table
-(issue 15's schema) takes, per sparsity and mode, the run evaluated with the most perplexity windows
-(ties: the most tokens); each ``after_<mode>`` entry also holds its own ``tokens`` and ``seconds``, and the
+Reads every ``<run>/recover/<mode>-<key>/results-<protocol>.json`` (tyr.recipes.recover) below ROOT. The
+table (issue 15's schema; searched models of pipeline runs under "searched") takes, per sparsity and mode,
+the run evaluated with the most perplexity windows (ties: the most tokens); each ``after_<mode>`` entry also holds its own ``tokens`` and ``seconds``, and the
 top-level ``tokens`` / ``seconds`` are LoRA's. The plot shows every LoRA / full run's WikiText-2
 perplexity against its tokens, protocol by protocol.
 """
@@ -29,18 +29,22 @@ def scores(res: dict) -> dict:
 
 def collect(root: Path) -> list[dict]:
     runs = []
-    for f in sorted(root.glob("prune-s*/recover/*/results-*.json")):  # one per run and evaluation protocol
+    for f in sorted(root.glob("**/recover/*/results-*.json")):  # one per run and evaluation protocol
         r = json.loads(f.read_text())
-        runs.append({"sparsity": f.parts[-4].removeprefix("prune-s"), "mode": r["recovery"]["mode"],
+        src = r["settings"]["source"]
+        runs.append({"sparsity": str(src["target_sparsity"]), "kind": src["kind"], "mode": r["recovery"]["mode"],
                      "tokens": r["recovery"]["tokens"], "seconds": round(r["recovery"]["seconds"]),
                      "before": scores(r["before"]), "after": scores(r["after"]), "dir": str(f.parent)})
     return runs
 
 
 def table(runs: list[dict]) -> dict:
+    """Issue 15's schema for the uniform models; searched models (pipeline runs) under "searched"."""
     out: dict = {}
     for r in sorted(runs, key=lambda r: (r["after"]["ppl_windows"] or 0, r["after"]["task_limit"] or 0, r["tokens"])):
         row = out.setdefault(r["sparsity"], {})
+        if r["kind"] == "searched":
+            row = row.setdefault("searched", {})
         row["before"] = r["before"]
         row[f"after_{r['mode']}"] = {**r["after"], "tokens": r["tokens"], "seconds": r["seconds"], "dir": r["dir"]}
         if r["mode"] == "lora":
@@ -65,7 +69,7 @@ def plot(runs: list[dict], path: Path) -> None:
 def _series(runs: list[dict]) -> dict:
     s: dict = {}
     for r in runs:
-        key = (r["sparsity"], r["mode"], r["after"]["ppl_windows"])
+        key = (r["sparsity"], f"{r['kind']} {r['mode']}", r["after"]["ppl_windows"])
         s.setdefault(key, [(0, r["before"]["wikitext2"])])  # 0 tokens: before recovery (drawn at the left edge)
         s[key].append((r["tokens"], r["after"]["wikitext2"]))
     return {k: [(max(t, 1e4), p) for t, p in sorted(set(v))] for k, v in s.items()}

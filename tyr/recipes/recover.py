@@ -88,7 +88,7 @@ def student_from_run(run_dir: Path, run_cfg: DictConfig, lm):
         asm.assemble(alloc["levels"])
         student = copy.deepcopy(lm.model)
         asm.restore_dense()
-        return student, {"kind": "searched", "allocation": alloc}
+        return student, {"kind": "searched", "target_sparsity": float(run_cfg.target_sparsity), "allocation": alloc}
     if "pruner" not in run_cfg or "target_sparsity" not in run_cfg:
         raise RecoveryError(f"run={run_dir} is neither a pipeline run (allocation.json) nor a prune run "
                             "(tyr.recipes.prune)")
