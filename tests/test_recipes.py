@@ -73,7 +73,8 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch):
     args = ["model=tiny-llama", "eval=smoke", "data.calibration.num_sequences=8", "data.calibration.seq_len=64",
             "data.gradient.num_sequences=4", "data.gradient.seq_len=64", "data.search.num_sequences=8",
             "data.search.seq_len=64", "search.min_channels=8", "search.generations=2", "search.offspring=4",
-            "search.stages=[[64,2],[256,1]]", "search.surrogate_check=6", f"paths.output_dir={tmp_path}"]
+            "search.stages=[[64,2],[256,1]]", "search.surrogate_check=6", f"paths.output_dir={tmp_path}",
+            "recover.tokens=512", "recover.seq_len=64", "recover.batch_size=4", "recover.data=[{source:ptb_valid,weight:1.0}]"]
     p = run_recipe("tyr.recipes.pipeline", *args)
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "pipeline" / "tiny-llama" / "hywia_comp-s0.5-fast"
@@ -86,6 +87,7 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch):
     assert alloc["source"] == rp["chosen"] and alloc["fitness"] == min(rp["kl_reprune"], rp["kl_supernet"])
     assert len(res["iterations"]) == 2 and set(k.split()[1] for k in res["rows"]) == \
         {"dense", "searched", other, "uniform", "uniform_reprune", "owl"}
+    assert any(k.endswith("+ recovery (lora, 512 tokens)") for k in res["rows"])  # the recovery stage (tyr.recipes.recover)
     # the searched and the re-pruned forms hold the same widths, so the same budget
     assert json.loads((run / f"results_{other}.json").read_text())["budget"]["prunable_kept"] == alloc["budget"]["prunable_kept"]
     assert (run / "hf_model" / "config.json").exists() and json.loads((run / "export.json").read_text())["verify"]["max_abs_logit_diff"] <= 1e-4

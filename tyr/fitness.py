@@ -71,11 +71,10 @@ class TeacherCache:
                 flat = h.reshape(-1, h.shape[-1])
                 bi, bl, bt = [], [], []
                 for j in range(0, flat.shape[0], chunk):
-                    logp = torch.log_softmax(head(flat[j : j + chunk]).float(), -1)
-                    top = logp.topk(min(k, logp.shape[-1]), -1)
-                    bi.append(top.indices.int().cpu())
-                    bl.append(top.values.cpu())
-                    bt.append(torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-7)).cpu())
+                    top_ids, top_logp, tail = teacher_topk(head(flat[j : j + chunk]), k)
+                    bi.append(top_ids.int().cpu())
+                    bl.append(top_logp.cpu())
+                    bt.append(tail.cpu())
                 shape = h.shape[:2]
                 ids.append(torch.cat(bi).reshape(*shape, -1))
                 lps.append(torch.cat(bl).reshape(*shape, -1))
@@ -111,11 +110,26 @@ def kl_sum(hidden: torch.Tensor, norm, head, teacher: TeacherCache, rows, chunk:
     total = 0.0
     for j in range(0, h.shape[0], chunk):
         slp = torch.log_softmax(head(h[j : j + chunk]).float(), -1).gather(-1, ids[j : j + chunk])
-        stail = torch.log1p(-slp.exp().sum(-1).clamp(max=1 - 1e-7))
-        p, pt = tlp[j : j + chunk].exp(), ttail[j : j + chunk].exp()
-        kl = (p * (tlp[j : j + chunk] - slp)).sum(-1) + pt * (ttail[j : j + chunk] - stail)
+        kl = topk_kl(slp, tlp[j : j + chunk], ttail[j : j + chunk])
         total += float(kl.double().sum())
     return total
+
+
+def teacher_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's side of the top-k KL for logits [..., V]: top-k token ids, their
+    log-probabilities (float32) and the log of the remaining (tail) mass."""
+    logp = torch.log_softmax(logits.float(), -1)
+    top = logp.topk(min(k, logp.shape[-1]), -1)
+    return top.indices, top.values, torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-7))
+
+
+def topk_kl(slp: torch.Tensor, tlp: torch.Tensor, ttail: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(teacher ‖ student) over the teacher's top-k tokens plus one tail bucket.
+
+    ``slp`` [..., k]: the student's log-probabilities at the teacher's top-k ids; ``tlp`` [..., k] and
+    ``ttail`` [...]: the teacher's (:func:`teacher_topk`). Differentiable in ``slp``."""
+    stail = torch.log1p(-slp.exp().sum(-1).clamp(max=1 - 1e-7))
+    return (tlp.exp() * (tlp - slp)).sum(-1) + ttail.exp() * (ttail - stail)
 
 
 @dataclass

@@ -81,3 +81,23 @@ def plot_allocation(sparsity: dict[str, list[float]], uniform: dict[str, list[fl
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_recovery(records: list[dict], path: str | Path, title: str = "") -> Path | None:
+    """Recovery loss (KL to the teacher, and the total when it differs) against tokens trained."""
+    if not records:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = [r["tokens"] for r in records]
+    ax.plot(x, [r["kl"] for r in records], lw=1, label="KL(teacher || student)")
+    if any(r["loss"] != r["kl"] for r in records):
+        ax.plot(x, [r["loss"] for r in records], lw=1, label="loss (KL + weight x CE)")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("per-token loss")
+    ax.set_yscale("log")
+    ax.set_title(title or "recovery")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

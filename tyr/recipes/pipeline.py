@@ -36,6 +36,7 @@ from tyr.modeling.params import parameter_counts
 from tyr.plots import plot_allocation, plot_search_history
 from tyr.recipes import stages
 from tyr.recipes.common import recorded, eval_kwargs, load, load_in_memory, log, start, taylor_for, to_container, token_cache
+from tyr.recipes.recover import check as check_recovery, recover_stage
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.store import SupernetStore
 from tyr.utils import peak_rss_mb, write_json
@@ -97,6 +98,7 @@ def _evaluated(out: Path, lm, cfg: DictConfig, form: dict, **record) -> dict:
 @recorded
 def main(cfg: DictConfig) -> None:
     run_dir = start(cfg)
+    recovery = check_recovery(cfg)  # None with recover=null; a bad setting stops here, before any loading
     t_start = time.time()
     stages.apply_redo(run_dir, cfg.get("redo"))
     pruner = instantiate(cfg.pruner)
@@ -204,6 +206,10 @@ def main(cfg: DictConfig) -> None:
         rec = export_run(run_dir, verify=True, lm=lm, token_cache=token_cache(cfg), overwrite=True, key=export_key)
         timings["export"] = time.time() - t0
         log.info("exported %s (%.1f MB)", rec["out"], rec["bytes"] / 1e6)
+    if recovery is not None:  # the searched model distilled from the dense one (tyr.recipes.recover)
+        t0 = time.time()
+        rows.update(recover_stage(cfg, run_dir, lm, recovery, before=rows.get(f"{lm.name} searched {cfg.target_sparsity:.0%}")))
+        timings["recover"] = time.time() - t0
     summary = {"rows": rows, "iterations": state["iterations"], "timings": timings, "peak_rss_mb": peak_rss_mb(),
                "wall_time_this_run": time.time() - t_start}
     write_json(run_dir / "results.json", summary)

@@ -1,0 +1,94 @@
+"""Collect recovery runs into experiments/results/recovery.json and a perplexity-against-tokens plot.
+
+    python -m experiments.recovery_report runs/recovery [--out experiments/results]
+
+Reads every ``<run>/recover/<mode>-<key>/results-<protocol>.json`` (tyr.recipes.recover) below ROOT. The
+table (issue 15's schema; searched models of pipeline runs under "searched") takes, per sparsity and mode,
+the run evaluated with the most perplexity windows (ties: the most tokens); each ``after_<mode>`` entry also holds its own ``tokens`` and ``seconds``, and the
+top-level ``tokens`` / ``seconds`` are LoRA's. The plot shows every LoRA / full run's WikiText-2
+perplexity against its tokens, protocol by protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def scores(res: dict) -> dict:
+    ppl, zs = res["perplexity"], res.get("zero_shot") or {}
+    return {"wikitext2": ppl.get("wikitext2", {}).get("ppl"), "ptb": ppl.get("ptb", {}).get("ppl"),
+            "avg": zs.get("average"), "ppl_windows": ppl.get("wikitext2", {}).get("windows"), "task_limit": zs.get("limit")}
+
+
+def collect(root: Path) -> list[dict]:
+    runs = []
+    for f in sorted(root.glob("**/recover/*/results-*.json")):  # one per run and evaluation protocol
+        r = json.loads(f.read_text())
+        src = r["settings"]["source"]
+        runs.append({"sparsity": str(src["target_sparsity"]), "kind": src["kind"], "mode": r["recovery"]["mode"],
+                     "tokens": r["recovery"]["tokens"], "seconds": round(r["recovery"]["seconds"]),
+                     "before": scores(r["before"]), "after": scores(r["after"]), "dir": str(f.parent)})
+    return runs
+
+
+def table(runs: list[dict]) -> dict:
+    """Issue 15's schema for the uniform models; searched models (pipeline runs) under "searched"."""
+    out: dict = {}
+    for r in sorted(runs, key=lambda r: (r["after"]["ppl_windows"] or 0, r["after"]["task_limit"] or 0, r["tokens"])):
+        row = out.setdefault(r["sparsity"], {})
+        if r["kind"] == "searched":
+            row = row.setdefault("searched", {})
+        row["before"] = r["before"]
+        row[f"after_{r['mode']}"] = {**r["after"], "tokens": r["tokens"], "seconds": r["seconds"], "dir": r["dir"]}
+        if r["mode"] == "lora":
+            row.update(tokens=r["tokens"], seconds=r["seconds"])
+    return out
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for (sp, mode, w), pts in sorted(_series(runs).items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{float(sp):.0%} {mode} ({w} windows)")
+    ax.set_xscale("log")
+    ax.set_xlabel("recovery tokens")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _series(runs: list[dict]) -> dict:
+    s: dict = {}
+    for r in runs:
+        key = (r["sparsity"], f"{r['kind']} {r['mode']}", r["after"]["ppl_windows"])
+        s.setdefault(key, [(0, r["before"]["wikitext2"])])  # 0 tokens: before recovery (drawn at the left edge)
+        s[key].append((r["tokens"], r["after"]["wikitext2"]))
+    return {k: [(max(t, 1e4), p) for t, p in sorted(set(v))] for k, v in s.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("root", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("experiments/results"))
+    a = ap.parse_args()
+    runs = collect(a.root)
+    if not runs:
+        raise SystemExit(f"no recovery results under {a.root}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "recovery.json").write_text(json.dumps(table(runs), indent=2) + "\n")
+    (a.out / "recovery_runs.json").write_text(json.dumps(runs, indent=2) + "\n")
+    plot(runs, a.out / "recovery_ppl_vs_tokens.png")
+    print(json.dumps(table(runs), indent=2))
+
+
+if __name__ == "__main__":
+    main()
