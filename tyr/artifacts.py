@@ -37,6 +37,10 @@ class CorruptArtifactError(RuntimeError):
         self.path = None if path is None else Path(path)
 
 
+class SettingsError(ValueError):
+    """A setting the run cannot work with (reported in one line, exit 2)."""
+
+
 class StaleArtifactError(ValueError):
     """An artifact made with other settings than the ones asked for now (reported in one line)."""
 

@@ -23,9 +23,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-
-class SettingsError(ValueError):
-    """A setting the run cannot work with (reported in one line, exit 2)."""
+from tyr.artifacts import SettingsError
 
 
 COMPARE = ("dense", "uniform", "uniform_reprune", "owl")
@@ -280,7 +278,7 @@ class Checks(Callback):
 
             if isinstance(e, MissingMandatoryValue):
                 fail(f"missing setting {str(e).splitlines()[0].split('key:')[-1].strip() or e}: give it on the command line")
-            from tyr.recipes.common import user_errors, user_message
+            from tyr.recipes.errors import user_errors, user_message
 
             fail(user_message(e) if isinstance(e, (ValueError, *user_errors())) else f"{type(e).__name__}: {e}")
         if run_dir is not None and config.hydra.output_subdir is not None:

@@ -57,31 +57,6 @@ def finished_result(run_dir: Path, cfg: DictConfig, name: str = "results.json") 
     return result if strip(saved) == strip(to_container(cfg)) else None
 
 
-def user_errors() -> tuple[type, ...]:
-    """Errors caused by the user's input or environment, reported without a traceback."""
-    from tyr.artifacts import CorruptArtifactError, StaleArtifactError
-    from tyr.coarse_to_fine import SearchStateError
-    from tyr.data import DataSourceError, TextTooShortError
-    from tyr.modeling.adapter import UnsupportedArchitectureError
-    from tyr.models import ModelNotFoundError
-    from tyr.recipes.checks import SettingsError
-    from tyr.supernet.store import SupernetError
-    from tyr.tasks import TaskDataMissingError, UnknownTaskError
-
-    return (ModelNotFoundError, UnsupportedArchitectureError, SupernetError, TextTooShortError, SearchStateError,
-            DataSourceError, SettingsError, CorruptArtifactError, StaleArtifactError, TaskDataMissingError,
-            UnknownTaskError)
-
-
-def user_message(e: Exception) -> str:
-    """One line for a user error; a corrupt file names the command that remakes it."""
-    from tyr.artifacts import CorruptArtifactError
-    from tyr.recipes.stages import repair_hint
-
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return msg + (repair_hint(e.path) if isinstance(e, CorruptArtifactError) and "rerun" not in msg else "")
-
-
 def recorded(fn):
     """Wrap a recipe body ``fn(cfg)``: on failure write ``failed.json`` (error and traceback) into the
     run directory. In a multirun the failure is logged and swallowed so the sweep goes on; in a
@@ -94,6 +69,7 @@ def recorded(fn):
         from hydra.types import RunMode
 
         from tyr.recipes import checks
+        from tyr.recipes.errors import user_errors, user_message
 
         hc = HydraConfig.get()
         try:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from tyr.artifacts import StageRecord, describe_diff, settings_key
+from tyr.artifacts import SettingsError, StageRecord, describe_diff, settings_key
 
 log = logging.getLogger("tyr")
 
@@ -96,10 +96,8 @@ def stored_records(run_dir: Path) -> dict[str, StageRecord]:
 
 
 def check_run(cfg: DictConfig, run_dir: Path) -> None:
-    """Refuse (:class:`~tyr.recipes.checks.SettingsError`) a rerun in ``run_dir`` whose prepare or
+    """Refuse (:class:`~tyr.artifacts.SettingsError`) a rerun in ``run_dir`` whose prepare or
     search settings differ from those that made the artifacts there, unless ``redo`` covers it."""
-    from tyr.recipes.checks import SettingsError
-
     redo = cfg.get("redo")
     if redo is not None and redo not in STAGES:
         raise SettingsError(f"redo={redo} must be one of {', '.join(STAGES)}")
