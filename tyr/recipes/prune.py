@@ -53,7 +53,7 @@ def export_checked(lm, out: Path, ids: torch.Tensor, allocation: dict) -> dict:
 def main(cfg: DictConfig) -> None:
     run_dir = start(cfg)
     done = finished_result(run_dir, cfg)
-    if done is not None:  # a rerun of an interrupted sweep skips the jobs it already finished
+    if done is not None and (not cfg.export or "export" in done):  # a rerun of an interrupted sweep skips finished jobs
         log.info("already done with the same config, skipping: %s", run_dir / "results.json")
         return
     t_start = time.time()
