@@ -153,8 +153,8 @@ def test_pipeline_family(name, dtype, tmp_path):
     v = json.loads((run / "export.json").read_text())["verify"]
     assert v["model_class"] == EXPORTED[name] and not v["tyr_imported"] and v["config_widths_match"]
     assert v["max_abs_logit_diff"] <= 1e-4
-    assert v["max_abs_cache_logit_diff"] <= v["cache_atol"]
-    assert v["cache_atol"] <= (1e-3 if dtype == "float32" else 0.3)
+    assert v["max_abs_cache_logit_diff"] <= (1e-4 if dtype == "float32" else v["cache_atol"])  # measured: 5e-6 / 2.3e-2
+    assert dtype == "float32" or v["cache_atol"] <= 0.3
     assert v["generate_cache_equals_no_cache"] and v["generated_tokens"] == 8
     cfg = json.loads((run / "hf_model" / "config.json").read_text())
     assert cfg["dtype"] == dtype and cfg["model_type"] == get_adapter(cfg["pruned_from_model_type"]).export_type
@@ -169,7 +169,7 @@ def test_prune_recipe_exports_a_checked_folder(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     v = json.loads((tmp_path / "export.json").read_text())["verify"]
     assert v["model_class"] == "TyrQwen3ForCausalLM" and v["max_abs_logit_diff"] <= 1e-4
-    assert v["max_abs_cache_logit_diff"] <= v["cache_atol"] <= 1e-3 and v["generate_cache_equals_no_cache"]
+    assert v["max_abs_cache_logit_diff"] <= 1e-4 and v["generate_cache_equals_no_cache"]
     rec = json.loads((tmp_path / "hf_model" / "tyr_allocation.json").read_text())
     res = json.loads((tmp_path / "results.json").read_text())
     assert rec["allocation"]["recipe"] == "prune" and rec["parameters"]["total"] == res["params"]["total"]

@@ -610,8 +610,8 @@ def verify_export(
 
     Checks: max |Δ logits| against ``reference_model`` on ``input_ids`` <= ``atol``; logits computed
     token by token through the KV cache match the full forward (<= ``cache_atol``, default
-    ``max(10 * atol, 1e-4 * max|logits|)`` in float32, ``0.05 * max|logits|`` in 16-bit dtypes, where
-    rounding alone reaches a few percent); greedy ``generate`` with ``use_cache=True`` equals ``use_cache=False``
+    ``max(10 * atol, 1e-3 * max|logits|)`` in float32, where Gemma-3's large hidden states make rounding
+    visible, ``0.05 * max|logits|`` in 16-bit dtypes, where rounding alone reaches a few percent); greedy ``generate`` with ``use_cache=True`` equals ``use_cache=False``
     for ``max_new_tokens`` tokens; the per-layer widths in the config match the reference.
     Returns the numbers; raises :class:`ExportVerificationError` listing what failed. A generation
     mismatch only warns when ``strict_generation`` is False (default: strict in float32 only, since
@@ -638,7 +638,10 @@ def verify_export(
     expected = pruned_config(reference_model, layout)
     if cache_atol is None:  # cached vs full forward differ by rounding, relative to the logits' scale
         scale = float(ref_logits.abs().max())
-        cache_atol = max(10 * atol, 1e-4 * scale) if dtype == torch.float32 else 0.05 * scale
+        # float32: 1e-3 of the logits' scale. Gemma-3's hidden states reach 1e5 while its logits stay below
+        # ~50, so summation order alone moved a pruned Gemma-3-270M's logits by 6.6e-3 (max 37; in float64
+        # the two paths agree to 1e-14); a wrong position or mask moves them by a good fraction of the scale.
+        cache_atol = max(10 * atol, 1e-3 * scale) if dtype == torch.float32 else 0.05 * scale
     with tempfile.TemporaryDirectory(prefix="tyr-verify-") as tmp:
         tmp = Path(tmp)
         torch.save(input_ids, tmp / "ids.pt")

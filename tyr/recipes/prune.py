@@ -53,7 +53,7 @@ def export_checked(lm, out: Path, ids: torch.Tensor, allocation: dict) -> dict:
 def main(cfg: DictConfig) -> None:
     run_dir = start(cfg)
     done = finished_result(run_dir, cfg)
-    if done is not None:  # a rerun of an interrupted sweep skips the jobs it already finished
+    if done is not None and (not cfg.export or "export" in done):  # a rerun of an interrupted sweep skips finished jobs
         log.info("already done with the same config, skipping: %s", run_dir / "results.json")
         return
     t_start = time.time()
@@ -81,12 +81,13 @@ def main(cfg: DictConfig) -> None:
                target_sparsity=report["target_sparsity"], achieved_sparsity=report["achieved_sparsity"],
                timings=timings, wall_time=time.time() - t_start, peak_rss_mb=peak_rss_mb(), config=to_container(cfg),
                calibration_tokens=int(calib.numel()))
-    if cfg.export:
+    write_json(run_dir / "results.json", res)
+    write_json(run_dir / "prune_report.json", report)
+    if cfg.export:  # after results.json: a failed check leaves the evaluation on disk
         res["export"] = export_checked(lm, run_dir / "hf_model", calib, {
             "recipe": "prune", "pruner": cfg.pruner.name, "reconstruction": cfg.pruner.reconstruction,
             "target_sparsity": report["target_sparsity"], "achieved_sparsity": report["achieved_sparsity"]})
-    write_json(run_dir / "results.json", res)
-    write_json(run_dir / "prune_report.json", report)
+        write_json(run_dir / "results.json", res)
     plot_fusion_weights(report["layers"], run_dir / "fusion_weights.png",
                         f"HyWIA fusion weights, {lm.name} at {report['target_sparsity']:.0%}")
     label = f"{lm.name} {cfg.pruner.name}/{cfg.pruner.reconstruction} {report['target_sparsity']:.0%}"
