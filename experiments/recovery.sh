@@ -7,15 +7,17 @@
 # experiments/results/recovery_ppl_vs_tokens.png (python -m experiments.recovery_report).
 # Every stage is keyed by its settings: rerunning skips what is done and resumes an interrupted training.
 # Usage: bash experiments/recovery.sh [extra overrides for the recover recipe, e.g. recover.bf16=true]
-# Cost on 2 cores (measured for 50 %, see docs/RESULTS.md): each recovery about 15 min of training at the
-# default TOKENS, each full evaluation about 25 min; the whole script several hours.
+# Cost: measured on a loaded machine (1 thread, other jobs running) at 36 tokens/s with bf16 autocast for
+# both modes (docs/RESULTS.md); on 2 idle cores expect a few times that, so the default 200K tokens per
+# recovery is roughly the issue's 30 minutes (not measured). Each full evaluation takes about 25 min; the
+# whole script several hours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/recovery}
-TOKENS_LORA=${TOKENS_LORA:-1000000}
-TOKENS_FULL=${TOKENS_FULL:-1000000}
-FULL_EVAL="eval=default eval.ppl_windows=32 eval.limit=500"
+TOKENS_LORA=${TOKENS_LORA:-200000}
+TOKENS_FULL=${TOKENS_FULL:-200000}
+FULL_EVAL="eval=default eval.ppl_windows=32 eval.limit=500 recover.bf16=true"
 for sp in 0.5 0.25; do
   run="$OUT/prune-s$sp"
   $PY -m tyr.recipes.prune model=smollm2-135m target_sparsity=$sp eval=quick data.calibration.num_sequences=32 \
@@ -29,7 +31,7 @@ $PY -m tyr.recipes.pipeline +experiment=demo "paths.output_dir=$OUT"
 $PY -m tyr.recipes.recover "run=$OUT/pipeline/smollm2-135m/demo-s0.5" recover=lora recover.tokens=$TOKENS_LORA $FULL_EVAL "$@"
 $PY -m tyr.recipes.recover "run=$OUT/pipeline/smollm2-135m/demo-s0.5" recover=full recover.tokens=$TOKENS_FULL $FULL_EVAL "$@"
 for tokens in 100000 300000 1000000; do   # perplexity against tokens (50 %, LoRA, quick protocol, no tasks)
-  $PY -m tyr.recipes.recover "run=$OUT/prune-s0.5" recover=lora recover.tokens=$tokens eval=quick eval.tasks=[] \
+  $PY -m tyr.recipes.recover "run=$OUT/prune-s0.5" recover=lora recover.tokens=$tokens recover.bf16=true eval=quick eval.tasks=[] \
     export=false "$@"
 done
 $PY -m experiments.recovery_report "$OUT"

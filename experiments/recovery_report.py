@@ -79,14 +79,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("root", type=Path)
     ap.add_argument("--out", type=Path, default=Path("experiments/results"))
+    ap.add_argument("--name", default="recovery", help="file names: NAME.json, NAME_runs.json, NAME_ppl_vs_tokens.png")
     a = ap.parse_args()
     runs = collect(a.root)
     if not runs:
         raise SystemExit(f"no recovery results under {a.root}")
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "recovery.json").write_text(json.dumps(table(runs), indent=2) + "\n")
-    (a.out / "recovery_runs.json").write_text(json.dumps(runs, indent=2) + "\n")
-    plot(runs, a.out / "recovery_ppl_vs_tokens.png")
+    (a.out / f"{a.name}.json").write_text(json.dumps(table(runs), indent=2) + "\n")
+    (a.out / f"{a.name}_runs.json").write_text(json.dumps(runs, indent=2) + "\n")
+    plot(runs, a.out / f"{a.name}_ppl_vs_tokens.png")
     print(json.dumps(table(runs), indent=2))
 
 

@@ -94,7 +94,9 @@ def student_from_run(run_dir: Path, run_cfg: DictConfig, lm):
                             "(tyr.recipes.prune)")
     path = run_dir / "pruned_model.safetensors"
     config_sha = hashlib.sha256((run_dir / ".hydra" / "config.yaml").read_bytes()).hexdigest()
-    if dist.is_main() and not (path.exists() and read_meta(path).get("config_sha256") == config_sha):
+    if not (path.exists() and read_meta(path).get("config_sha256") == config_sha):
+        # under torchrun every rank prunes with its share of the calibration sequences (statistics are
+        # summed over the ranks, so all ranks get the same model); rank 0 keeps it
         from tyr.pruning.uniform import prune_uniform
         from tyr.recipes.common import taylor_for
 
@@ -103,8 +105,11 @@ def student_from_run(run_dir: Path, run_cfg: DictConfig, lm):
         calib = get_token_set(TokenSetSpec(**run_cfg.data.calibration), lm.tokenizer, token_cache(run_cfg), lm.name)
         taylor = taylor_for(run_cfg, lm, pruner)
         student = copy.deepcopy(lm.model)
-        prune_uniform(student, pruner, calib.input_ids, float(run_cfg.target_sparsity), taylor, int(run_cfg.batch_size))
-        save_sliced(student, path, {"config_sha256": config_sha, "model": lm.name, "revision": lm.revision})
+        rows = dist.shard(calib.input_ids.shape[0])
+        prune_uniform(student, pruner, calib.input_ids[rows.start : rows.stop], float(run_cfg.target_sparsity), taylor,
+                      int(run_cfg.batch_size))
+        if dist.is_main():
+            save_sliced(student, path, {"config_sha256": config_sha, "model": lm.name, "revision": lm.revision})
     dist.barrier()
     return load_sliced(lm.model, path), {"kind": "uniform", "pruner": str(run_cfg.pruner.name),
                                          "target_sparsity": float(run_cfg.target_sparsity)}
