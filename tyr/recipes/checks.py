@@ -82,15 +82,17 @@ def check_token_set(node: DictConfig, where: str) -> None:
 
 def check_eval(cfg: DictConfig) -> None:
     from tyr.data import DataSourceError, check_source
-    from tyr.tasks import TASKS
+    from tyr.tasks import TaskDataMissingError, UnknownTaskError, check_tasks
 
     e = cfg.eval
     _need(_num(e.seq_len, "eval.seq_len", int) >= 2, f"eval.seq_len={e.seq_len} must be at least 2")
     _need(int(e.ppl_windows) == -1 or int(e.ppl_windows) >= 1, f"eval.ppl_windows={e.ppl_windows} must be >= 1 (or -1: all)")
     _need(e.limit is None or int(e.limit) >= 1, f"eval.limit={e.limit} must be >= 1 (or null: the full split)")
     _need(int(e.batch_size) >= 1, f"eval.batch_size={e.batch_size} must be >= 1")
-    unknown = [t for t in e.tasks if t not in TASKS]
-    _need(not unknown, f"eval.tasks: unknown {unknown}; known: {', '.join(TASKS)}")
+    try:  # tyr's local task files, or lm-eval's registered tasks whose data can be loaded
+        check_tasks(list(e.tasks))
+    except (UnknownTaskError, TaskDataMissingError) as err:
+        raise SettingsError(str(err)) from None
     for src in e.perplexity:
         try:
             check_source(str(src))

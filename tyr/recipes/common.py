@@ -26,11 +26,6 @@ def start(cfg: DictConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "failed.json").unlink(missing_ok=True)  # a previous attempt's failure; this one starts afresh
     log.info("run directory: %s", run_dir)
-    tasks = OmegaConf.select(cfg, "eval.tasks")
-    if tasks:  # lm-eval tasks by name: say what is missing before a model is loaded
-        from tyr.tasks import check_tasks
-
-        check_tasks(list(tasks))
     return run_dir
 
 

@@ -83,7 +83,7 @@ def student_from_run(run_dir: Path, run_cfg: DictConfig, lm):
         from tyr.supernet.store import SupernetStore
 
         alloc = read_json(run_dir / "allocation.json")
-        store = SupernetStore.open(Path(alloc["manifest"]).parent, expect_model={"name": lm.name, "revision": lm.revision})
+        store = SupernetStore.open((run_dir / alloc["manifest"]).parent, expect_model={"name": lm.name, "revision": lm.revision})
         asm = Assembler(lm.model, store)
         asm.assemble(alloc["levels"])
         student = copy.deepcopy(lm.model)
