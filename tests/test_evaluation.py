@@ -96,6 +96,6 @@ def test_lm_eval_task_without_its_data_offline_is_one_line(tmp_path):
                    f"hydra.run.dir={tmp_path}")
     assert p.returncode == 2
     lines = [l for l in p.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("tyr: zero-shot task 'winogrande'"), p.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("tyr: eval.tasks: zero-shot task 'winogrande'"), p.stderr[-2000:]
     assert "allenai/winogrande" in lines[0] and "Traceback" not in p.stdout
     assert not (tmp_path / "results.json").exists()

@@ -92,7 +92,7 @@ def check_eval(cfg: DictConfig) -> None:
     try:  # tyr's local task files, or lm-eval's registered tasks whose data can be loaded
         check_tasks(list(e.tasks))
     except (UnknownTaskError, TaskDataMissingError) as err:
-        raise SettingsError(str(err)) from None
+        raise SettingsError(f"eval.tasks: {err}") from None
     for src in e.perplexity:
         try:
             check_source(str(src))
