@@ -65,6 +65,8 @@ class ArchFacts:
     def norm_params_per_layer(self) -> int:
         if self.model_type.startswith("gemma3"):  # 4 RMSNorms per layer + q_norm / k_norm over head_dim
             return 4 * self.hidden_size + 2 * self.head_dim
+        if self.model_type == "qwen3":  # input / post-attention RMSNorms + q_norm / k_norm over head_dim
+            return 2 * self.hidden_size + 2 * self.head_dim
         return 2 * self.hidden_size  # input_layernorm + post_attention_layernorm
 
     def layer_params(self) -> dict[str, int]:
