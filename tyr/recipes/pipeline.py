@@ -98,7 +98,7 @@ def _evaluated(out: Path, lm, cfg: DictConfig, form: dict, **record) -> dict:
 @recorded
 def main(cfg: DictConfig) -> None:
     run_dir = start(cfg)
-    recovery = check_recovery(cfg)  # None with recover=null; a bad setting stops here, before any loading
+    recovery = check_recovery(cfg)  # None with recover=none; a bad setting stops here, before any loading
     t_start = time.time()
     stages.apply_redo(run_dir, cfg.get("redo"))
     pruner = instantiate(cfg.pruner)
