@@ -129,7 +129,7 @@ PIPELINE_ARGS = ["eval=smoke", "eval.tasks=[]", "eval.ppl_windows=1", "compare=[
                  "data.calibration.num_sequences=8", "data.calibration.seq_len=64", "data.gradient.num_sequences=4",
                  "data.gradient.seq_len=64", "data.search.num_sequences=8", "data.search.seq_len=64",
                  "search.min_channels=8", "search.generations=2", "search.offspring=4",
-                 "search.stages=[[64,2],[256,1]]", "search.surrogate_check=6"]
+                 "search.stages=[[64,2],[256,1]]", "search.surrogate_check=6", "recover=none"]
 
 
 @pytest.mark.parametrize("name,dtype", [("tiny-mistral", "float32"), ("tiny-qwen2", "float32"), ("tiny-qwen3", "float32"),

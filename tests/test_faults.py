@@ -30,7 +30,8 @@ BASE = ["model=tiny-llama", "eval=smoke", "eval.tasks=[]", "data.calibration.num
         "data.calibration.seq_len=64", "data.gradient.num_sequences=4", "data.gradient.seq_len=64",
         "data.search.num_sequences=8", "data.search.seq_len=64", "search.min_channels=8",
         f"search.generations={GENERATIONS}", "search.offspring=4", "search.stages=[[64,2],[256,1]]",
-        "search.surrogate_check=4", "compare=[]", "export=false"]
+        "search.surrogate_check=4", "compare=[]", "export=false",
+        "recover=none"]  # the recovery stage (its own kill / resume tests: test_recovery.py) would take 45 s per run
 COUNTS = {"kills": 0, "corruptions": 0, "bad_settings": 0}  # printed at the end (docs/reliability.md)
 
 
