@@ -45,7 +45,9 @@ def document_range(source: str) -> tuple[str, int, float]:
 
 
 def overlaps(a: str, b: str) -> bool:
-    """Whether sources ``a`` and ``b`` share a document."""
+    """Whether sources ``a`` and ``b`` (either may be a ``+`` mix) share a document."""
+    if "+" in a or "+" in b:
+        return any(overlaps(x, y) for x in a.split("+") for y in b.split("+"))
     ca, a0, a1 = document_range(a)
     cb, b0, b1 = document_range(b)
     return ca == cb and max(a0, b0) < min(a1, b1)
