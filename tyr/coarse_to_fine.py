@@ -64,6 +64,13 @@ def build_path_supernet(model, model_id: dict, pruner: LocalPruner, calib_ids: t
     return SupernetStore.open(store.root, expect_model=model_id)
 
 
+def eea_of_iteration(settings: SearchSettings, it: int) -> str:
+    """``settings.final_eea`` for the last of several iterations, else ``settings.eea``; in ``path``
+    mode the path is the iteration's grid centre, i.e. the previous iteration's best allocation."""
+    last = it == len(settings.intervals) - 1 and it > 0
+    return settings.final_eea if last and settings.final_eea else settings.eea
+
+
 def full_kl(model, store: SupernetStore, levels: dict[str, list[int]], teacher: TeacherCache, batch_size: int,
             sequences: tuple[int, int] | None = None) -> float:
     """Mean per-token KL of one allocation over the teacher sequences [start, stop) (default: all;
@@ -119,13 +126,14 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         t_it = time.time()
         grid = make_grid(shapes, target_sparsity, interval, settings.n_levels, settings.min_heads,
                          settings.min_channels, centre=centre)
+        eea = eea_of_iteration(settings, it)
         store = SupernetStore.create_or_resume(
-            run_dir / f"iter{it}" / "supernet", model=model_id, grid=grid, eea=settings.eea,
+            run_dir / f"iter{it}" / "supernet", model=model_id, grid=grid, eea=eea,
             config={**(store_config or {}), "iteration": it, "interval": interval})
         if not store.manifest["complete"]:
-            log.info("iteration %d: building the supernet (interval %.4f)", it, interval)
-            build_supernet(model, pruner, calib_ids, grid, store, eea=settings.eea, taylor=taylor,
-                           batch_size=settings.batch_size)
+            log.info("iteration %d: building the supernet (interval %.4f, EEA %s)", it, interval, eea)
+            build_supernet(model, pruner, calib_ids, grid, store, eea=eea, taylor=taylor,
+                           path=grid.centre_levels() if eea == "path" else None, batch_size=settings.batch_size)
         t_build = time.time() - t_it
         store = SupernetStore.open(store.root, expect_model=model_id)
         asm = Assembler(model, store)

@@ -134,6 +134,8 @@ def check_search(cfg: DictConfig, tokens: bool = True) -> None:
     _need(int(s.surrogate_check) >= 0, f"search.surrogate_check={s.surrogate_check} must be >= 0")
     _need(int(s.topk) >= 1, f"search.topk={s.topk} must be at least 1")
     _need(str(s.eea) in EEA, f"search.eea={s.eea} must be one of {', '.join(EEA)}")
+    _need(s.get("final_eea") is None or str(s.final_eea) in EEA,
+          f"search.final_eea={s.get('final_eea')} must be null or one of {', '.join(EEA)}")
     hold = float(s.get("holdout", 0.0))
     _need(0.0 <= hold < 1.0, f"search.holdout={hold} must be a fraction in [0, 1)")
     stages = [tuple(int(v) for v in st) for st in s.stages]
