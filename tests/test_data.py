@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tyr.data import DataSourceError, TextTooShortError, TokenSet, TokenSetSpec, build_token_set, get_token_set, load_text, tokenize_text
+from tyr.data import (
+    DataSourceError,
+    TextTooShortError,
+    TokenSet,
+    TokenSetSpec,
+    build_token_set,
+    get_token_set,
+    load_text,
+    tokenize_text,
+)
 
 
 def test_round_trip(tiny, tmp_path):

@@ -17,9 +17,9 @@ import json
 
 import pytest
 import torch
-
 from test_export import _greedy, _stepwise_logits
 from test_recipes import run_recipe
+
 from tyr.export import pruned_config, to_export_model
 from tyr.modeling.adapter import get_adapter
 from tyr.modeling.slicing import slice_attention, slice_mlp
@@ -37,14 +37,15 @@ PLANS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _family(name: str, dtype: str = "float32"):
     """The tiny model with its norm weights perturbed (random init leaves them at one: a norm applied to
     the wrong channels would go unnoticed)."""
     from hydra.utils import instantiate
 
-    from conftest import compose
     from tyr.models import load_model
+
+    from conftest import compose
 
     cfg = compose("evaluate", [f"model={name}", f"model.dtype={dtype}"])
     lm = load_model(cfg.model.name, instantiate(cfg.model.source), dtype)

@@ -159,7 +159,8 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         bar = Progress(settings.generations, f"search iteration {it + 1}/{len(settings.intervals)}: generation",
                        initial=resume["generation"] if resume else 0, every=10.0, enabled=dist.is_main())
 
-        def on_generation(record: dict, evo_state: dict, it=it, extra=extra, bar=bar) -> None:
+        def on_generation(record: dict, evo_state: dict, it=it, extra=extra, bar=bar, fitness=fitness,
+                          searched_before=searched_before, t_search=t_search) -> None:
             record = {**record, "iteration": it, "layer_forwards": fitness.stats.layer_forwards,
                       "layer_forwards_saved": fitness.stats.layer_forwards_saved}
             fitness.generation = record["generation"]  # keeps token rotation aligned even if a generation had no stages
@@ -172,7 +173,7 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
                 write_json(state_file, state)
             bar.update(note=f"KL {record['best_fitness']:.4g}" if record["best_fitness"] is not None else "")
 
-        prescreen = (lambda allocs: surrogate_scores(errors, allocs)) if settings.prescreen_keep else None
+        prescreen = (lambda allocs, errors=errors: surrogate_scores(errors, allocs)) if settings.prescreen_keep else None
         result = evolve(space, fitness, evo, start=start, state=resume, on_generation=on_generation, prescreen=prescreen)
         bar.close()
         best = result.best.to_json()

@@ -176,7 +176,7 @@ def check_source(source: str) -> None:
         raise DataSourceError(f"unknown text source {source!r}; known: {KNOWN_SOURCES}")
 
 
-def check_spec(spec: "TokenSetSpec", what: str) -> None:
+def check_spec(spec: TokenSetSpec, what: str) -> None:
     """A token set's numbers and source, checked before anything is loaded (``what``: its config path)."""
     if spec.seq_len < 2:
         raise DataSourceError(f"{what}.seq_len={spec.seq_len} must be at least 2")
@@ -240,7 +240,7 @@ class TokenSet:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TokenSet":
+    def load(cls, path: str | Path) -> TokenSet:
         from safetensors import safe_open
 
         path = Path(path)
