@@ -218,3 +218,15 @@ def test_final_iteration_in_path_mode_prunes_along_the_previous_best(tiny, data,
     Assembler(c, s1e).assemble(s1e.grid.centre_levels())
     with torch.no_grad():
         assert (c(search[:2]).logits - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("form", ["reprune", "supernet"])
+def test_choose_form_overrides_the_held_out_choice(tiny, data, tmp_path, form):
+    """``choose_form``: the named form is the result whatever the held-out KLs say (both still recorded)."""
+    calib, search, taylor = data
+    teacher = TeacherCache.build(tiny.model, search, k=64)
+    state = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
+                       _settings(choose_form=form), tmp_path)
+    rp = state["reprune"]
+    assert rp["chosen"] == form and rp["chosen_by"] == form and final_allocation(state)["source"] == form
+    assert rp["kl_supernet"] > 0 and rp["kl_reprune"] > 0

@@ -207,11 +207,13 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         searched_store = SupernetStore.open(run_dir / final["supernet"], expect_model=model_id)
         kl_searched = full_kl(model, searched_store, final["levels"], teacher, settings.batch_size, rows)
         kl_reprune = full_kl(model, path_store, path_store.grid.centre_levels(), teacher, settings.batch_size, rows)
-        chosen = "reprune" if kl_reprune < kl_searched else "supernet"
+        chosen = ("reprune" if kl_reprune < kl_searched else "supernet") if settings.choose_form == "heldout" \
+            else settings.choose_form
         n_tok = (rows[1] - rows[0]) * (teacher.input_ids.shape[1] - 1)
         state["reprune"] = {"supernet": _rel(path_store.root, run_dir), "levels": path_store.grid.centre_levels(),
                             "kl_sequences": list(rows), "kl_tokens": n_tok, "kl_supernet": kl_searched,
-                            "kl_reprune": kl_reprune, "chosen": chosen, "seconds": time.time() - t0}
+                            "kl_reprune": kl_reprune, "chosen": chosen, "chosen_by": settings.choose_form,
+                            "seconds": time.time() - t0}
         if dist.is_main():
             write_json(state_file, state)
         log.info("sequential re-prune at the searched widths: KL %.4f vs %.4f from the supernet (%d %s tokens); "

@@ -52,6 +52,7 @@ def _settings(cfg: DictConfig) -> SearchSettings:
         prefix_cache_max_mb=float(s.prefix_cache_max_mb), seed=int(s.seed), batch_size=int(cfg.batch_size),
         surrogate_check=int(s.surrogate_check), reprune=bool(s.get("reprune", True)),
         holdout=float(s.get("holdout", 0.0)), final_eea=s.get("final_eea"),
+        choose_form=str(s.get("choose_form", "heldout")),
     )
 
 
