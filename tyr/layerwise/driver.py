@@ -145,16 +145,19 @@ def run_layers(model: nn.Module, callback: LayerCallback, input_ids: torch.Tenso
 
 
 class KeepInputs(LayerCallback):
-    """Keeps the inputs (hidden states and keyword arguments) of every layer run: activation
-    checkpoints of the gradient pass, the fitness's prefix cache."""
+    """Counts the layers run and, with ``keep``, keeps their inputs (hidden states and keyword
+    arguments): activation checkpoints of the gradient pass, the fitness's prefix cache."""
 
-    def __init__(self):
+    def __init__(self, keep: bool = True):
+        self.keep, self.count = keep, 0
         self.inputs: list[torch.Tensor] = []
         self.kwargs: list[dict] = []
 
     def on_layer_start(self, l, layer, inputs):
-        self.inputs.append(inputs.hidden)
-        self.kwargs.append(inputs.kwargs)
+        self.count += 1
+        if self.keep:
+            self.inputs.append(inputs.hidden)
+            self.kwargs.append(inputs.kwargs)
 
 
 def forward_layers(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8, **kw) -> torch.Tensor | None:
