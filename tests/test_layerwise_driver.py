@@ -137,3 +137,24 @@ def test_hooks_and_stand_ins_are_removed_when_a_callback_fails(tiny, ids):
         run_layers(model, Fail(), ids)
     assert list(a.layers(model)) == layers  # the capture's stand-ins are gone
     assert all_hooks() == before
+
+
+def test_uniform_prune_and_owl_stream(tiny, calib, taylor, tmp_path):
+    """The uniform prune and the OWL statistics of a streamed model (one dense layer in memory; the
+    pruned layers stay) equal those of the model in memory."""
+    from conftest import pruner_from_conf
+    from tyr.allocation import outlier_ratios
+    from tyr.pruning.uniform import prune_uniform
+
+    folder = tmp_path / "ckpt"
+    tiny.model.save_pretrained(folder, max_shard_size="2MB")
+    streamed = streaming.load_streaming(folder)
+    assert outlier_ratios(streamed, calib) == pytest.approx(outlier_ratios(tiny.model, calib), rel=1e-6)
+    want = copy.deepcopy(tiny.model)
+    rep_w = prune_uniform(want, pruner_from_conf(), calib, 0.5, taylor, batch_size=4, progress=False)
+    rep_g = prune_uniform(streamed, pruner_from_conf(), calib, 0.5, taylor, batch_size=4, progress=False)
+    assert [r["channels_kept"] for r in rep_g["layers"]] == [r["channels_kept"] for r in rep_w["layers"]]
+    assert rep_g["achieved_sparsity"] == rep_w["achieved_sparsity"] > 0.45
+    assert not any(p.is_meta for p in streamed.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(calib[:2]).logits, want(calib[:2]).logits, rtol=0, atol=0)

@@ -8,6 +8,7 @@ requested sparsity (heads are coarse: a SmolLM2 head is 1/9 of its attention), w
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from contextlib import contextmanager
@@ -51,12 +52,15 @@ class UniformPrune(LayerCallback):
     """The driver callback of :func:`prune_uniform`: prunes each layer in place (slicing)."""
 
     def __init__(self, model, pruner: LocalPruner, sparsity: float, taylor: dict | None, on_layer=None):
-        self.adapter, self.pruner, self.sparsity, self.taylor = get_adapter(model), pruner, sparsity, taylor
+        self.model, self.adapter, self.pruner, self.sparsity, self.taylor = model, get_adapter(model), pruner, sparsity, taylor
         self.on_layer = on_layer
         self.reports: list[LayerReport] = []
 
     def process(self, li, layer, inputs):
         adapter, sparsity = self.adapter, self.sparsity
+        if streaming.is_streaming(self.model):  # keep a resident copy of the pruned layer; the streamed one is released
+            layer = copy.deepcopy(layer)
+            adapter.layers(self.model)[li] = layer
         before = layer_counts(adapter, layer)
         k_heads = {}
 
@@ -101,16 +105,14 @@ def prune_uniform(model, pruner: LocalPruner, calib_ids: torch.Tensor, sparsity:
     """Prune ``model`` in place; returns a JSON-ready report (per-layer errors, budget achieved).
 
     A one-level path build (:func:`tyr.coarse_to_fine.build_path_supernet` computes the same at these
-    widths) that slices the layers in place, so the model's layers must be resident: a streamed
-    model is pruned by a path build into a supernet store instead. Distributed, each rank passes its
-    block of ``calib_ids``; the input statistics are summed over ranks."""
+    widths) that slices the layers in place. A streamed model holds one dense layer at a time: each
+    pruned layer stays resident in its place, so the result is the pruned model in memory.
+    Distributed, each rank passes its block of ``calib_ids``; the input statistics are summed over
+    ranks."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if pruner.needs_gradients and taylor is None:
         raise ValueError(f"pruner {pruner.name or type(pruner.scorer).__name__} needs Taylor statistics (gradients)")
-    if streaming.is_streaming(model):
-        raise ValueError("prune_uniform slices layers in place and cannot keep a streamed model's layers; "
-                         "build a path supernet (tyr.coarse_to_fine.build_path_supernet) at the uniform widths instead")
     dense = parameter_counts(model)
     t0 = time.time()
     cb = UniformPrune(model, pruner, sparsity, taylor, on_layer)
