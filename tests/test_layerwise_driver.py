@@ -53,7 +53,10 @@ def test_outputs_a_callback_returns_are_the_next_layers_inputs(tiny, ids):
     model = copy.deepcopy(tiny.model)
     a = get_adapter(model)
     last = run_layers(model, Double(), ids, batch_size=3)
-    h = a.layers(model)[1].register_forward_hook(lambda m, args, out: (out[0] * 2, *out[1:]) if isinstance(out, tuple) else out * 2)
+    def double(module, args, out):
+        return (out[0] * 2, *out[1:]) if isinstance(out, tuple) else out * 2
+
+    h = a.layers(model)[1].register_forward_hook(double)
     try:
         with torch.no_grad():
             ref = model(ids, output_hidden_states=True).hidden_states[-1]
@@ -142,9 +145,10 @@ def test_hooks_and_stand_ins_are_removed_when_a_callback_fails(tiny, ids):
 def test_uniform_prune_and_owl_stream(tiny, calib, taylor, tmp_path):
     """The uniform prune and the OWL statistics of a streamed model (one dense layer in memory; the
     pruned layers stay) equal those of the model in memory."""
-    from conftest import pruner_from_conf
     from tyr.allocation import outlier_ratios
     from tyr.pruning.uniform import prune_uniform
+
+    from conftest import pruner_from_conf
 
     folder = tmp_path / "ckpt"
     tiny.model.save_pretrained(folder, max_shard_size="2MB")

@@ -22,8 +22,10 @@ the uniform prune, the OWL statistics, the teacher and the fitness.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -33,7 +35,7 @@ from tyr.layerwise.engine import InputStats, capture_layer_inputs, collect_input
 from tyr.modeling.adapter import get_adapter
 from tyr.utils import Progress
 
-LayerSource = Callable[[int], ContextManager[nn.Module]]
+LayerSource = Callable[[int], AbstractContextManager[nn.Module]]
 
 
 @dataclass

@@ -10,7 +10,8 @@ layer for good, the build swaps in a mixed or chosen output projection for the d
 
 from __future__ import annotations
 
-from typing import Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from tyr.modeling.adapter import DecoderAdapter
 from tyr.pruning.problem import ModuleProblem, Variant, attention_problem, mlp_problem
 
 Solve = Callable[[ModuleProblem], list[Variant]]
-Apply = Callable[[ModuleProblem, list[Variant]], ContextManager[None]]
+Apply = Callable[[ModuleProblem, list[Variant]], AbstractContextManager[None]]
 
 
 def prune_layer(adapter: DecoderAdapter, l: int, layer: nn.Module, inputs: LayerInputs, taylor: dict | None,

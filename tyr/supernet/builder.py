@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
 from tyr import dist
 from tyr.artifacts import fault_point
 from tyr.layerwise.driver import LayerCallback, run_layers
