@@ -59,6 +59,7 @@ def layerwise_gradients(model, input_ids: torch.Tensor, on_layer: GradCallback, 
         last = run_layers(model, keep, ids, batch_size=batch_size, desc="gradients: forward layer",
                           progress=progress and dist.is_main())
         checkpoints, kwargs = keep.inputs + [last], keep.kwargs
+        del keep, last  # the backward walk frees each checkpoint once used
         x0 = checkpoints[0]
         # gradient of each sequence's loss w.r.t. the last layer's output
         d_out = streaming.empty_like_activations(model, x0)
