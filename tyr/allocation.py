@@ -12,31 +12,41 @@ from __future__ import annotations
 
 import torch
 
-from tyr.layerwise.engine import capture_layer_inputs, hooks, run_layer
+from tyr.layerwise.driver import LayerCallback, run_layers
 from tyr.modeling.adapter import get_adapter
 from tyr.supernet.grid import KINDS, SupernetGrid
 
 
-@torch.no_grad()
-def outlier_ratios(model, calib_ids: torch.Tensor, m: float = 5.0, batch_size: int = 8) -> list[float]:
-    """D_l: share of the layer's Wanda scores above ``m`` × their mean (dense model, dense inputs)."""
-    a = get_adapter(model)
-    x, kwargs = capture_layer_inputs(model, calib_ids, batch_size)
-    out = []
-    for li, layer in enumerate(a.layers(model)):
-        proj = a.projections(layer)
-        sq = {n: torch.zeros(lin.in_features, dtype=torch.float32) for n, lin in proj.items()}
+class OutlierRatios(LayerCallback):
+    """The driver callback of :func:`outlier_ratios`: squared input norms of every projection over
+    the layer's pass, then the share of the layer's Wanda scores above ``m`` × their mean."""
+
+    def __init__(self, model, m: float):
+        self.a, self.m = get_adapter(model), m
+        self.ratios: list[float] = []
+
+    def process(self, li, layer, inputs):
+        proj = self.a.projections(layer)
+        sq = {n: torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device) for n, lin in proj.items()}
 
         def hook(name):
             def fn(module, args):
                 sq[name] += args[0].detach().float().pow(2).reshape(-1, args[0].shape[-1]).sum(0)
             return fn
 
-        with hooks([(lin, "forward_pre", hook(n)) for n, lin in proj.items()]):
-            x = run_layer(layer, x, kwargs[li], batch_size)
+        out = inputs.forward(layer, [(lin, "forward_pre", hook(n)) for n, lin in proj.items()])
         scores = torch.cat([(lin.weight.detach().float().abs() * sq[n].sqrt()[None, :]).reshape(-1) for n, lin in proj.items()])
-        out.append(float((scores > m * scores.mean()).float().mean()))
-    return out
+        self.ratios.append(float((scores > self.m * scores.mean()).float().mean()))
+        return out
+
+
+@torch.no_grad()
+def outlier_ratios(model, calib_ids: torch.Tensor, m: float = 5.0, batch_size: int = 8) -> list[float]:
+    """D_l: share of the layer's Wanda scores above ``m`` × their mean (dense model, dense inputs;
+    a streamed model holds one layer at a time)."""
+    cb = OutlierRatios(model, m)
+    run_layers(model, cb, calib_ids, batch_size=batch_size)
+    return cb.ratios
 
 
 def owl_sparsities(ratios: list[float], target: float, lam: float = 0.08) -> list[float]:

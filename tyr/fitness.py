@@ -24,7 +24,8 @@ import torch
 
 from tyr import dist, streaming
 from tyr.artifacts import load_cache, write_verified
-from tyr.layerwise.engine import capture_layer_inputs, run_layer
+from tyr.layerwise.driver import KeepInputs, forward_layers, run_layers
+from tyr.layerwise.engine import capture_layer_inputs
 from tyr.modeling.adapter import get_adapter
 
 log = logging.getLogger(__name__)
@@ -58,14 +59,9 @@ class TeacherCache:
         a = get_adapter(model)
         norm, head = a.final_norm(model), a.lm_head(model)
         device = streaming.execution(model).device
-        rows = dist.shard(input_ids.shape[0])
-        local = input_ids[rows.start : rows.stop]
         ids, lps, tails = [], [], []
-        if len(local):
-            x, kwargs = capture_layer_inputs(model, local, batch_size)
-            for li in range(a.num_layers(model)):
-                with streaming.layer(model, li) as layer:
-                    x = run_layer(layer, x, kwargs[li], batch_size, out=streaming.empty_like_activations(model, x))
+        x = forward_layers(model, input_ids, batch_size, shard=True)  # None: no sequences on this rank
+        if x is not None:
             for i in range(0, x.shape[0], batch_size):
                 h = norm(x[i : i + batch_size].to(device))[:, :-1]
                 flat = h.reshape(-1, h.shape[-1])
@@ -181,14 +177,11 @@ class KLFitness:
 
     @torch.no_grad()
     def _run(self, rows: torch.Tensor, start: int, x: torch.Tensor, keep_inputs: bool) -> tuple[float, list | None]:
-        kwargs = self._layer_kwargs()
-        inputs = [] if keep_inputs else None
-        for li in range(start, self.a.num_layers(self.model)):
-            if keep_inputs:
-                inputs.append(x)
-            with self.asm.layer(li) as layer:
-                x = run_layer(layer, x, kwargs[li], self.batch_size, out=streaming.empty_like_activations(self.model, x))
-            self.stats.layer_forwards += 1
+        keep = KeepInputs(keep_inputs)
+        x = run_layers(self.model, keep, start=start, hidden=x, layer_kwargs=self._layer_kwargs(),
+                       layer_source=self.asm.layer, batch_size=self.batch_size)
+        self.stats.layer_forwards += keep.count
+        inputs = keep.inputs if keep_inputs else None
         norm, head = self.a.final_norm(self.model), self.a.lm_head(self.model)
         bs, n_seq = self.batch_size, len(rows)
         kl = sum(kl_sum(x[i : i + bs], norm, head, self.teacher, rows[i : i + bs]) for i in range(0, n_seq, bs))

@@ -1,4 +1,5 @@
-"""The sequential layer loop (sparsegpt / gptq style).
+"""The pieces of the sequential layer loop (sparsegpt / gptq style); the loop itself is
+:func:`tyr.layerwise.driver.run_layers`.
 
 Catch the inputs of every decoder layer once (the embedding output for layer 0, plus the keyword
 arguments each layer is called with: rotary embeddings, masks, per-layer-type variants), then run

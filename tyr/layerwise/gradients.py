@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tyr import dist, streaming
-from tyr.layerwise.engine import capture_layer_inputs, run_layer
+from tyr.layerwise.driver import KeepInputs, run_layers
 from tyr.modeling.adapter import get_adapter
 from tyr.utils import track
 
@@ -55,12 +55,12 @@ def layerwise_gradients(model, input_ids: torch.Tensor, on_layer: GradCallback, 
     ids = input_ids[rows.start : rows.stop]
     device = streaming.execution(model).device
     try:
-        x0, kwargs = capture_layer_inputs(model, ids, batch_size)
-        checkpoints = [x0]
-        for i in track(range(len(layers)), "gradients: forward layer", enabled=progress and dist.is_main()):
-            with streaming.layer(model, i) as layer:
-                checkpoints.append(run_layer(layer, checkpoints[-1], kwargs[i], batch_size,
-                                             out=streaming.empty_like_activations(model, x0)))
+        keep = KeepInputs()  # the input of every layer: the backward pass's activation checkpoints
+        last = run_layers(model, keep, ids, batch_size=batch_size, desc="gradients: forward layer",
+                          progress=progress and dist.is_main())
+        checkpoints, kwargs = keep.inputs + [last], keep.kwargs
+        del keep, last  # the backward walk frees each checkpoint once used
+        x0 = checkpoints[0]
         # gradient of each sequence's loss w.r.t. the last layer's output
         d_out = streaming.empty_like_activations(model, x0)
         for s in range(len(ids)):

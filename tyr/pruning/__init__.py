@@ -6,8 +6,10 @@
 - :mod:`~tyr.pruning.reconstruction`: least-squares refit, compensating bias, exact output error;
 - :mod:`~tyr.pruning.local`: :class:`~tyr.pruning.local.LocalPruner` = a scorer + a reconstruction;
 - :mod:`~tyr.pruning.taylor`: per-unit Taylor statistics from a gradient pass;
+- :mod:`~tyr.pruning.sequential`: one decoder layer pruned on its inputs (attention, then MLP), the
+  step the uniform prune and the supernet build share on the layer driver;
 - :mod:`~tyr.pruning.uniform`: the whole model to one sparsity, layer by layer.
 
 Imports only go downwards in that list's dependency order (problem ← obs_math, reconstruction ←
-scorers ← local ← uniform); tests/test_imports.py fails on any import cycle in tyr/.
+scorers ← local ← uniform, problem ← sequential ← uniform); tests/test_imports.py fails on any import cycle in tyr/.
 """

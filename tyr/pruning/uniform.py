@@ -8,19 +8,21 @@ requested sparsity (heads are coarse: a SmolLM2 head is 1/9 of its attention), w
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from tyr.layerwise.engine import capture_layer_inputs, collect_input_stats, run_layer
+from tyr import streaming
+from tyr.layerwise.driver import LayerCallback, run_layers
 from tyr.modeling.adapter import get_adapter
 from tyr.modeling.params import layer_counts, parameter_counts
 from tyr.modeling.slicing import slice_attention, slice_mlp
 from tyr.pruning.local import LocalPruner
-from tyr.pruning.problem import attention_problem, mlp_problem
-from tyr.utils import track
+from tyr.pruning.sequential import prune_layer
 
 log = logging.getLogger(__name__)
 
@@ -46,48 +48,75 @@ def mlp_channels_to_remove(before: dict, after_attn: dict, sparsity: float, per_
     return int(min(channels, max(0, round(need / per_channel))))
 
 
+class UniformPrune(LayerCallback):
+    """The driver callback of :func:`prune_uniform`: prunes each layer in place (slicing)."""
+
+    def __init__(self, model, pruner: LocalPruner, sparsity: float, taylor: dict | None, on_layer=None):
+        self.model, self.adapter, self.pruner, self.sparsity, self.taylor = model, get_adapter(model), pruner, sparsity, taylor
+        self.on_layer = on_layer
+        self.reports: list[LayerReport] = []
+
+    def process(self, li, layer, inputs):
+        adapter, sparsity = self.adapter, self.sparsity
+        if streaming.is_streaming(self.model):  # keep a resident copy of the pruned layer; the streamed one is released
+            layer = copy.deepcopy(layer)
+            adapter.layers(self.model)[li] = layer
+        before = layer_counts(adapter, layer)
+        k_heads = {}
+
+        def solve_attn(prob):
+            k_heads["k"] = int(round(prob.n_units * (1.0 - sparsity)))
+            return self.pruner.prune(prob, [k_heads["k"]])
+
+        def solve_mlp(prob):  # as many channels as bring the layer to the sparsity, given the pruned attention
+            mlp = adapter.mlp(layer)
+            per_channel = mlp.gate_proj.in_features * 2 + mlp.down_proj.out_features
+            remove = mlp_channels_to_remove(before, layer_counts(adapter, layer), sparsity, per_channel, prob.n_units)
+            return self.pruner.prune(prob, [prob.n_units - remove])
+
+        @contextmanager
+        def slice_attn(prob, variants):
+            if k_heads["k"] < prob.n_units:
+                slice_attention(adapter, layer, variants[0].keep, variants[0].out_weight, variants[0].out_bias)
+            yield
+
+        @contextmanager
+        def slice_channels(prob, variants):
+            if len(variants[0].keep) < prob.n_units:
+                slice_mlp(adapter, layer, variants[0].keep, variants[0].out_weight, variants[0].out_bias)
+            yield
+
+        t = self.taylor[li] if self.taylor is not None else None
+        (va,), (vm,), out = prune_layer(adapter, li, layer, inputs, t, solve_attn, slice_attn, solve_mlp, slice_channels)
+        after = layer_counts(adapter, layer)
+        rep = LayerReport(li, len(va.keep), before["heads"], len(vm.keep), before["channels"], va.rel_error, vm.rel_error,
+                          before["attention"] + before["mlp"], after["attention"] + after["mlp"], va.info, vm.info)
+        self.reports.append(rep)
+        if self.on_layer is not None:
+            self.on_layer(asdict(rep))
+        log.debug("layer %d: heads %d/%d err %.4f, channels %d/%d err %.4f", li, rep.heads_kept, rep.heads,
+                  rep.attn_error, rep.channels_kept, rep.channels, rep.mlp_error)
+        return out
+
+
 def prune_uniform(model, pruner: LocalPruner, calib_ids: torch.Tensor, sparsity: float,
                   taylor: dict | None = None, batch_size: int = 8, progress: bool = True,
                   on_layer=None) -> dict:
-    """Prune ``model`` in place; returns a JSON-ready report (per-layer errors, budget achieved)."""
+    """Prune ``model`` in place; returns a JSON-ready report (per-layer errors, budget achieved).
+
+    A one-level path build (:func:`tyr.coarse_to_fine.build_path_supernet` computes the same at these
+    widths) that slices the layers in place. A streamed model holds one dense layer at a time: each
+    pruned layer stays resident in its place, so the result is the pruned model in memory.
+    Distributed, each rank passes its block of ``calib_ids``; the input statistics are summed over
+    ranks."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if pruner.needs_gradients and taylor is None:
         raise ValueError(f"pruner {pruner.name or type(pruner.scorer).__name__} needs Taylor statistics (gradients)")
-    adapter = get_adapter(model)
     dense = parameter_counts(model)
     t0 = time.time()
-    x, kwargs = capture_layer_inputs(model, calib_ids, batch_size)
-    reports = []
-    for li, layer in enumerate(track(adapter.layers(model), f"prune {sparsity:.0%}: layer", enabled=progress)):
-        before = layer_counts(adapter, layer)
-        t = taylor[li] if taylor is not None else {"attn": None, "mlp": None}
-        # attention heads
-        stats, _ = collect_input_stats(layer, x, kwargs[li], {"o": adapter.attention(layer).o_proj}, batch_size)
-        prob = attention_problem(adapter, layer, li, stats["o"], t["attn"])
-        k_heads = int(round(prob.n_units * (1.0 - sparsity)))
-        (va,) = pruner.prune(prob, [k_heads])
-        if k_heads < prob.n_units:
-            slice_attention(adapter, layer, va.keep, va.out_weight, va.out_bias)
-        after_attn = layer_counts(adapter, layer)
-        # MLP channels, on the inputs given by the pruned attention
-        mlp = adapter.mlp(layer)
-        stats, _ = collect_input_stats(layer, x, kwargs[li], {"d": mlp.down_proj}, batch_size)
-        prob = mlp_problem(adapter, layer, li, stats["d"], t["mlp"])
-        per_channel = mlp.gate_proj.in_features * 2 + mlp.down_proj.out_features
-        remove = mlp_channels_to_remove(before, after_attn, sparsity, per_channel, prob.n_units)
-        (vm,) = pruner.prune(prob, [prob.n_units - remove])
-        if remove:
-            slice_mlp(adapter, layer, vm.keep, vm.out_weight, vm.out_bias)
-        after = layer_counts(adapter, layer)
-        x = run_layer(layer, x, kwargs[li], batch_size)
-        rep = LayerReport(li, len(va.keep), before["heads"], len(vm.keep), before["channels"], va.rel_error, vm.rel_error,
-                          before["attention"] + before["mlp"], after["attention"] + after["mlp"], va.info, vm.info)
-        reports.append(rep)
-        if on_layer is not None:
-            on_layer(asdict(rep))
-        log.debug("layer %d: heads %d/%d err %.4f, channels %d/%d err %.4f", li, rep.heads_kept, rep.heads,
-                  rep.attn_error, rep.channels_kept, rep.channels, rep.mlp_error)
+    cb = UniformPrune(model, pruner, sparsity, taylor, on_layer)
+    run_layers(model, cb, calib_ids, batch_size=batch_size, desc=f"prune {sparsity:.0%}: layer", progress=progress)
     pruned = parameter_counts(model)
     return {
         "target_sparsity": sparsity,
@@ -95,5 +124,5 @@ def prune_uniform(model, pruner: LocalPruner, calib_ids: torch.Tensor, sparsity:
         "params_dense": dense,
         "params_pruned": pruned,
         "seconds": time.time() - t0,
-        "layers": [asdict(r) for r in reports],
+        "layers": [asdict(r) for r in cb.reports],
     }

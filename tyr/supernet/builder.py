@@ -23,15 +23,16 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from tyr import dist, streaming
+
+from tyr import dist
 from tyr.artifacts import fault_point
-from tyr.layerwise.engine import capture_layer_inputs, collect_input_stats, run_layer
+from tyr.layerwise.driver import LayerCallback, run_layers
 from tyr.modeling.adapter import get_adapter
 from tyr.pruning.local import LocalPruner
-from tyr.pruning.problem import ModuleProblem, Variant, attention_problem, mlp_problem
+from tyr.pruning.problem import ModuleProblem, Variant
+from tyr.pruning.sequential import prune_layer
 from tyr.supernet.grid import ModuleGrid, SupernetGrid
 from tyr.supernet.store import SupernetError, SupernetStore
-from tyr.utils import Progress
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,75 @@ def prune_levels(pruner: LocalPruner, problem: ModuleProblem, keep: list[int], c
     return out
 
 
+class _StoreCheckpoint:
+    """The driver's resume point: this rank's activation checkpoint in the store, used only if the
+    layers before it are all stored, and the same next layer on every rank."""
+
+    def __init__(self, store: SupernetStore):
+        self.store = store
+
+    def load(self):
+        ck = self.store.load_checkpoint(dist.rank(), dist.world())
+        if ck is not None and ck[0] > len(self.store.completed_layers()):
+            ck = None
+        if ck is not None:
+            log.info("resuming the supernet build at layer %d (%s)", ck[0], self.store.root)
+        if dist.world() > 1 and len(set(dist.all_gather_object(0 if ck is None else ck[0]))) != 1:
+            raise SupernetError("the ranks' activation checkpoints disagree on the next layer; delete "
+                                f"{self.store.root}/activations*.safetensors to rebuild from the last common point")
+        return ck
+
+    def save(self, next_layer: int, hidden: torch.Tensor) -> None:
+        self.store.save_checkpoint(next_layer, hidden, dist.rank(), dist.world())
+
+
+class SupernetBuild(LayerCallback):
+    """The driver callback of :func:`build_supernet`: every level of both modules of a layer, the
+    next layer's inputs under the EEA mode, the layer's shard written by rank 0."""
+
+    def __init__(self, model, pruner: LocalPruner, grid: SupernetGrid, store: SupernetStore, eea: str,
+                 taylor: dict | None, path: dict[str, list[int]] | None, on_layer=None):
+        self.adapter, self.pruner, self.grid, self.store = get_adapter(model), pruner, grid, store
+        self.eea, self.taylor, self.path, self.on_layer = eea, taylor, path, on_layer
+        self.dtype = None
+        self.t0 = time.time()
+        self.seconds_before = float(store.manifest.get("build_seconds_total", 0.0))  # earlier sessions of this build
+
+    def process(self, li, layer, inputs):
+        self.t_layer = time.time()
+        g = {k: self.grid.modules[k][li] for k in ("attn", "mlp")}
+        attn, mlp = self.adapter.attention(layer), self.adapter.mlp(layer)
+        if self.dtype is None:
+            self.dtype = attn.o_proj.weight.dtype
+
+        def solve(kind):
+            return lambda prob: prune_levels(self.pruner, prob, list(g[kind].keep), g[kind].centre)
+
+        def swap(kind, parent, name):
+            level = self.path[kind][li] if self.path else None
+            return lambda prob, variants: _maybe_swapped(parent, name, _mode_weight(prob, variants, g[kind], self.eea, level))
+
+        t = self.taylor[li] if self.taylor is not None else None
+        self.va, self.vm, out = prune_layer(self.adapter, li, layer, inputs, t, solve("attn"), swap("attn", attn, "o_proj"),
+                                            solve("mlp"), swap("mlp", mlp, "down_proj"))
+        return out
+
+    def on_layer_end(self, li, outputs):
+        va, vm = self.va, self.vm
+        self.info = {"seconds": time.time() - self.t_layer, "attn": va[self.grid.modules["attn"][li].centre].info,
+                     "mlp": vm[self.grid.modules["mlp"][li].centre].info}
+        if dist.is_main():
+            self.store.manifest["build_seconds_total"] = self.seconds_before + time.time() - self.t0  # survives a kill
+            self.store.write_layer(li, {"attn": va, "mlp": vm}, self.dtype, self.info)
+        fault_point("build.layer")
+
+    def on_layer_done(self, li):
+        if self.on_layer is not None and dist.is_main():
+            self.on_layer({"layer": li, "attn_errors": [v.rel_error for v in self.va],
+                           "mlp_errors": [v.rel_error for v in self.vm], **self.info})
+        del self.va, self.vm
+
+
 def build_supernet(model, pruner: LocalPruner, calib_ids: torch.Tensor, grid: SupernetGrid, store: SupernetStore,
                    eea: str = "expectation", taylor: dict | None = None, path: dict[str, list[int]] | None = None,
                    batch_size: int = 8, progress: bool = True, on_layer=None) -> dict:
@@ -137,65 +207,20 @@ def build_supernet(model, pruner: LocalPruner, calib_ids: torch.Tensor, grid: Su
     if pruner.needs_gradients and taylor is None:
         raise ValueError("this pruner needs Taylor statistics (gradients)")
     adapter = get_adapter(model)
-    layers = adapter.layers(model)
-    if grid.num_layers != len(layers):
-        raise SupernetError(f"grid has {grid.num_layers} layers, model {len(layers)}")
+    if grid.num_layers != adapter.num_layers(model):
+        raise SupernetError(f"grid has {grid.num_layers} layers, model {adapter.num_layers(model)}")
     t0 = time.time()
-    rows = dist.shard(calib_ids.shape[0])
-    local_ids = calib_ids[rows.start : rows.stop]
-    if len(local_ids) == 0:
+    if len(dist.shard(calib_ids.shape[0])) == 0:
         raise ValueError(f"{calib_ids.shape[0]} calibration sequences cannot be split over {dist.world()} ranks")
-    ck = store.load_checkpoint(dist.rank(), dist.world())
-    if ck is not None and ck[0] <= len(store.completed_layers()):
-        start, x = ck
-        _, kwargs = capture_layer_inputs(model, local_ids[:1], batch_size)
-        log.info("resuming the supernet build at layer %d (%s)", start, store.root)
-    else:
-        start = 0
-        x, kwargs = capture_layer_inputs(model, local_ids, batch_size)
-    if dist.world() > 1 and len(set(dist.all_gather_object(start))) != 1:
-        raise SupernetError("the ranks' activation checkpoints disagree on the next layer; delete "
-                            f"{store.root}/activations*.safetensors to rebuild from the last common point")
-    dtype = adapter.projections(layers[0])["o_proj"].weight.dtype
-    bar = Progress(len(layers), f"supernet {store.root.parent.name} layer", initial=start, every=10.0,
-                   enabled=progress and dist.is_main())
-    seconds_before = float(store.manifest.get("build_seconds_total", 0.0))  # earlier sessions of this build
-    for li in range(start, len(layers)):
-        t_layer = time.time()
-        t = taylor[li] if taylor is not None else {"attn": None, "mlp": None}
-        g_attn, g_mlp = grid.modules["attn"][li], grid.modules["mlp"][li]
-        with streaming.layer(model, li) as layer:
-            attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-            st, _ = collect_input_stats(layer, x, kwargs[li], {"o": attn.o_proj}, batch_size)
-            pa = attention_problem(adapter, layer, li, st["o"], t["attn"])
-            va = prune_levels(pruner, pa, list(g_attn.keep), g_attn.centre)
-            wa = _mode_weight(pa, va, g_attn, eea, path["attn"][li] if path else None)
-            with _maybe_swapped(attn, "o_proj", wa):
-                st, _ = collect_input_stats(layer, x, kwargs[li], {"d": mlp.down_proj}, batch_size)
-                pm = mlp_problem(adapter, layer, li, st["d"], t["mlp"])
-                vm = prune_levels(pruner, pm, list(g_mlp.keep), g_mlp.centre)
-                wm = _mode_weight(pm, vm, g_mlp, eea, path["mlp"][li] if path else None)
-                with _maybe_swapped(mlp, "down_proj", wm):
-                    x_next = run_layer(layer, x, kwargs[li], batch_size, out=streaming.empty_like_activations(model, x))
-            del pa, pm, wa, wm, st
-        info = {"seconds": time.time() - t_layer, "attn": va[g_attn.centre].info, "mlp": vm[g_mlp.centre].info}
-        if dist.is_main():
-            store.manifest["build_seconds_total"] = seconds_before + time.time() - t0  # survives a kill
-            store.write_layer(li, {"attn": va, "mlp": vm}, dtype, info)
-        fault_point("build.layer")
-        x = x_next
-        store.save_checkpoint(li + 1, x, dist.rank(), dist.world())
-        if on_layer is not None and dist.is_main():
-            on_layer({"layer": li, "attn_errors": [v.rel_error for v in va], "mlp_errors": [v.rel_error for v in vm], **info})
-        del va, vm
-        bar.update()
-    bar.close()
+    cb = SupernetBuild(model, pruner, grid, store, eea, taylor, path, on_layer)
+    run_layers(model, cb, calib_ids, batch_size=batch_size, shard=True, checkpoint=_StoreCheckpoint(store),
+               desc=f"supernet {store.root.parent.name} layer", progress=progress and dist.is_main(), progress_every=10.0)
     # Every rank must have written its last activation checkpoint before rank 0 marks the build complete
     # and deletes them all; otherwise a slower rank's final checkpoint outlives the build.
     dist.barrier()
     if dist.is_main():
         store.mark_complete({"build_seconds_last_session": time.time() - t0,
-                             "build_seconds_total": seconds_before + time.time() - t0})
+                             "build_seconds_total": cb.seconds_before + time.time() - t0})
     dist.barrier()
     store.reload()
     return store.manifest
