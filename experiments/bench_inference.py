@@ -190,7 +190,7 @@ def run_driver(args: argparse.Namespace) -> list[dict[str, Any]]:
         # this shared machine hit all models alike; a model's figure is the median over rounds.
         runs: list[list[dict[str, Any]]] = [[] for _ in jobs]
         for rnd in range(args.rounds):
-            for j, (path, layout, is_dense) in enumerate(jobs):
+            for j, (path, layout, _is_dense) in enumerate(jobs):
                 r = _measure(path, layout, ids_file, args)
                 runs[j].append(r)
                 log.info("round %d, %s (%s): prefill %.1f tok/s, decode %.2f tok/s, peak RSS %.0f MB", rnd, path,

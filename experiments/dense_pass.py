@@ -17,9 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from conftest import load_from_conf  # noqa: E402
 from tyr.data import TokenSetSpec, get_token_set  # noqa: E402
 from tyr.models import cache_dir  # noqa: E402
+
+from conftest import load_from_conf  # noqa: E402
 
 
 def main() -> None:

@@ -22,11 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from conftest import load_from_conf  # noqa: E402
 from tyr.fitness import KLFitness, TeacherCache  # noqa: E402
 from tyr.search import Allocation, SearchSpace, mutate  # noqa: E402
 from tyr.supernet.assemble import Assembler  # noqa: E402
 from tyr.supernet.store import SupernetStore  # noqa: E402
+
+from conftest import load_from_conf  # noqa: E402
 
 
 def main() -> None:

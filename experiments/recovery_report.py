@@ -4,9 +4,9 @@
 
 Reads every ``<run>/recover/<mode>-<key>/results-<protocol>.json`` (tyr.recipes.recover) below ROOT. The
 table (issue 15's schema; searched models of pipeline runs under "searched") takes, per sparsity and mode,
-the run evaluated with the most perplexity windows (ties: the most tokens); each ``after_<mode>`` entry also holds its own ``tokens`` and ``seconds``, and the
-top-level ``tokens`` / ``seconds`` are LoRA's. The plot shows every LoRA / full run's WikiText-2
-perplexity against its tokens, protocol by protocol.
+the run evaluated with the most perplexity windows (ties: the most tokens); each ``after_<mode>`` entry
+also holds its own ``tokens`` and ``seconds``, and the top-level ``tokens`` / ``seconds`` are LoRA's.
+The plot shows every LoRA / full run's WikiText-2 perplexity against its tokens, protocol by protocol.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ def test_tiny_llama_structure(tiny):
 
 @pytest.mark.parametrize(
     "model_type,extra",
-    [("mistral", {"sliding_window": None}), ("qwen2", {}), ("qwen3", {}), ("gemma3_text", {"sliding_window": 16, "query_pre_attn_scalar": 16})],
+    [("mistral", {"sliding_window": None}), ("qwen2", {}), ("qwen3", {}),
+     ("gemma3_text", {"sliding_window": 16, "query_pre_attn_scalar": 16})],
 )
 def test_other_families(model_type, extra):
     cfg = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

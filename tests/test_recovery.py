@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose
 from tyr.modeling.adapter import get_adapter
 from tyr.modeling.slicing import EmptyAttention, EmptyMLP, slice_attention, slice_mlp
 from tyr.recovery.data import RecoveryBudgetError, RecoveryError, check_disjoint, mix_windows, schedule
@@ -22,6 +21,8 @@ from tyr.recovery.lora import LoraSettings, add_lora, keep_padding_zero, merge_l
 from tyr.recovery.loss import distill_loss, teacher_targets
 from tyr.recovery.student import load_sliced, save_sliced
 from tyr.recovery.trainer import RecoverySettings, train
+
+from conftest import compose
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

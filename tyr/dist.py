@@ -81,7 +81,9 @@ def barrier() -> None:
 
 def _comm_device() -> torch.device:
     d = _dist()
-    return torch.device("cuda", torch.cuda.current_device()) if d is not None and d.get_backend() == "nccl" else torch.device("cpu")
+    if d is not None and d.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:

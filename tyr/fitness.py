@@ -52,7 +52,7 @@ class TeacherCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model, input_ids: torch.Tensor, k: int, batch_size: int = 4, chunk: int = 1024) -> "TeacherCache":
+    def build(cls, model, input_ids: torch.Tensor, k: int, batch_size: int = 4, chunk: int = 1024) -> TeacherCache:
         """The dense model's top-k log-probabilities, computed layer by layer (a streamed model holds
         one layer at a time). Distributed: each rank computes its block of sequences, then every
         rank receives the whole cache."""
@@ -88,7 +88,7 @@ class TeacherCache:
                               "tail_logp": self.tail_logp}, key=key)
 
     @classmethod
-    def load(cls, path: str | Path, key: str | None = None) -> "TeacherCache | None":
+    def load(cls, path: str | Path, key: str | None = None) -> TeacherCache | None:
         """The cache at ``path`` if it is intact and was made with settings ``key``; else None (a
         corrupt or stale file is logged, and the caller rebuilds it)."""
         t = load_cache(path, key, log)

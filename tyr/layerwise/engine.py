@@ -9,8 +9,8 @@ one layer at a time over the whole calibration batch. Statistics are gathered th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -146,7 +146,7 @@ class InputStats:
             self.add(args[0])
         return fn
 
-    def all_reduce_(self) -> "InputStats":
+    def all_reduce_(self) -> InputStats:
         """Sum the statistics over all ranks (data-parallel calibration); no-op in one process."""
         if dist.world() > 1:
             dist.all_reduce_(self.H)

@@ -19,7 +19,7 @@ of sequences and the sums of g and g² are all-reduced before ``on_layer`` sees 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

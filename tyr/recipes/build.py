@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from tyr import dist
 from tyr.data import TokenSetSpec, get_token_set
 from tyr.evaluation import evaluate_model, results_table
-from tyr.recipes.common import recorded, eval_kwargs, load, load_in_memory, log, start, taylor_for, to_container, token_cache
+from tyr.recipes.common import eval_kwargs, load, load_in_memory, log, recorded, start, taylor_for, to_container, token_cache
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet
 from tyr.supernet.grid import layer_shapes, make_grid
