@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tyr.artifacts import fault_point, read_json_checked
 from tyr.data import TokenSetSpec, get_token_set
-from tyr.export import export_model, export_streamed, verify_export
+from tyr.export import check_out_dir, export_model, export_streamed, verify_export
 from tyr.models import load_model
 from tyr.recipes.common import log, recorded
 from tyr.supernet.assemble import Assembler
@@ -41,8 +41,7 @@ def export_run(run_dir: Path, out: Path | None = None, verify: bool = True, layo
     asm = Assembler(lm.model, store)
     asm.assemble(alloc["levels"])
     out = Path(out or run_dir / "hf_model")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (overwrite=true replaces it)")
+    check_out_dir(out, overwrite)  # the one refusal of a non-empty folder (tyr.export.folder)
     # Written and checked under a staging name, renamed into place only once verified: a failed
     # export or check never leaves an unusable folder where a loadable one is expected.
     staging = out.with_name(f".{out.name}.staging")
