@@ -8,6 +8,7 @@ rank 0 writes."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from tyr.artifacts import read_json_checked
@@ -16,6 +17,8 @@ from tyr.models import LoadedModel
 from tyr.pipeline.layout import begin
 from tyr.pipeline.prepare import Prepared
 from tyr.pipeline.settings import PipelineSettings, RunKeys
+
+log = logging.getLogger("tyr")
 
 STATE_FILE = "search_state.json"
 
@@ -36,6 +39,8 @@ def search_done(run_dir: Path, s: PipelineSettings) -> bool:
 def build_and_search(lm: LoadedModel, model: dict, pruner, prep: Prepared, s: PipelineSettings, keys: RunKeys,
                      run_dir: Path) -> dict:
     """Run (or resume) the search; returns its state with absolute supernet paths."""
+    if search_done(run_dir, s):
+        log.info("search: done with these settings (%s); reading it back", Path(run_dir) / STATE_FILE)
     begin(run_dir, keys.search)
     return run_search(lm.model, model, pruner, prep.calib, prep.taylor, prep.teacher, s.target_sparsity, s.search,
                       run_dir, keys.supernet)
