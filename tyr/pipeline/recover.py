@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tyr import dist
 from tyr.evaluation import evaluate_model, results_table
+from tyr.export import export_model, verify_export
 from tyr.models import LoadedModel
 from tyr.pipeline.export import searched_allocation
 from tyr.pipeline.settings import PipelineSettings, RunKeys, eval_settings
@@ -89,8 +90,6 @@ def recover_model(lm: LoadedModel, student, source: dict, s: RecoverySettings, r
     result = {"key": key, "dir": str(out), "before": before, "after": after, "recovery": summary,
               "wall_seconds_this_run": time.time() - t0, "settings": read_json(out / "settings.json")}
     if export:
-        from tyr.export import export_model, verify_export
-
         export_model(student, lm.tokenizer, out / "hf_model", allocation=source.get("allocation"), overwrite=True,
                      extra_files={"tyr_recovery.json": {"settings": result["settings"], "recovery": summary}})
         result["verify"] = verify_export(out / "hf_model", student, windows[:2, : min(128, s.seq_len)])
