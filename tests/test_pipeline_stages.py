@@ -152,7 +152,10 @@ def test_export_check_starts_without_tyr_model_code():
                        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "['tyr', 'tyr.export']"
-    from tyr.export import export_model, verify_export  # the names still resolve, on first use
+    import tyr.export
+    from tyr.export import export_model  # the names still resolve, on first use
     from tyr.export.folder import export_model as direct
 
-    assert export_model is direct and callable(verify_export)
+    assert export_model is direct and all(getattr(tyr.export, n) is not None for n in tyr.export.__all__)
+    with pytest.raises(AttributeError):
+        tyr.export.no_such_name  # noqa: B018

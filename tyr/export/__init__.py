@@ -42,7 +42,8 @@ __all__ = [
     "export_streamed", "index_layout_from_padded", "layer_widths", "pruned_config", "to_export_model", "verify_export",
     "widths_record",
 ]
-_MODULES = {
+
+_MODULES = {  # name -> the module that defines it
     "LAYOUTS": "tyr.export.config",
     "ExportError": "tyr.export.config",
     "ExportVerificationError": "tyr.export.config",
