@@ -8,7 +8,7 @@ ARGS   ?=
 STAMP  := $(VENV)/.tyr-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock setup-gemma demo evaluate prune build search plan sweep report test test-fast lint clean
+.PHONY: help setup lock setup-gemma demo evaluate prune build search plan sweep report test test-all test-fast lint clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -64,11 +64,14 @@ sweep: setup  ## Hydra multirun of the pipeline over SWEEP='pruner=... target_sp
 report: setup  ## summary table + plots (+ report page with REPORT=docs/...) of sweeps: make report DIR="runs/scorer_table runs/pipeline"
 	$(BIN)/python -m experiments.summarize $(DIR) $(if $(REPORT),--report $(REPORT))
 
-test: setup  ## run the whole test suite
+test: setup  ## run the test suite (CI runs this; under 20 min on 2 cores): every test but those marked slow
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+test-all: setup  ## every test, the slow fault-injection cases (kill at random points, export kills) included
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-fast: setup  ## tests without the real model
-	$(BIN)/python -m pytest -q -m "not real_model" $(ARGS)
+	$(BIN)/python -m pytest -q -m "not real_model and not slow" $(ARGS)
 
 lint: setup  ## ruff check (rules and line length in pyproject.toml; the tree does not pass yet, see [tool.ruff])
 	$(BIN)/ruff check $(or $(FILES),.)

@@ -80,7 +80,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    lines = ["| run | form | KL (search tokens) | C4 ppl (search tokens) | WikiText-2 | PTB | avg |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | form | KL (search tokens) | C4 ppl (search tokens) | WikiText-2 | PTB | avg |",
+             "|---|---|---|---|---|---|---|"]
     for run in args.runs:
         run = run.resolve()
         cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
@@ -97,13 +98,17 @@ def main() -> None:
                 full_kl(lm.model, store, levels, teacher, int(cfg.batch_size))
             nll = search_nll(lm.model, store, levels, teacher.input_ids, int(cfg.batch_size))
             fixed = run / UNIFORM_FILES.get(name, "-")
-            res = (json.loads(fixed.read_text()) if fixed.exists() else None) if name in UNIFORM_FILES else results_for(run, folder)
+            if name in UNIFORM_FILES:
+                res = json.loads(fixed.read_text()) if fixed.exists() else None
+            else:
+                res = results_for(run, folder)
             ppl = (res or {}).get("perplexity", {})
             rows[name] = {"kl": kl, "search_nll": nll, "search_ppl": float(torch.tensor(nll).exp()), "supernet": str(folder),
                           "wikitext2": ppl.get("wikitext2", {}).get("ppl"), "ptb": ppl.get("ptb", {}).get("ppl"),
                           "avg": (res or {}).get("zero_shot", {}).get("average")}
             fmt = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-            lines.append(f"| {run.name} | {name} | {kl:.4f} | {rows[name]['search_ppl']:.2f} | {fmt(rows[name]['wikitext2'])} | {fmt(rows[name]['ptb'])} | "
+            lines.append(f"| {run.name} | {name} | {kl:.4f} | {rows[name]['search_ppl']:.2f} | "
+                         f"{fmt(rows[name]['wikitext2'])} | {fmt(rows[name]['ptb'])} | "
                          f"{fmt(rows[name]['avg'], 3)} |")
             print(lines[-1], flush=True)
         (run / "form_kl.json").write_text(json.dumps({"tokens": int(teacher.input_ids.numel()), "forms": rows}, indent=2))

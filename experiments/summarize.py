@@ -27,7 +27,8 @@ TASKS = ["arc_easy", "arc_challenge", "boolq", "openbookqa", "piqa"]
 def _row(method: str, sparsity: float | None, res: dict, source: Path) -> dict:
     ppl = res.get("perplexity", {})
     zs = res.get("zero_shot") or {}
-    row = {"method": method, "sparsity": sparsity, "achieved": res.get("achieved_sparsity", (res.get("budget") or {}).get("sparsity")),
+    achieved = res.get("achieved_sparsity", (res.get("budget") or {}).get("sparsity"))
+    row = {"method": method, "sparsity": sparsity, "achieved": achieved,
            "params_M": res.get("params", {}).get("total", 0) / 1e6,
            "wikitext2": ppl.get("wikitext2", {}).get("ppl"), "ptb": ppl.get("ptb", {}).get("ppl"),
            "avg": zs.get("average"), "limit": zs.get("limit"), "source": str(source)}
@@ -209,7 +210,8 @@ def plots(rows: list[dict], out: Path) -> None:
         for m, rs in sorted(by.items()):
             pts = sorted((r["sparsity"], r[key]) for r in rs if r[key] is not None)
             if pts:  # one colour per method; dashed without reconstruction; the search stands out
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m, color=colors[bases.index(m.split(" / ")[0]) % len(colors)],
+                color = colors[bases.index(m.split(" / ")[0]) % len(colors)]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m, color=color,
                         ls="--" if m.endswith("/ none") else "-", lw=2.5 if m.startswith("tyr") else 1.2)
         dense = [r for r in rows if not r["sparsity"] and r[key] is not None]
         if dense:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tyr.data import DataSourceError, TextTooShortError, TokenSet, TokenSetSpec, build_token_set, get_token_set, load_text, tokenize_text
+from tyr.data import (
+    DataSourceError,
+    TextTooShortError,
+    TokenSet,
+    TokenSetSpec,
+    build_token_set,
+    get_token_set,
+    load_text,
+    tokenize_text,
+)
 
 
 def test_round_trip(tiny, tmp_path):
@@ -80,3 +89,22 @@ def test_local_jsonl_and_parquet_sources(tmp_path):
     assert load_text(f"parquet:{tmp_path}/*.parquet[:2]") == "\n\n".join(docs[:2])
     with pytest.raises(DataSourceError, match="no files match"):
         load_text(f"parquet:{tmp_path}/missing/*.parquet")
+
+
+def test_mixed_source_draws_from_each_text_in_turn(tiny, tmp_path):
+    """``a+b``: the windows alternate between the sources, and every window is a whole window of its own
+    source's tokenized text (found by brute force), none repeated; the split is as even as the count allows."""
+    from tyr.data import check_spec
+
+    spec = TokenSetSpec("ptb_valid+c4[0:50]", 32, 7, seed=3)
+    ids = get_token_set(spec, tiny.tokenizer, tmp_path).input_ids
+    assert ids.shape == (7, 32)
+    texts = [tokenize_text(load_text(s), tiny.tokenizer) for s in ("ptb_valid", "c4[0:50]")]
+    whole = [{tuple(t[i : i + 32].tolist()) for i in range(0, len(t) - 31, 32)} for t in texts]
+    owner = [[k for k in (0, 1) if tuple(w.tolist()) in whole[k]] for w in ids]
+    assert owner == [[0], [1], [0], [1], [0], [1], [0]]  # 4 + 3, interleaved
+    assert len({tuple(w.tolist()) for w in ids}) == 7
+    with pytest.raises(DataSourceError, match="mixes sources"):
+        check_spec(TokenSetSpec("ptb_valid+c4[0:50]", 32, 4, sampling="contiguous"), "data.search")
+    with pytest.raises(DataSourceError, match="unknown text source"):
+        check_spec(TokenSetSpec("ptb_valid+nonsense", 32, 4), "data.search")

@@ -17,9 +17,9 @@ import json
 
 import pytest
 import torch
-
 from test_export import _greedy, _stepwise_logits
 from test_recipes import run_recipe
+
 from tyr.export import pruned_config, to_export_model
 from tyr.modeling.adapter import get_adapter
 from tyr.modeling.slicing import slice_attention, slice_mlp
@@ -37,14 +37,15 @@ PLANS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _family(name: str, dtype: str = "float32"):
     """The tiny model with its norm weights perturbed (random init leaves them at one: a norm applied to
     the wrong channels would go unnoticed)."""
     from hydra.utils import instantiate
 
-    from conftest import compose
     from tyr.models import load_model
+
+    from conftest import compose
 
     cfg = compose("evaluate", [f"model={name}", f"model.dtype={dtype}"])
     lm = load_model(cfg.model.name, instantiate(cfg.model.source), dtype)
@@ -129,7 +130,7 @@ PIPELINE_ARGS = ["eval=smoke", "eval.tasks=[]", "eval.ppl_windows=1", "compare=[
                  "data.calibration.num_sequences=8", "data.calibration.seq_len=64", "data.gradient.num_sequences=4",
                  "data.gradient.seq_len=64", "data.search.num_sequences=8", "data.search.seq_len=64",
                  "search.min_channels=8", "search.generations=2", "search.offspring=4",
-                 "search.stages=[[64,2],[256,1]]", "search.surrogate_check=6"]
+                 "search.stages=[[64,2],[256,1]]", "search.surrogate_check=6", "recover=none"]
 
 
 @pytest.mark.parametrize("name,dtype", [("tiny-mistral", "float32"), ("tiny-qwen2", "float32"), ("tiny-qwen3", "float32"),

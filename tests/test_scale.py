@@ -248,7 +248,7 @@ def test_torchrun_build_and_search_equal_one_process(tmp_path, token_cache):
               "search.min_channels=8", "search.generations=1", "search.offspring=6", "search.stages=[[188,2],[288,1]]",
               "search.surrogate_check=0", "search.topk=64", "data.calibration.num_sequences=8", "data.calibration.seq_len=48",
               "data.search.num_sequences=8", "data.search.seq_len=48", "compare=[]", "export=false", "eval=smoke",
-              "eval.perplexity=[]", "eval.tasks=[]", "batch_size=2"]
+              "eval.perplexity=[]", "eval.tasks=[]", "batch_size=2", "recover=none"]
     runs = {}
     for n in (1, 2):
         run_dir = tmp_path / f"np{n}"

@@ -185,3 +185,48 @@ def test_holdout_sequences_are_never_searched_and_score_the_reprune(tiny, data, 
     with pytest.raises(ValueError, match="fraction"):
         run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
                    _settings(holdout=1.0), tmp_path / "x")
+
+
+def test_final_iteration_in_path_mode_prunes_along_the_previous_best(tiny, data, tmp_path):
+    """``final_eea="path"``: the last iteration's supernet is built along the previous iteration's best
+    allocation, so its centre variants are exactly the sequential prune at those widths (the oracle:
+    the one-level path supernet, itself checked against the sparsegpt loop above); the first iteration
+    keeps ``eea``."""
+    calib, search, taylor = data
+    teacher = TeacherCache.build(tiny.model, search, k=64)
+    model = copy.deepcopy(tiny.model)
+    state = run_search(model, MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
+                       _settings(final_eea="path", reprune=False), tmp_path / "run")
+    first, last = state["iterations"]
+    s0, s1 = SupernetStore.open(first["supernet"]), SupernetStore.open(last["supernet"])
+    assert s0.manifest["eea"] == "expectation" and s1.manifest["eea"] == "path"
+    assert [g.keep[g.centre] for g in s1.grid.modules["mlp"]] == first["keep"]["mlp"]
+    path = build_path_supernet(tiny.model, MODEL, pruner_from_conf(), calib, taylor, first["keep"], tmp_path / "p",
+                               SearchSettings(min_channels=8, batch_size=4))
+    a, b = copy.deepcopy(tiny.model), copy.deepcopy(tiny.model)
+    Assembler(a, s1).assemble(s1.grid.centre_levels())
+    Assembler(b, path).assemble(path.grid.centre_levels())
+    with torch.no_grad():
+        got, want, dense = (m(search[:2]).logits for m in (a, b, tiny.model))
+    assert (want - dense).abs().max() > 0.1
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    # in the default (expectation) mode the centre variants differ from the sequential prune
+    default = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
+                         _settings(reprune=False), tmp_path / "default")
+    s1e = SupernetStore.open(default["iterations"][1]["supernet"])
+    c = copy.deepcopy(tiny.model)
+    Assembler(c, s1e).assemble(s1e.grid.centre_levels())
+    with torch.no_grad():
+        assert (c(search[:2]).logits - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("form", ["reprune", "supernet"])
+def test_choose_form_overrides_the_held_out_choice(tiny, data, tmp_path, form):
+    """``choose_form``: the named form is the result whatever the held-out KLs say (both still recorded)."""
+    calib, search, taylor = data
+    teacher = TeacherCache.build(tiny.model, search, k=64)
+    state = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
+                       _settings(choose_form=form), tmp_path)
+    rp = state["reprune"]
+    assert rp["chosen"] == form and rp["chosen_by"] == form and final_allocation(state)["source"] == form
+    assert rp["kl_supernet"] > 0 and rp["kl_reprune"] > 0

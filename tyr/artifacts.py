@@ -103,7 +103,7 @@ class StageRecord:
         return {"schema": RECORD_SCHEMA, "stage": self.stage, "key": self.key, "settings": self.settings}
 
     @classmethod
-    def read(cls, path: str | Path) -> "StageRecord | None":
+    def read(cls, path: str | Path) -> StageRecord | None:
         path = Path(path)
         if not path.exists():
             return None
@@ -115,7 +115,7 @@ class StageRecord:
 
         write_json(path, self.to_json())
 
-    def mismatch(self, other: "StageRecord") -> str | None:
+    def mismatch(self, other: StageRecord) -> str | None:
         """None if ``other`` was made with the same settings, else the differing settings in one line."""
         return None if other.key == self.key else describe_diff(other.settings, self.settings)
 

@@ -64,6 +64,13 @@ def build_path_supernet(model, model_id: dict, pruner: LocalPruner, calib_ids: t
     return SupernetStore.open(store.root, expect_model=model_id)
 
 
+def eea_of_iteration(settings: SearchSettings, it: int) -> str:
+    """``settings.final_eea`` for the last of several iterations, else ``settings.eea``; in ``path``
+    mode the path is the iteration's grid centre, i.e. the previous iteration's best allocation."""
+    last = it == len(settings.intervals) - 1 and it > 0
+    return settings.final_eea if last and settings.final_eea else settings.eea
+
+
 def full_kl(model, store: SupernetStore, levels: dict[str, list[int]], teacher: TeacherCache, batch_size: int,
             sequences: tuple[int, int] | None = None) -> float:
     """Mean per-token KL of one allocation over the teacher sequences [start, stop) (default: all;
@@ -119,13 +126,14 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         t_it = time.time()
         grid = make_grid(shapes, target_sparsity, interval, settings.n_levels, settings.min_heads,
                          settings.min_channels, centre=centre)
+        eea = eea_of_iteration(settings, it)
         store = SupernetStore.create_or_resume(
-            run_dir / f"iter{it}" / "supernet", model=model_id, grid=grid, eea=settings.eea,
+            run_dir / f"iter{it}" / "supernet", model=model_id, grid=grid, eea=eea,
             config={**(store_config or {}), "iteration": it, "interval": interval})
         if not store.manifest["complete"]:
-            log.info("iteration %d: building the supernet (interval %.4f)", it, interval)
-            build_supernet(model, pruner, calib_ids, grid, store, eea=settings.eea, taylor=taylor,
-                           batch_size=settings.batch_size)
+            log.info("iteration %d: building the supernet (interval %.4f, EEA %s)", it, interval, eea)
+            build_supernet(model, pruner, calib_ids, grid, store, eea=eea, taylor=taylor,
+                           path=grid.centre_levels() if eea == "path" else None, batch_size=settings.batch_size)
         t_build = time.time() - t_it
         store = SupernetStore.open(store.root, expect_model=model_id)
         asm = Assembler(model, store)
@@ -151,7 +159,8 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         bar = Progress(settings.generations, f"search iteration {it + 1}/{len(settings.intervals)}: generation",
                        initial=resume["generation"] if resume else 0, every=10.0, enabled=dist.is_main())
 
-        def on_generation(record: dict, evo_state: dict, it=it, extra=extra, bar=bar) -> None:
+        def on_generation(record: dict, evo_state: dict, it=it, extra=extra, bar=bar, fitness=fitness,
+                          searched_before=searched_before, t_search=t_search) -> None:
             record = {**record, "iteration": it, "layer_forwards": fitness.stats.layer_forwards,
                       "layer_forwards_saved": fitness.stats.layer_forwards_saved}
             fitness.generation = record["generation"]  # keeps token rotation aligned even if a generation had no stages
@@ -164,7 +173,7 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
                 write_json(state_file, state)
             bar.update(note=f"KL {record['best_fitness']:.4g}" if record["best_fitness"] is not None else "")
 
-        prescreen = (lambda allocs: surrogate_scores(errors, allocs)) if settings.prescreen_keep else None
+        prescreen = (lambda allocs, errors=errors: surrogate_scores(errors, allocs)) if settings.prescreen_keep else None
         result = evolve(space, fitness, evo, start=start, state=resume, on_generation=on_generation, prescreen=prescreen)
         bar.close()
         best = result.best.to_json()
@@ -198,11 +207,13 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         searched_store = SupernetStore.open(run_dir / final["supernet"], expect_model=model_id)
         kl_searched = full_kl(model, searched_store, final["levels"], teacher, settings.batch_size, rows)
         kl_reprune = full_kl(model, path_store, path_store.grid.centre_levels(), teacher, settings.batch_size, rows)
-        chosen = "reprune" if kl_reprune < kl_searched else "supernet"
+        chosen = ("reprune" if kl_reprune < kl_searched else "supernet") if settings.choose_form == "heldout" \
+            else settings.choose_form
         n_tok = (rows[1] - rows[0]) * (teacher.input_ids.shape[1] - 1)
         state["reprune"] = {"supernet": _rel(path_store.root, run_dir), "levels": path_store.grid.centre_levels(),
                             "kl_sequences": list(rows), "kl_tokens": n_tok, "kl_supernet": kl_searched,
-                            "kl_reprune": kl_reprune, "chosen": chosen, "seconds": time.time() - t0}
+                            "kl_reprune": kl_reprune, "chosen": chosen, "chosen_by": settings.choose_form,
+                            "seconds": time.time() - t0}
         if dist.is_main():
             write_json(state_file, state)
         log.info("sequential re-prune at the searched widths: KL %.4f vs %.4f from the supernet (%d %s tokens); "

@@ -38,7 +38,7 @@ class DataSourceError(ValueError):
 
 
 KNOWN_SOURCES = ("wikitext2_test, wikitext2_train, wikitext2_valid, ptb_test, ptb_valid, c4, c4[a:b], "
-                 "jsonl:PATH[a:b], parquet:PATH[a:b]")
+                 "jsonl:PATH[a:b], parquet:PATH[a:b], and mixes of them joined by '+'")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,6 +140,10 @@ def check_source(source: str) -> None:
     """Everything about a text source that can be checked without tokenizing: the name is known,
     the files exist, and (jsonl) every line of the range used is a JSON object with a ``text``
     string; (parquet) every file has a ``text`` column. Raises :class:`DataSourceError`."""
+    if "+" in source:
+        for part in source.split("+"):
+            check_source(part)
+        return
     d = data_dir()
     fixed = {"wikitext2_test": d / "wikitext2" / "wiki.test.raw", "wikitext2_train": d / "wikitext2" / "wiki.train.tokens",
              "wikitext2_valid": d / "wikitext2" / "wiki.valid.tokens", "ptb_test": d / "ptb" / "ptb.test.txt",
@@ -172,7 +176,7 @@ def check_source(source: str) -> None:
         raise DataSourceError(f"unknown text source {source!r}; known: {KNOWN_SOURCES}")
 
 
-def check_spec(spec: "TokenSetSpec", what: str) -> None:
+def check_spec(spec: TokenSetSpec, what: str) -> None:
     """A token set's numbers and source, checked before anything is loaded (``what``: its config path)."""
     if spec.seq_len < 2:
         raise DataSourceError(f"{what}.seq_len={spec.seq_len} must be at least 2")
@@ -180,6 +184,9 @@ def check_spec(spec: "TokenSetSpec", what: str) -> None:
         raise DataSourceError(f"{what}.num_sequences={spec.num_sequences} must be positive (or -1: all windows)")
     if spec.sampling not in ("random", "contiguous"):
         raise DataSourceError(f"{what}.sampling={spec.sampling!r} must be 'random' or 'contiguous'")
+    if "+" in spec.source and (spec.sampling != "random" or spec.num_sequences < len(spec.source.split("+"))):
+        raise DataSourceError(f"{what}.source={spec.source!r} mixes sources: it needs sampling=random and at least "
+                              "one sequence per source")
     try:
         check_source(spec.source)
     except DataSourceError as e:
@@ -233,7 +240,7 @@ class TokenSet:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TokenSet":
+    def load(cls, path: str | Path) -> TokenSet:
         from safetensors import safe_open
 
         path = Path(path)
@@ -266,9 +273,27 @@ def tokenize_text(text: str, tokenizer) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
+def _mixed_token_set(spec: TokenSetSpec, tokenizer, tokenizer_name: str) -> TokenSet:
+    """``a+b+c``: ``num_sequences`` random windows split as evenly as the count allows over the sources
+    (the first ones get the remainder), each source drawn with its own seed, then interleaved source
+    by source, so that any prefix of the set (a search stage's first sequences) is a mix too."""
+    parts = spec.source.split("+")
+    counts = [spec.num_sequences // len(parts) + (i < spec.num_sequences % len(parts)) for i in range(len(parts))]
+    sets = [build_token_set(TokenSetSpec(p, spec.seq_len, n, "random", spec.seed + 7919 * i), tokenizer, tokenizer_name)
+            for i, (p, n) in enumerate(zip(parts, counts))]
+    order = [(i, j) for j in range(max(counts)) for i in range(len(parts)) if j < counts[i]]
+    ids = torch.stack([sets[i].input_ids[j] for i, j in order])
+    meta = {k: str(v) for k, v in asdict(spec).items()}
+    meta.update(schema=str(TOKENSET_SCHEMA), tokenizer=tokenizer_name, tokenizer_id=tokenizer_id(tokenizer),
+                source_tokens="+".join(s.metadata["source_tokens"] for s in sets))
+    return TokenSet(ids, meta)
+
+
 def build_token_set(spec: TokenSetSpec, tokenizer, tokenizer_name: str = "") -> TokenSet:
     if spec.seq_len <= 0:
         raise DataSourceError(f"seq_len must be positive, got {spec.seq_len}")
+    if "+" in spec.source:
+        return _mixed_token_set(spec, tokenizer, tokenizer_name)
     ids = tokenize_text(load_text(spec.source), tokenizer)
     n_windows = len(ids) // spec.seq_len
     want = n_windows if spec.num_sequences == -1 else spec.num_sequences
@@ -298,7 +323,8 @@ def build_token_set(spec: TokenSetSpec, tokenizer, tokenizer_name: str = "") -> 
 
 def get_token_set(spec: TokenSetSpec, tokenizer, cache: str | Path, tokenizer_name: str = "") -> TokenSet:
     """Build a token set once and cache it under ``cache/<key>.safetensors``."""
-    path = Path(cache) / f"{spec.source.replace('[', '_').replace(':', '-').rstrip(']')}-{spec.key(tokenizer_id(tokenizer))}.safetensors"
+    name = spec.source.replace("[", "_").replace(":", "-").replace("]", "").replace("+", "_")[:80]
+    path = Path(cache) / f"{name}-{spec.key(tokenizer_id(tokenizer))}.safetensors"
     if path.exists():
         return TokenSet.load(path)
     ts = build_token_set(spec, tokenizer, tokenizer_name)

@@ -39,17 +39,24 @@ def perplexity(model, input_ids: torch.Tensor, batch_size: int = 1, desc: str = 
     after the first of each window). Returns ppl, nll, tokens and seconds."""
     adapter = get_adapter(model)
     base, head = adapter.base_model(model), adapter.lm_head(model)
-    nll, count, t0 = 0.0, 0, time.time()
+    window_nll, t0 = [], time.time()
     for i in tqdm(range(0, input_ids.shape[0], batch_size), desc=desc, leave=False, disable=None):
         x = input_ids[i : i + batch_size]
         hidden = base(input_ids=x).last_hidden_state
-        nll += float(token_nll(hidden[:, :-1], head, x[:, 1:]))
-        count += x[:, 1:].numel()
+        window_nll += [float(token_nll(hidden[j : j + 1, :-1], head, x[j : j + 1, 1:])) / (x.shape[1] - 1)
+                       for j in range(x.shape[0])]
+    n = len(window_nll)
+    nll = sum(window_nll) / n  # every window has the same number of scored tokens
+    # standard error of the mean NLL over windows (windows as the samples), and of ppl by the delta method
+    se = math.sqrt(sum((v - nll) ** 2 for v in window_nll) / (n - 1) / n) if n > 1 else float("nan")
     return {
-        "ppl": math.exp(nll / count),
-        "nll": nll / count,
-        "tokens": count,
-        "windows": int(input_ids.shape[0]),
+        "ppl": math.exp(nll),
+        "nll": nll,
+        "nll_se": se,
+        "ppl_se": math.exp(nll) * se,
+        "window_nll": window_nll,
+        "tokens": n * (input_ids.shape[1] - 1),
+        "windows": n,
         "seq_len": int(input_ids.shape[1]),
         "seconds": time.time() - t0,
     }

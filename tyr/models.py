@@ -175,8 +175,8 @@ class PretrainedSource:
                 tried.append(f"Hugging Face Hub / cache {self.hub_id!r} ({type(e).__name__}: {first[:200]})")
         raise ModelNotFoundError(
             f"model {name!r}: no weights found. Tried: " + "; ".join(tried) + ". Provide a local "
-            f"checkpoint folder with `model.source.path=/path/to/folder` (a folder holding config.json "
-            f"and *.safetensors), or make the Hub id reachable."
+            "checkpoint folder with `model.source.path=/path/to/folder` (a folder holding config.json "
+            "and *.safetensors), or make the Hub id reachable."
         )
 
 

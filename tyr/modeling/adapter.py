@@ -1,16 +1,20 @@
 """Model-family knowledge: the one module that knows decoder structure and checks ``model_type``.
 
 Every other part of tyr asks an adapter for the layers, the prunable projections of a layer, the
-attention geometry (heads, KV heads, head_dim, GQA grouping), the final norm and the LM head.
-Adding a family means adding an adapter here and nothing else.
+attention geometry (heads, KV heads, head_dim, GQA grouping), the final norm and the LM head; the
+cost planner (which runs without torch or weights) asks it for the parameter facts of a family
+(norms per layer, which projections carry a bias). Adding a family means adding an adapter here
+and nothing else. The module imports no torch, so the torch-free planner can use it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -53,6 +57,13 @@ class DecoderAdapter:
     export_type: str
     attn_attr: str = "self_attn"
     mlp_attr: str = "mlp"
+    # parameter facts (the planner counts parameters from them, without building the model)
+    hidden_norms: int = 2  # RMSNorms over hidden_size per decoder layer
+    head_norms: bool = False  # q_norm / k_norm over head_dim (shared by every head)
+    o_bias_with_attention_bias: bool = True  # config.attention_bias also gives o_proj a bias
+
+    def norm_params_per_layer(self, hidden_size: int, head_dim: int) -> int:
+        return self.hidden_norms * hidden_size + (2 * head_dim if self.head_norms else 0)
 
     # --- model level -------------------------------------------------------------------------
     def base_model(self, model: nn.Module) -> nn.Module:
@@ -122,9 +133,10 @@ _ADAPTERS: tuple[DecoderAdapter, ...] = (
     # tyr_*: exported pruned checkpoints, loaded back
     DecoderAdapter("llama", ("llama", "tyr_llama"), "tyr_llama"),
     DecoderAdapter("mistral", ("mistral", "tyr_mistral"), "tyr_mistral"),
-    DecoderAdapter("qwen2", ("qwen2", "tyr_qwen2"), "tyr_qwen2"),
-    DecoderAdapter("qwen3", ("qwen3", "tyr_qwen3"), "tyr_qwen3"),
-    DecoderAdapter("gemma3", ("gemma3_text", "tyr_gemma3_text"), "tyr_gemma3_text"),
+    DecoderAdapter("qwen2", ("qwen2", "tyr_qwen2"), "tyr_qwen2", o_bias_with_attention_bias=False),  # q/k/v bias only
+    DecoderAdapter("qwen3", ("qwen3", "tyr_qwen3"), "tyr_qwen3", head_norms=True),
+    # input / post-attention / pre- and post-feed-forward norms
+    DecoderAdapter("gemma3", ("gemma3_text", "tyr_gemma3_text"), "tyr_gemma3_text", hidden_norms=4, head_norms=True),
 )
 
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tyr.modeling.adapter import get_adapter
 from tyr.supernet.grid import LayerShape
 
 
@@ -59,15 +60,11 @@ class ArchFacts:
 
     @property
     def o_bias(self) -> bool:
-        # Llama's attention_bias also gives o_proj a bias; Qwen2's only q/k/v.
-        return self.attention_bias and self.model_type == "llama"
+        # Llama's attention_bias also gives o_proj a bias; Qwen2's only q/k/v (the family adapter says)
+        return self.attention_bias and get_adapter(self.model_type).o_bias_with_attention_bias
 
     def norm_params_per_layer(self) -> int:
-        if self.model_type.startswith("gemma3"):  # 4 RMSNorms per layer + q_norm / k_norm over head_dim
-            return 4 * self.hidden_size + 2 * self.head_dim
-        if self.model_type == "qwen3":  # input / post-attention RMSNorms + q_norm / k_norm over head_dim
-            return 2 * self.hidden_size + 2 * self.head_dim
-        return 2 * self.hidden_size  # input_layernorm + post_attention_layernorm
+        return get_adapter(self.model_type).norm_params_per_layer(self.hidden_size, self.head_dim)
 
     def layer_params(self) -> dict[str, int]:
         """Parameters of one decoder layer, by projection (weights + biases)."""

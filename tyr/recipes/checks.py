@@ -25,7 +25,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from tyr.artifacts import SettingsError
 
-
 COMPARE = ("dense", "uniform", "uniform_reprune", "owl")
 EEA = ("none", "expectation", "uniform", "path")
 
@@ -130,10 +129,15 @@ def check_search(cfg: DictConfig, tokens: bool = True) -> None:
     _need(int(s.offspring) >= 1, f"search.offspring={s.offspring} must be at least 1")
     _need(int(s.max_flips) >= 1, f"search.max_flips={s.max_flips} must be at least 1")
     _need(int(s.min_heads) >= 1 and int(s.min_channels) >= 1, "search.min_heads and search.min_channels must be >= 1")
-    _need(s.prescreen_keep is None or int(s.prescreen_keep) >= 1, f"search.prescreen_keep={s.prescreen_keep} must be >= 1 or null")
+    _need(s.prescreen_keep is None or int(s.prescreen_keep) >= 1,
+          f"search.prescreen_keep={s.prescreen_keep} must be >= 1 or null")
     _need(int(s.surrogate_check) >= 0, f"search.surrogate_check={s.surrogate_check} must be >= 0")
     _need(int(s.topk) >= 1, f"search.topk={s.topk} must be at least 1")
     _need(str(s.eea) in EEA, f"search.eea={s.eea} must be one of {', '.join(EEA)}")
+    _need(str(s.get("choose_form", "heldout")) in ("heldout", "reprune", "supernet"),
+          f"search.choose_form={s.get('choose_form')} must be heldout, reprune or supernet")
+    _need(s.get("final_eea") is None or str(s.final_eea) in EEA,
+          f"search.final_eea={s.get('final_eea')} must be null or one of {', '.join(EEA)}")
     hold = float(s.get("holdout", 0.0))
     _need(0.0 <= hold < 1.0, f"search.holdout={hold} must be a fraction in [0, 1)")
     stages = [tuple(int(v) for v in st) for st in s.stages]

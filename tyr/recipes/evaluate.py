@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from tyr.evaluation import evaluate_model, results_table
-from tyr.recipes.common import recorded, eval_kwargs, load, log, start, to_container
+from tyr.recipes.common import eval_kwargs, load, log, recorded, start, to_container
 from tyr.utils import write_json
 
 

@@ -50,7 +50,7 @@ from tyr.utils import peak_rss_mb, write_json
 @recorded
 def main(cfg: DictConfig) -> None:
     run_dir = start(cfg)  # the config was validated before Hydra made the run directory (tyr.recipes.checks)
-    recovery = check_recovery(cfg)  # None with recover=null; a bad setting stops here, before any loading
+    recovery = check_recovery(cfg)  # None with recover=none; a bad setting stops here, before any loading
     t_start = time.time()
     apply_redo(run_dir, cfg.get("redo"))
     pruner = instantiate(cfg.pruner)

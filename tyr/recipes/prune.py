@@ -20,7 +20,7 @@ from tyr.data import TokenSetSpec, get_token_set
 from tyr.evaluation import evaluate_model, results_table
 from tyr.plots import plot_fusion_weights
 from tyr.pruning.uniform import prune_uniform
-from tyr.recipes.common import recorded, eval_kwargs, finished_result, load, log, start, taylor_for, to_container, token_cache
+from tyr.recipes.common import eval_kwargs, finished_result, load, log, recorded, start, taylor_for, to_container, token_cache
 from tyr.utils import JsonlWriter, peak_rss_mb, write_json
 
 

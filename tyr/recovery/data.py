@@ -3,8 +3,9 @@
 Every source is turned into all of its whole windows of ``seq_len`` tokens (a contiguous token set of
 :mod:`tyr.data`, cached per tokenizer). The sources take turns in proportion to their weights, each
 giving its windows in a seeded order; the order depends only on the settings, so a resumed run reads
-on from the same position, and a smaller budget trains on the start of a larger one's text. Recovery text must not overlap the text that
-calibrated, searched or evaluates the model: :func:`check_disjoint` compares document ranges.
+on from the same position, and a smaller budget trains on the start of a larger one's text. Recovery
+text must not overlap the text that calibrated, searched or evaluates the model: :func:`check_disjoint`
+compares document ranges.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def document_range(source: str) -> tuple[str, int, float]:
 
 
 def overlaps(a: str, b: str) -> bool:
-    """Whether sources ``a`` and ``b`` share a document."""
+    """Whether sources ``a`` and ``b`` (either may be a ``+`` mix) share a document."""
+    if "+" in a or "+" in b:
+        return any(overlaps(x, y) for x in a.split("+") for y in b.split("+"))
     ca, a0, a1 = document_range(a)
     cb, b0, b1 = document_range(b)
     return ca == cb and max(a0, b0) < min(a1, b1)

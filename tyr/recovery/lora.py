@@ -10,9 +10,9 @@ unmasked, training would turn padding into real heads that the parameter count d
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn

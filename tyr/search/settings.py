@@ -19,6 +19,13 @@ class SearchSettings:
     min_heads: int = 1
     min_channels: int = 32
     eea: str = "expectation"
+    # EEA mode of the last iteration when there are several; None: ``eea``. ``path``: the last supernet's
+    # variants are pruned along the previous iteration's best allocation (every layer on the outputs of the
+    # already pruned layers of that path), so the last search scores models close to the ones that ship
+    final_eea: str | None = None
+    # which form of the searched widths is the result when the re-prune ran: ``heldout`` (the lower KL on the
+    # held-out teacher sequences), ``reprune`` (always the sequentially pruned model) or ``supernet``
+    choose_form: str = "heldout"
     generations: int = 50
     offspring: int = 128
     stages: list[tuple[int, int]] = field(default_factory=lambda: [(2048, 16), (16384, 4), (131072, 1)])  # (tokens, survivors)

@@ -42,7 +42,7 @@ class ModuleGrid:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "ModuleGrid":
+    def from_json(cls, d: dict) -> ModuleGrid:
         return cls(d["kind"], int(d["n_units"]), float(d["unit_params"]), tuple(int(k) for k in d["keep"]), int(d["centre"]),
                    float(d.get("fixed_params", 0.0)))
 
@@ -87,7 +87,7 @@ class SupernetGrid:
         return {k: [g.to_json() for g in self.modules[k]] for k in KINDS}
 
     @classmethod
-    def from_json(cls, d: dict) -> "SupernetGrid":
+    def from_json(cls, d: dict) -> SupernetGrid:
         return cls({k: tuple(ModuleGrid.from_json(g) for g in d[k]) for k in KINDS})
 
 

@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tyr import dist
-from tyr.artifacts import (CorruptArtifactError, describe_diff, fault_point, file_sha256 as sha256_file, load_cache,
-                           read_json_checked, write_verified)
+from tyr.artifacts import CorruptArtifactError, describe_diff, fault_point, load_cache, read_json_checked, write_verified
+from tyr.artifacts import file_sha256 as sha256_file
 from tyr.supernet.grid import KINDS, SupernetGrid
 from tyr.utils import write_json
 
@@ -64,7 +64,7 @@ class SupernetStore:
 
     # --- creation / opening ------------------------------------------------------------------
     @classmethod
-    def create_or_resume(cls, root: str | Path, *, model: dict, grid: SupernetGrid, eea: str, config: dict) -> "SupernetStore":
+    def create_or_resume(cls, root: str | Path, *, model: dict, grid: SupernetGrid, eea: str, config: dict) -> SupernetStore:
         """Open the supernet at ``root`` for building: new, or resumed if it was built by the same
         model and config (anything else is refused, naming the manifest). When distributed, rank 0
         creates it and the other ranks open it after a barrier."""
@@ -75,7 +75,7 @@ class SupernetStore:
         return cls._create_or_resume(root, model=model, grid=grid, eea=eea, config=config)
 
     @classmethod
-    def _create_or_resume(cls, root: str | Path, *, model: dict, grid: SupernetGrid, eea: str, config: dict) -> "SupernetStore":
+    def _create_or_resume(cls, root: str | Path, *, model: dict, grid: SupernetGrid, eea: str, config: dict) -> SupernetStore:
         root = Path(root)
         path = root / MANIFEST
         header = {"model": model, "eea": eea, "grid": grid.to_json(), "config": config}
@@ -121,7 +121,7 @@ class SupernetStore:
                                 "use another directory or delete it to rebuild")
 
     @classmethod
-    def open(cls, root: str | Path, expect_model: dict | None = None) -> "SupernetStore":
+    def open(cls, root: str | Path, expect_model: dict | None = None) -> SupernetStore:
         """Open a finished supernet for reading (assembly / search)."""
         path = Path(root) / MANIFEST
         if not path.exists():

@@ -12,8 +12,8 @@ before a model is loaded.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from tyr.data import data_dir
 

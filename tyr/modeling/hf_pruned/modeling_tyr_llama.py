@@ -30,7 +30,6 @@ from torch import nn
 
 from .configuration_tyr_llama import TyrTransformersVersionError, guard_transformers_version, transformers_version_hint
 
-
 try:
     from transformers.activations import ACT2FN
     from transformers.cache_utils import Cache, DummyLayer, DynamicCache
@@ -288,4 +287,5 @@ class TyrLlamaForCausalLM(TyrLlamaPreTrainedModel, LlamaForCausalLM):
     forward = guard_transformers_version(LlamaForCausalLM.forward)
 
 
-__all__ = ["CACHE_KWARG", "prepare_cache", "TyrLlamaForCausalLM", "TyrLlamaModel", "TyrLlamaPreTrainedModel", "TyrTransformersVersionError"]
+__all__ = ["CACHE_KWARG", "prepare_cache", "TyrLlamaForCausalLM", "TyrLlamaModel", "TyrLlamaPreTrainedModel",
+           "TyrTransformersVersionError"]

@@ -1,0 +1,260 @@
+"""Fidelity study (issue #14): does the search's fitness rank allocations the way held-out text does?
+
+From one finished pipeline run (its supernets, teacher cache and search state), take allocations at
+the run's sparsity -- uniform, OWL, the searched one of each iteration, and budget-preserving random
+perturbations of the searched and of the uniform allocation at several distances (d single level
+switches, each keeping the parameter budget) -- and build every one in two forms:
+- ``supernet``: assembled from the run's supernet variants (what the search scores);
+- ``sequential``: pruned sequentially at the same widths (every layer on the outputs of the already
+  pruned layers before it: what the re-prune and the uniform prune recipe ship).
+
+For each model it measures, on the same tokens for every model:
+- the search's fitness: mean per-token KL(dense || pruned) on the teacher's top-k over the search
+  sequences (``fit_all``: every sequence the search may draw; ``fit_512`` / ``fit_2048``: the first 1 /
+  4 sequences, the token counts of ``search=fast``'s two stages, to see how noisy one stage is);
+- KL on the held-out block of C4 teacher sequences that the evolution never saw (``kl_heldout``);
+- WikiText-2 and PTB perplexity over the first ``--windows`` windows of 2048 tokens.
+
+and reports Spearman's rho between each fitness and each held-out measure, per form and pooled.
+One JSON line per (allocation, form) in ``--out``; a rerun skips lines already there (resumable).
+
+Usage:
+    .venv/bin/python -m experiments.fidelity runs/pipeline/smollm2-135m/demo-s0.5 \
+        --out experiments/results/fidelity_demo.jsonl [--windows 32] [--threads 2]
+    .venv/bin/python -m experiments.fidelity --report experiments/results/fidelity_demo.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PERTURB_SEARCHED = [1, 2, 4, 8, 16, 32]  # distances (level switches) from the searched allocation, 2 draws each
+PERTURB_UNIFORM = [2, 4, 8, 16]  # ... from the uniform one, 2 draws each
+
+
+def owl_levels(model, calib: torch.Tensor, grid, target: float, batch_size: int) -> dict:
+    """OWL's layer sparsities (outlier-weighted) at the nearest levels of ``grid``."""
+    from tyr.allocation import nearest_levels, outlier_ratios, owl_sparsities
+
+    return nearest_levels(grid, owl_sparsities(outlier_ratios(model, calib, batch_size=batch_size), target))
+
+
+def allocations(state: dict, run: Path, seed: int = 0, owl: dict | None = None) -> list[dict]:
+    """The study's allocations, interleaved so that a partial run already spans the range:
+    ``{"name", "supernet" (folder), "levels"}``."""
+    from tyr.search import Allocation, SearchSpace, mutate
+    from tyr.supernet.store import SupernetStore
+
+    first, last = state["iterations"][0], state["iterations"][-1]
+    s0, s1 = SupernetStore.open(first["supernet"]), SupernetStore.open(last["supernet"])
+    base = [{"name": "uniform", "supernet": first["supernet"], "levels": s0.grid.centre_levels()},
+            {"name": "searched", "supernet": last["supernet"], "levels": last["levels"]}]
+    if owl is not None:
+        base.append({"name": "owl", "supernet": first["supernet"], "levels": owl})
+    if len(state["iterations"]) > 1:
+        base.append({"name": "searched_iter0", "supernet": first["supernet"], "levels": first["levels"]})
+    rng = np.random.default_rng(seed)
+
+    def walk(store, levels, d):
+        space = SearchSpace.from_costs(store.grid.costs(), budget=store.grid.allocation_params(store.grid.centre_levels()))
+        a = Allocation(levels)
+        for _ in range(d):
+            a = mutate(space, a, rng, max_flips=1)
+        return a.to_json()
+
+    pert = []
+    for rep in range(2):
+        for i in range(max(len(PERTURB_SEARCHED), len(PERTURB_UNIFORM))):
+            if i < len(PERTURB_SEARCHED):
+                d = PERTURB_SEARCHED[i]
+                pert.append({"name": f"searched+{d}#{rep}", "supernet": last["supernet"], "levels": walk(s1, last["levels"], d)})
+            if i < len(PERTURB_UNIFORM):
+                d = PERTURB_UNIFORM[i]
+                pert.append({"name": f"uniform+{d}#{rep}", "supernet": first["supernet"],
+                             "levels": walk(s0, s0.grid.centre_levels(), d)})
+    return base + pert
+
+
+@torch.no_grad()
+def sequence_kl(model, teacher, batch_size: int) -> list[float]:
+    """Per-sequence sum of KL(teacher || model) over the teacher's positions (full-model forward)."""
+    from tyr.fitness import topk_kl
+
+    out = []
+    for i in range(0, teacher.input_ids.shape[0], batch_size):
+        x = teacher.input_ids[i : i + batch_size]
+        logits = model(input_ids=x).logits[:, :-1].float()
+        slp = torch.log_softmax(logits, -1).gather(-1, teacher.topk_ids[i : i + batch_size].long())
+        kl = topk_kl(slp, teacher.topk_logp[i : i + batch_size], teacher.tail_logp[i : i + batch_size])
+        out.extend(float(v) for v in kl.double().sum(-1))
+    return out
+
+
+def measure(model, teacher, n_hold: int, ppl_sets: dict, batch_size: int) -> dict:
+    from tyr.evaluation import perplexity
+
+    t0 = time.time()
+    per_seq = sequence_kl(model, teacher, batch_size)
+    T1 = teacher.input_ids.shape[1] - 1
+    N = len(per_seq)
+    mean = lambda a, b: sum(per_seq[a:b]) / ((b - a) * T1)  # noqa: E731
+    rec = {"fit_512": mean(0, 1), "fit_2048": mean(0, 4), "fit_all": mean(0, N - n_hold),
+           "kl_heldout": mean(N - n_hold, N), "kl_per_sequence": [v / T1 for v in per_seq]}
+    for name, ids in ppl_sets.items():
+        r = perplexity(model, ids, 1, desc=name)
+        rec[name] = r["ppl"]
+    rec["seconds"] = time.time() - t0
+    return rec
+
+
+def run(args) -> None:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from tyr.coarse_to_fine import build_path_supernet, keep_counts, resolved
+    from tyr.data import TokenSetSpec, get_token_set
+    from tyr.fitness import TeacherCache
+    from tyr.models import load_model
+    from tyr.recipes.common import taylor_for, token_cache
+    from tyr.search.settings import SearchSettings
+    from tyr.supernet.assemble import Assembler
+    from tyr.supernet.store import SupernetStore
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_dir = args.run.resolve()
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    state = resolved(json.loads((run_dir / "search_state.json").read_text()), run_dir)
+    lm = load_model(cfg.model.name, instantiate(cfg.model.source), cfg.model.dtype)
+    model = lm.model.eval()
+    teacher = TeacherCache.load(run_dir / "teacher.safetensors")
+    if teacher is None:
+        raise SystemExit(f"{run_dir}/teacher.safetensors is missing or corrupt")
+    n_hold = int(state.get("holdout_sequences", 0))
+    if n_hold == 0:
+        raise SystemExit("the run has no held-out teacher sequences (search.holdout=0): no held-out KL to measure")
+    bs = int(cfg.batch_size)
+    cache = token_cache(cfg)
+    ppl_sets = {name: get_token_set(TokenSetSpec(src, 2048, -1, sampling="contiguous"), lm.tokenizer, cache, lm.name)
+                .input_ids[: args.windows] for name, src in (("wikitext2", "wikitext2_test"), ("ptb", "ptb_test"))}
+    done = set()
+    if args.out.exists():
+        for line in args.out.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["name"], r["form"]))
+    pruner = instantiate(cfg.pruner)
+    calib = get_token_set(TokenSetSpec(**cfg.data.calibration), lm.tokenizer, cache, lm.name).input_ids
+    taylor = taylor_for(cfg, lm, pruner)
+    settings = SearchSettings(**{k: v for k, v in OmegaConf.to_container(cfg.search).items()
+                                 if k in SearchSettings.__dataclass_fields__}, batch_size=bs)
+    model_id = {"name": lm.name, "revision": lm.revision, "dtype": str(cfg.model.dtype)}
+    work = args.work or (run_dir / "fidelity")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    owl_file = run_dir / "owl.json"
+    if owl_file.exists():
+        owl = json.loads(owl_file.read_text())["levels"]
+    else:
+        owl = owl_levels(model, calib, SupernetStore.open(state["iterations"][0]["supernet"]).grid,
+                         float(cfg.target_sparsity), bs)
+    checked = False
+    for alloc in allocations(state, run_dir, args.seed, owl)[: args.limit]:
+        store = SupernetStore.open(alloc["supernet"], expect_model=model_id)
+        for form in ("supernet", "sequential"):
+            if (alloc["name"], form) in done:
+                continue
+            t0 = time.time()
+            if form == "supernet":
+                use, levels = store, alloc["levels"]
+            else:
+                keep = keep_counts(store.grid, alloc["levels"])
+                use = build_path_supernet(model, model_id, pruner, calib, taylor, keep, work / alloc["name"], settings,
+                                          {"fidelity_of": alloc["name"]})
+                levels = use.grid.centre_levels()
+            asm = Assembler(model, use)
+            asm.assemble(levels)
+            try:
+                rec = measure(model, teacher, n_hold, ppl_sets, bs)
+            finally:
+                asm.restore_dense()
+            if not done and not checked:  # once: this script's KL equals the search's own code path (layer loop)
+                from tyr.coarse_to_fine import full_kl
+
+                N = teacher.input_ids.shape[0]
+                rec["fit_all_search_code"] = full_kl(model, use, levels, teacher, bs, (0, N - n_hold))
+                checked = True
+                print(f"fit_all {rec['fit_all']:.6f} vs the search's full_kl {rec['fit_all_search_code']:.6f}", flush=True)
+            params = store.grid.allocation_params(alloc["levels"])
+            rec = {"name": alloc["name"], "form": form, "levels": alloc["levels"], "nominal_params": params,
+                   "run": str(run_dir), "windows": args.windows, "wall_seconds": time.time() - t0, **rec}
+            with open(args.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"{alloc['name']:>16} {form:>10}: fit_all {rec['fit_all']:.4f} heldout {rec['kl_heldout']:.4f} "
+                  f"wt2 {rec['wikitext2']:.2f} ptb {rec['ptb']:.2f} ({rec['wall_seconds']:.0f} s)", flush=True)
+            if form == "sequential":
+                shutil.rmtree(work / alloc["name"], ignore_errors=True)  # ~0.3 GB of shards each
+
+
+def report(path: Path) -> str:
+    from scipy.stats import spearmanr
+
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    lines = [f"{len(recs)} models from {path}", "",
+             "| allocation | form | fit_512 | fit_2048 | fit_all | KL held-out | WikiText-2 | PTB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in recs:
+        lines.append(f"| {r['name']} | {r['form']} | {r['fit_512']:.4f} | {r['fit_2048']:.4f} | {r['fit_all']:.4f} | "
+                     f"{r['kl_heldout']:.4f} | {r['wikitext2']:.2f} | {r['ptb']:.2f} |")
+    lines += ["", "Spearman rho (n models): fitness against held-out measure", "",
+              "| models | fitness | KL held-out | WikiText-2 | PTB |", "|---|---|---:|---:|---:|"]
+    groups = {"supernet": [r for r in recs if r["form"] == "supernet"],
+              "sequential": [r for r in recs if r["form"] == "sequential"], "both forms": recs}
+    for gname, rs in groups.items():
+        if len(rs) < 3:
+            continue
+        for fit in ("fit_512", "fit_2048", "fit_all", "kl_heldout"):
+            cells = []
+            for m in ("kl_heldout", "wikitext2", "ptb"):
+                rho = spearmanr([r[fit] for r in rs], [r[m] for r in rs]).statistic
+                cells.append("-" if fit == m or math.isnan(rho) else f"{rho:.2f}")
+            lines.append(f"| {gname} (n={len(rs)}) | {fit} | " + " | ".join(cells) + " |")
+    # the cross-form question: does the supernet form's fitness rank the sequential models?
+    seq = {r["name"]: r for r in groups["sequential"]}
+    pairs = [(r, seq[r["name"]]) for r in groups["supernet"] if r["name"] in seq]
+    if len(pairs) >= 3:
+        lines += ["", f"supernet-form fitness against the sequential model of the same widths (n={len(pairs)}):", ""]
+        for fit in ("fit_all", "kl_heldout"):
+            cells = [f"{m} {spearmanr([a[fit] for a, _ in pairs], [b[m] for _, b in pairs]).statistic:.2f}"
+                     for m in ("kl_heldout", "wikitext2", "ptb")]
+            lines.append(f"- {fit}: " + ", ".join(cells))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", nargs="?", type=Path, help="a finished pipeline run directory")
+    ap.add_argument("--out", type=Path, default=Path("experiments/results/fidelity.jsonl"))
+    ap.add_argument("--work", type=Path, default=None, help="where the sequential builds go (default: <run>/fidelity)")
+    ap.add_argument("--windows", type=int, default=32, help="perplexity windows of 2048 tokens per set")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N allocations")
+    ap.add_argument("--report", type=Path, default=None, help="print the table and rho of a results file, then exit")
+    args = ap.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
+    if args.run is None:
+        ap.error("give a pipeline run directory (or --report FILE)")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Issue #14's table: the exported (searched) model against the best uniform model of the same pruner and
+calibration (``uniform_reprune``: the uniform widths pruned sequentially), per sparsity.
+
+    .venv/bin/python -m experiments.search_vs_uniform RUN [RUN ...] [--out experiments/results/search_vs_uniform.json]
+
+Each RUN is a finished pipeline run evaluated with ``uniform_reprune`` among its comparisons. Writes
+``{"<sparsity>": {"searched": {...}, "uniform_sequential": {...}, "ratio": {...}, "protocol": "..."}}``
+and prints a Markdown table. Perplexities carry their standard error over windows (delta method on the
+mean window NLL); the zero-shot average carries sqrt(sum_t p_t (1 - p_t) / n_t) / n_tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def scores(res: dict) -> dict:
+    ppl = res.get("perplexity", {})
+    zs = res.get("zero_shot") or {}
+    out = {}
+    for name in ("wikitext2", "ptb"):
+        r = ppl.get(name, {})
+        out[name] = r.get("ppl")
+        out[f"{name}_se"] = r.get("ppl_se")
+        out[f"{name}_windows"] = r.get("windows")
+    out["avg"] = zs.get("average")
+    sc, n = zs.get("scores") or {}, zs.get("samples") or {}
+    if sc and all(n.get(t, 0) > 0 for t in sc):
+        out["avg_se"] = math.sqrt(sum(p * (1 - p) / n[t] for t, p in sc.items())) / len(sc)
+        out["docs_per_task"] = min(n.values())
+    return out
+
+
+def protocol(res: dict) -> str:
+    s = scores(res)
+    return (f"perplexity over {s.get('wikitext2_windows')} windows of 2048 tokens (WikiText-2, PTB test); "
+            f"zero-shot average of {len((res.get('zero_shot') or {}).get('scores') or {})} tasks over "
+            f"{s.get('docs_per_task')} documents each")
+
+
+def collect(runs: list[Path]) -> dict:
+    table = {}
+    for run in runs:
+        cfg = json.loads((run / "results_searched.json").read_text())["config"]
+        sp = str(float(cfg["target_sparsity"]))
+        searched = json.loads((run / "results_searched.json").read_text())
+        uniform = json.loads((run / "results_uniform_reprune.json").read_text())
+        a, b = scores(searched), scores(uniform)
+        table[sp] = {"searched": a, "uniform_sequential": b,
+                     "ratio": {k: a[k] / b[k] for k in ("wikitext2", "ptb") if a.get(k) and b.get(k)},
+                     "source": (searched.get("budget") or {}).get("sparsity"), "run": str(run),
+                     "protocol": protocol(searched)}
+        if a.get("avg") is not None and b.get("avg") is not None:
+            table[sp]["ratio"]["avg_difference"] = a["avg"] - b["avg"]
+    return dict(sorted(table.items(), key=lambda kv: float(kv[0])))
+
+
+def markdown(table: dict) -> str:
+    def cell(v, se, d=2):
+        return "-" if v is None else (f"{v:.{d}f} ± {se:.{d}f}" if se is not None else f"{v:.{d}f}")
+
+    lines = ["| sparsity | model | WikiText-2 | PTB | zero-shot avg | WT2 ratio | PTB ratio |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for sp, row in table.items():
+        for name in ("uniform_sequential", "searched"):
+            s, r = row[name], row["ratio"] if name == "searched" else {"wikitext2": 1.0, "ptb": 1.0}
+            lines.append(f"| {float(sp):.1%} | {name} | {cell(s['wikitext2'], s.get('wikitext2_se'))} | "
+                         f"{cell(s['ptb'], s.get('ptb_se'))} | {cell(s['avg'], s.get('avg_se'), 4)} | "
+                         f"{r.get('wikitext2', float('nan')):.3f} | {r.get('ptb', float('nan')):.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("experiments/results/search_vs_uniform.json"))
+    args = ap.parse_args()
+    table = collect([r.resolve() for r in args.runs])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(table, indent=2) + "\n")
+    print(markdown(table))
+
+
+if __name__ == "__main__":
+    main()
