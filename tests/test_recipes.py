@@ -98,6 +98,7 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch):
     p = run_recipe("tyr.recipes.pipeline", *args)
     assert p.returncode == 0 and (run / "results_searched.json").read_text() == before
     # an export whose check fails leaves the verified folder as it was, and no staging folder behind
+    import tyr.pipeline.export as px
     import tyr.recipes.export as rx
     from tyr.export import ExportVerificationError
 
@@ -105,7 +106,7 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch):
         raise ExportVerificationError("injected")
 
     shipped = {f.name: f.read_bytes() for f in (run / "hf_model").iterdir()}
-    monkeypatch.setattr(rx, "verify_export", failing_check)
+    monkeypatch.setattr(px, "verify_export", failing_check)
     with pytest.raises(ExportVerificationError):
         rx.export_run(run, overwrite=True)
     assert {f.name: f.read_bytes() for f in (run / "hf_model").iterdir()} == shipped

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -41,7 +40,7 @@ def finished_result(run_dir: Path, cfg: DictConfig, name: str = "results.json") 
     saved = result.get("config")
     if not isinstance(saved, dict):
         return None
-    from tyr.recipes.stages import EVAL_SPEED_KEYS
+    from tyr.pipeline.layout import EVAL_SPEED_KEYS
 
     def strip(c: dict) -> dict:
         c = {k: v for k, v in c.items() if k not in ("threads", "paths")}
@@ -114,28 +113,22 @@ def token_cache(cfg: DictConfig) -> str:
 
 
 def eval_kwargs(cfg: DictConfig) -> dict:
-    e = cfg.eval
-    return dict(
-        perplexity_sources=list(e.perplexity), seq_len=int(e.seq_len), ppl_windows=int(e.ppl_windows),
-        ppl_batch_size=int(e.ppl_batch_size), tasks=list(e.tasks),
-        limit=None if e.limit is None else int(e.limit), batch_size=int(e.batch_size),
-        logits_mb=None if e.get("logits_mb") is None else float(e.logits_mb),
-        token_cache=token_cache(cfg), tokenizer_name=cfg.model.name,
-    )
+    """The keyword arguments of :func:`tyr.evaluation.evaluate_model` for ``cfg.eval``."""
+    from tyr.pipeline.settings import eval_settings
+
+    return eval_settings(to_container(cfg.eval)).kwargs(token_cache(cfg), str(cfg.model.name))
 
 
 def taylor_for(cfg: DictConfig, lm: LoadedModel, pruner) -> dict | None:
-    """Per-unit Taylor statistics if the pruner needs them (cached per model revision and tokens)."""
+    """Per-unit Taylor statistics if the pruner needs them (:func:`tyr.pipeline.prepare.taylor_for`)."""
     if not pruner.needs_gradients:
         return None
-    from tyr.data import TokenSetSpec, get_token_set, tokenizer_id
-    from tyr.pruning.taylor import load_or_collect_taylor
+    from tyr.data import TokenSetSpec
+    from tyr.pipeline.prepare import taylor_for as collect
+    from tyr.settings import from_config
 
-    spec = TokenSetSpec(**cfg.data.gradient)
-    ids = get_token_set(spec, lm.tokenizer, token_cache(cfg), lm.name).input_ids
-    key = hashlib.sha256(f"{lm.name}|{lm.revision}|{spec.key(tokenizer_id(lm.tokenizer))}".encode()).hexdigest()[:16]
-    cache = Path(cfg.paths.cache_dir) / "taylor" / f"{lm.name}-{key}.safetensors"
-    return load_or_collect_taylor(lm.model, ids, str(cache), int(cfg.batch_size))
+    spec = from_config(TokenSetSpec, to_container(cfg.data.gradient), "data.gradient")
+    return collect(lm, True, spec, str(cfg.paths.cache_dir), int(cfg.batch_size))
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -21,7 +21,7 @@ def user_errors() -> tuple[type, ...]:
 def user_message(e: Exception) -> str:
     """One line for a user error; a corrupt file names the command that remakes it."""
     from tyr.artifacts import CorruptArtifactError
-    from tyr.recipes.stages import repair_hint
+    from tyr.pipeline.layout import repair_hint
 
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return msg + (repair_hint(e.path) if isinstance(e, CorruptArtifactError) and "rerun" not in msg else "")

@@ -1,4 +1,4 @@
-"""The pipeline's stages, each with the settings that make its artifacts and a key of them.
+"""The keys of a pipeline config: each stage's settings, as the user writes them, and their hash.
 
 ``prepare`` (teacher top-k cache: the model, ``data.search``, ``search.topk``) → ``search`` (every
 supernet, the evolution, the re-prune: the prepare key, the model, pruner, calibration / gradient
@@ -11,31 +11,20 @@ that stage's artifacts and everything after it. Evaluation results and the expor
 their own when their key changes: they are cheap next to the search and always downstream of it.
 
 Settings that change how fast, not what (threads, paths, batch sizes, runtime placement) are left
-out of every key.
+out of every key. The run directory's layout (which stage owns which file, the records, the redo) is
+:mod:`tyr.pipeline.layout`; the stages themselves are :mod:`tyr.pipeline`. The keys are taken from
+the composed config (not from the typed settings) so that they stay those of the runs already made.
 """
 
 from __future__ import annotations
 
-import logging
-import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from tyr.artifacts import SettingsError, StageRecord, describe_diff, settings_key
-
-log = logging.getLogger("tyr")
-
-STAGES = ("prepare", "search", "evaluate", "export")  # redo=<stage> redoes it and every stage after it
-ARTIFACTS = {
-    "prepare": ["teacher.safetensors"],
-    "search": ["search_state.json", "history.jsonl", "iter*", "reprune", "uniform_reprune", "allocation.json",
-               "search_fitness.png", "allocation.png", "timings.json"],
-    "evaluate": ["results_*.json", "owl.json", "results.json", "results.md"],
-    "export": ["hf_model", "export.json"],
-}
-CHECKED = ("prepare", "search")  # refused on a change; evaluate / export are redone by their own keys
-EVAL_SPEED_KEYS = ("batch_size", "logits_mb", "ppl_batch_size")
+from tyr.artifacts import SettingsError, StageRecord, describe_diff
+from tyr.pipeline.layout import CHECKED, EVAL_SPEED_KEYS, STAGES, has_artifacts, record_path
+from tyr.pipeline.settings import RunKeys
 
 
 def _c(node) -> dict:
@@ -71,14 +60,6 @@ def records(cfg: DictConfig, model_id: dict, needs_gradients: bool) -> dict[str,
     return {"prepare": prepare, "search": StageRecord("search", {"prepare": prepare.key, **build, "search": search})}
 
 
-def record_path(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) / "stages" / f"{stage}.json"
-
-
-def has_artifacts(run_dir: Path, stage: str) -> bool:
-    return any(any(Path(run_dir).glob(pat)) for pat in ARTIFACTS[stage])
-
-
 def _needs_gradients(cfg: DictConfig) -> bool:
     from hydra.utils import instantiate
 
@@ -111,56 +92,20 @@ def check_run(cfg: DictConfig, run_dir: Path) -> None:
         if redo is not None and STAGES.index(redo) <= STAGES.index(stage):
             return
         if stage in old and has_artifacts(run_dir, stage) and old[stage].key != new[stage].key:
+            changed = describe_diff(old[stage].settings, new[stage].settings)
             raise SettingsError(
-                f"{run_dir} holds a {stage} stage made with other settings ({describe_diff(old[stage].settings, new[stage].settings)}); "
+                f"{run_dir} holds a {stage} stage made with other settings ({changed}); "
                 f"rerun with redo={stage} to redo it and every stage after it, or choose another directory (name=...)")
 
 
-def _writer() -> bool:
-    """Rank 0 writes the run's files (under torchrun, before the process group exists too)."""
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
-def apply_redo(run_dir: Path, redo: str | None) -> None:
-    """Remove the artifacts and records of stage ``redo`` and every stage after it."""
-    if redo is None or not _writer():
-        return
-    for stage in STAGES[STAGES.index(redo):]:
-        for pat in ARTIFACTS[stage]:
-            for p in Path(run_dir).glob(pat):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        record_path(run_dir, stage).unlink(missing_ok=True)
-    log.info("redo=%s: removed the artifacts of %s", redo, ", ".join(STAGES[STAGES.index(redo):]))
+def run_keys(cfg: DictConfig, model_id: dict, needs_gradients: bool) -> RunKeys:
+    """Every key of a pipeline config, made once: the prepare and search records, the evaluation
+    settings of each result's key, and the configuration every supernet of the run records."""
+    recs = records(cfg, model_id, needs_gradients)
+    supernet = {"pruner": _c(cfg.pruner), "calibration": _c(cfg.data.calibration),
+                "gradient": _c(cfg.data.gradient) if needs_gradients else None,
+                "target_sparsity": float(cfg.target_sparsity)}
+    return RunKeys(prepare=recs["prepare"], search=recs["search"], eval=eval_settings(cfg), supernet=supernet,
+                   config=_c(cfg))
 
 
-def begin(run_dir: Path, record: StageRecord) -> None:
-    """Write a stage's record as it starts making artifacts (its settings are then the directory's)."""
-    path = record_path(run_dir, record.stage)
-    old = StageRecord.read(path) if path.exists() else None
-    if _writer() and (old is None or old.key != record.key):
-        record.write(path)
-
-
-def form_key(search_key: str, allocation: str, levels: dict | None = None, supernet: Path | None = None) -> dict:
-    """The identity of a model form to evaluate or export: the search that made it, its name, its
-    supernet (relative to the run directory) and its levels in it."""
-    return {"search": search_key, "allocation": allocation, "supernet": None if supernet is None else str(supernet),
-            "levels": levels}
-
-
-def results_key(cfg: DictConfig, form: dict) -> tuple[str, dict]:
-    settings = {"eval": eval_settings(cfg), "form": form}
-    return settings_key(settings), settings
-
-
-def repair_hint(path: Path | None) -> str:
-    """The command that remakes a corrupt file of a pipeline run: the redo of the stage that owns it."""
-    if path is None:
-        return ""
-    for stage in STAGES:
-        for part in (path.name, *(p.name for p in path.parents)):
-            if any(Path(part).match(pat) for pat in ARTIFACTS[stage]):
-                return f"; rerun the pipeline with redo={stage} to remake it"
-    return "; delete it to remake it"

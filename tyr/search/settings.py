@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from tyr.settings import UnknownSettingError, from_config
+
 
 @dataclass
 class SearchSettings:
@@ -52,10 +54,5 @@ def search_settings(options: Mapping[str, Any], batch_size: int = 8) -> SearchSe
     """Typed settings from a ``search`` config option (a plain mapping); unknown keys are an error."""
     unknown = sorted(set(options) - set(CONFIG_FIELDS))
     if unknown:
-        raise ValueError(f"unknown search settings {unknown}; known: {list(CONFIG_FIELDS)}")
-    d = dict(options)
-    if "stages" in d:
-        d["stages"] = [(int(t), int(s)) for t, s in d["stages"]]
-    if "intervals" in d:
-        d["intervals"] = [float(x) for x in d["intervals"]]
-    return SearchSettings(**d, batch_size=int(batch_size))
+        raise UnknownSettingError(f"unknown search settings {unknown}; known: {list(CONFIG_FIELDS)}")
+    return from_config(SearchSettings, {**options, "batch_size": batch_size}, "search")

@@ -1,0 +1,112 @@
+"""Stage ``evaluate``: each model form assembled and evaluated once (``results_<form>.json``, keyed
+by the evaluation settings and the form: a rerun reads it back only for the same key), the searched
+allocation's summary (``allocation.json``) and the plots (``search_fitness.png``, ``allocation.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from tyr.artifacts import describe_diff, read_json_checked, settings_key
+from tyr.evaluation import evaluate_model
+from tyr.modeling.params import parameter_counts
+from tyr.models import LoadedModel
+from tyr.pipeline.compare import Form, first_store
+from tyr.pipeline.layout import form_key
+from tyr.pipeline.settings import PipelineSettings, RunKeys
+from tyr.plots import plot_allocation, plot_search_history
+from tyr.supernet.assemble import Assembler
+from tyr.supernet.store import SupernetStore
+from tyr.utils import write_json
+
+log = logging.getLogger("tyr")
+
+ALLOCATION_FILE = "allocation.json"
+
+
+def allocation_summary(model, store: SupernetStore, levels: dict, dense_counts: dict, fitness=None) -> dict:
+    """A searched (or comparison) allocation as the pipeline records it (``allocation.json``): level,
+    sparsity and kept units per module, nominal and real budget. Not an export's
+    ``tyr_allocation.json`` (per-layer widths of a folder: :func:`tyr.export.widths_record`)."""
+    grid = store.grid
+    modules = {}
+    for kind in ("attn", "mlp"):
+        modules[kind] = []
+        for l, lvl in enumerate(levels[kind]):
+            g = grid.modules[kind][l]
+            modules[kind].append({"layer": l, "level": lvl, "kept": g.keep[lvl], "units": g.n_units,
+                                  "sparsity": g.sparsity(lvl), "kept_units": store.variant(l, kind, lvl).keep})
+    counts = parameter_counts(model)
+    nominal = grid.allocation_params(levels)
+    return {
+        "levels": levels, "modules": modules, "fitness": fitness,
+        "budget": {"nominal_kept": nominal, "nominal_dense": grid.dense_params(),
+                   "nominal_sparsity": 1 - nominal / grid.dense_params(),
+                   "prunable_kept": counts["prunable"], "prunable_dense": dense_counts["prunable"],
+                   "sparsity": 1 - counts["prunable"] / dense_counts["prunable"],
+                   "total_params": counts["total"], "dense_total_params": dense_counts["total"]},
+        "manifest": str(store.root / "manifest.json"), "config_hash": store.manifest["config_hash"],
+    }
+
+
+def results_key(eval_settings: dict, form: dict) -> tuple[str, dict]:
+    settings = {"eval": eval_settings, "form": form}
+    return settings_key(settings), settings
+
+
+def evaluated(out: Path, lm: LoadedModel, s: PipelineSettings, keys: RunKeys, form: dict, **record) -> dict:
+    """The model as it is now, evaluated once: ``out`` is read back on a rerun only if it was made
+    with the same evaluation settings for the same model form (its key); otherwise re-evaluated."""
+    key, settings = results_key(keys.eval, form)
+    if out.exists():
+        old = read_json_checked(out)
+        if old.get("key") == key:
+            return old
+        log.info("%s was evaluated with other settings (%s); re-evaluating", out.name,
+                 describe_diff(old.get("settings") or {}, settings))
+    res = evaluate_model(lm.model, lm.tokenizer, **s.eval.kwargs(s.token_cache, s.model))
+    res.update(model=lm.name, **record, config=keys.config, key=key, settings=settings)
+    write_json(out, res)
+    return res
+
+
+def evaluate_dense(lm: LoadedModel, s: PipelineSettings, keys: RunKeys, run_dir: Path) -> dict:
+    """The unpruned model, same protocol: the top row of the table."""
+    return {f"{lm.name} dense": evaluated(Path(run_dir) / "results_dense.json", lm, s, keys,
+                                          {"model": keys.prepare.settings["model"]}, allocation="dense")}
+
+
+def evaluate_forms(lm: LoadedModel, forms: dict[str, Form], chosen_source: str, dense_counts: dict,
+                   s: PipelineSettings, keys: RunKeys, run_dir: Path) -> tuple[dict, dict]:
+    """Each form assembled, summarised and evaluated; ``allocation.json`` is the ``searched`` form's
+    summary. Returns the results' rows and the searched form's per-module sparsities."""
+    run_dir = Path(run_dir)
+    rows, searched_sparsity = {}, {}
+    for name, form in forms.items():
+        asm = Assembler(lm.model, form.store)
+        asm.assemble(form.levels)
+        rec = allocation_summary(lm.model, form.store, form.levels, dense_counts, form.fitness)
+        if name == "searched":
+            rec["source"] = chosen_source  # "reprune" (sequentially re-pruned) or "supernet"
+            rec["manifest"] = str(Path(rec["manifest"]).resolve().relative_to(run_dir.resolve()))  # the run dir may move
+            write_json(run_dir / ALLOCATION_FILE, rec)
+            searched_sparsity = {k: [m["sparsity"] for m in rec["modules"][k]] for k in ("attn", "mlp")}
+        supernet = form.store.root.resolve().relative_to(run_dir.resolve())
+        rows[f"{lm.name} {name} {s.target_sparsity:.0%}"] = evaluated(
+            run_dir / f"results_{name}.json", lm, s, keys, form_key(keys.search.key, name, form.levels, supernet),
+            allocation=name, budget=rec["budget"], supernet=str(form.store.root))
+        asm.restore_dense()
+    return rows, searched_sparsity
+
+
+def plot_run(run_dir: Path, state: dict, model: dict, searched_sparsity: dict, title: str) -> None:
+    """``search_fitness.png`` (the history) and ``allocation.png`` (searched against uniform sparsity)."""
+    run_dir = Path(run_dir)
+    grid = first_store(state, model).grid
+    uniform_sparsity = {k: [g.sparsity(g.centre) for g in grid.modules[k]] for k in ("attn", "mlp")}
+    history_file = run_dir / "history.jsonl"
+    history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.exists() else []
+    plot_search_history(history, run_dir / "search_fitness.png")
+    plot_allocation(searched_sparsity, uniform_sparsity, run_dir / "allocation.png", title)

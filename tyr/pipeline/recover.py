@@ -1,0 +1,112 @@
+"""Stage ``recover``: the pruned model distilled from the dense one with LoRA or full training
+(:mod:`tyr.recovery`), evaluated before and after, and exported (checked in a fresh process).
+Everything lands in ``<run>/recover/<mode>-<key>/`` (key: the recovery settings, the pruned and the
+dense model): ``settings.json``, ``metrics.jsonl``, ``loss.png``, ``results-<protocol>.json`` (the
+done check: one per evaluation protocol), ``results.json``, ``results.md``, ``hf_model/`` and the
+checkpoints. A rerun resumes the training or reuses the finished result; other settings get another
+directory. Under torchrun the training is data parallel; rank 0 evaluates and exports."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tyr import dist
+from tyr.evaluation import evaluate_model, results_table
+from tyr.export import export_model, verify_export
+from tyr.models import LoadedModel
+from tyr.pipeline.export import searched_allocation
+from tyr.pipeline.settings import PipelineSettings, RunKeys, eval_settings
+from tyr.plots import plot_recovery
+from tyr.recovery.data import recovery_windows
+from tyr.recovery.trainer import RecoverySettings, fingerprint, train
+from tyr.supernet.assemble import Assembler
+from tyr.utils import read_json, write_json
+
+log = logging.getLogger("tyr")
+
+
+def searched_student(run_dir: Path, lm: LoadedModel, target_sparsity: float):
+    """A pipeline run's searched model (``allocation.json``) as an in-memory copy; ``lm.model`` stays dense."""
+    alloc, store = searched_allocation(run_dir, lm)
+    asm = Assembler(lm.model, store)
+    asm.assemble(alloc["levels"])
+    student = copy.deepcopy(lm.model)
+    asm.restore_dense()
+    return student, {"kind": "searched", "target_sparsity": float(target_sparsity), "allocation": alloc}
+
+
+def _evaluated(path: Path, model, lm: LoadedModel, eval_config: dict, cache_dir: str, **record) -> dict:
+    """Evaluate once per evaluation protocol: ``path`` is reused when it was written with the same one."""
+    if path.exists() and read_json(path).get("eval") == eval_config:
+        return read_json(path)
+    kwargs = eval_settings(eval_config).kwargs(str(Path(cache_dir) / "tokens"), lm.name)
+    res = evaluate_model(model, lm.tokenizer, **kwargs)
+    res.update(model=lm.name, eval=eval_config, **record)
+    write_json(path, res)
+    return res
+
+
+def recover_model(lm: LoadedModel, student, source: dict, s: RecoverySettings, root: Path, eval_config: dict,
+                  cache_dir: str, export: bool = True, before: dict | None = None,
+                  stop_after: int | None = None) -> dict | None:
+    """Recover ``student`` from the dense ``lm.model`` into ``root/<mode>-<key>``; returns the result
+    (None on ranks other than 0, and when ``stop_after`` ended the training early). ``eval_config``:
+    the evaluation protocol as configured (``conf/eval``), which also names the result files."""
+    teacher_id = f"{lm.name}|{lm.revision}|{next(lm.model.parameters()).dtype}"
+    student_id = fingerprint(student)
+    key = s.key(student_id, teacher_id)
+    out = root / f"{s.mode}-{key}"
+    label = f"{lm.name} {source['kind']}"
+    protocol = hashlib.sha256(json.dumps(eval_config, sort_keys=True).encode()).hexdigest()[:8]
+    done = out / f"results-{protocol}.json"  # one result per evaluation protocol; results.json: the latest
+    if done.exists():
+        log.info("recovery already done and evaluated with these settings: %s", done)
+        return read_json(done)
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        described = {k: v for k, v in source.items() if k != "allocation"}
+        write_json(out / "settings.json", {"key": key, "settings": asdict(s), "teacher": teacher_id, "source": described})
+        # the pruned model before recovery: one evaluation per student and protocol, whatever the settings
+        before = before or _evaluated(root / f"results_before-{student_id[:12]}-{protocol}.json", student, lm, eval_config,
+                                      cache_dir, stage="before")
+    t0 = time.time()
+    windows = recovery_windows(list(s.sources), s.seq_len, s.windows, s.seed, lm.tokenizer, str(Path(cache_dir) / "tokens"),
+                               lm.name)
+    student, summary = train(lm.model, student, windows, s, out, stop_after=stop_after)
+    student.to("cpu")
+    lm.model.to("cpu")
+    if not summary["finished"] or not dist.is_main():
+        return None
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    plot_recovery(records, out / "loss.png", f"{label}: recovery ({s.mode}, {summary['tokens']:,} tokens)")
+    after = _evaluated(out / f"results_after-{protocol}.json", student, lm, eval_config, cache_dir, stage="after",
+                       recovery=summary)
+    result = {"key": key, "dir": str(out), "before": before, "after": after, "recovery": summary,
+              "wall_seconds_this_run": time.time() - t0, "settings": read_json(out / "settings.json")}
+    if export:
+        export_model(student, lm.tokenizer, out / "hf_model", allocation=source.get("allocation"), overwrite=True,
+                     extra_files={"tyr_recovery.json": {"settings": result["settings"], "recovery": summary}})
+        result["verify"] = verify_export(out / "hf_model", student, windows[:2, : min(128, s.seq_len)])
+        result["hf_model"] = str(out / "hf_model")
+    write_json(done, result)
+    write_json(out / "results.json", result)
+    rows = {f"{label} {s.mode} before": before, f"{label} {s.mode} after ({summary['tokens']:,} tokens)": after}
+    (out / "results.md").write_text(results_table(rows) + "\n")
+    return result
+
+
+def recover_stage(lm: LoadedModel, recovery: RecoverySettings, s: PipelineSettings, keys: RunKeys, run_dir: Path,
+                  before: dict | None = None) -> dict:
+    """The pipeline's recovery stage: the searched model of ``run_dir`` recovered from the dense
+    ``lm``; returns the result row to add to the pipeline's table."""
+    student, source = searched_student(run_dir, lm, s.target_sparsity)
+    res = recover_model(lm, student, source, recovery, Path(run_dir) / "recover", keys.config["eval"], s.cache_dir,
+                        export=s.export, before=before)
+    return {f"{lm.name} searched {s.target_sparsity:.0%} + recovery ({recovery.mode}, {res['recovery']['tokens']:,} tokens)":
+            res["after"]}
