@@ -73,7 +73,7 @@ test-all: setup  ## every test, the slow fault-injection cases (kill at random p
 test-fast: setup  ## tests without the real model
 	$(BIN)/python -m pytest -q -m "not real_model and not slow" $(ARGS)
 
-lint: setup  ## ruff check (rules and line length in pyproject.toml; the tree does not pass yet, see [tool.ruff])
+lint: setup  ## ruff check (rules and line length in pyproject.toml); CI runs it before the tests
 	$(BIN)/ruff check $(or $(FILES),.)
 
 clean:  ## remove run outputs (keeps .venv and the model cache)

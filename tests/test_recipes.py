@@ -38,7 +38,8 @@ def test_evaluate_recipe_bad_model_name(tmp_path):
 
 def test_prune_recipe_tiny(tmp_path):
     (tmp_path / "layers.jsonl").write_text('{"layer": 0, "stale": "an interrupted earlier attempt"}\n')
-    p = run_recipe("tyr.recipes.prune", "model=tiny-llama", "eval=smoke", "pruner=hywia", "target_sparsity=0.5", "measure_dense_pass=true",
+    p = run_recipe("tyr.recipes.prune", "model=tiny-llama", "eval=smoke", "pruner=hywia", "target_sparsity=0.5",
+                   "measure_dense_pass=true",
                    "data.calibration.num_sequences=8", "data.calibration.seq_len=64", "data.gradient.num_sequences=4",
                    "data.gradient.seq_len=64", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -90,7 +91,8 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch):
     assert any(k.endswith("+ recovery (lora, 512 tokens)") for k in res["rows"])  # the recovery stage (tyr.recipes.recover)
     # the searched and the re-pruned forms hold the same widths, so the same budget
     assert json.loads((run / f"results_{other}.json").read_text())["budget"]["prunable_kept"] == alloc["budget"]["prunable_kept"]
-    assert (run / "hf_model" / "config.json").exists() and json.loads((run / "export.json").read_text())["verify"]["max_abs_logit_diff"] <= 1e-4
+    assert (run / "hf_model" / "config.json").exists()
+    assert json.loads((run / "export.json").read_text())["verify"]["max_abs_logit_diff"] <= 1e-4
     for f in ("history.jsonl", "search_fitness.png", "allocation.png", "teacher.safetensors"):
         assert (run / f).exists(), f
     # rerun: every stage is skipped, results unchanged
