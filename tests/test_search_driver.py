@@ -144,7 +144,8 @@ def test_search_ends_with_the_better_of_supernet_and_reprune(tiny, data, tmp_pat
     calib, search, taylor = data
     teacher = TeacherCache.build(tiny.model, search, k=64)
     model = copy.deepcopy(tiny.model)
-    state = run_search(model, MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(), tmp_path)
+    state = run_search(model, MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(choose_form="heldout"),
+                       tmp_path)
     rp, last = state["reprune"], state["iterations"][-1]
     path_store = SupernetStore.open(rp["supernet"])
     assert [g.keep[0] for g in path_store.grid.modules["mlp"]] == last["keep"]["mlp"]

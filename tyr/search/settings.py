@@ -23,9 +23,10 @@ class SearchSettings:
     # variants are pruned along the previous iteration's best allocation (every layer on the outputs of the
     # already pruned layers of that path), so the last search scores models close to the ones that ship
     final_eea: str | None = None
-    # which form of the searched widths is the result when the re-prune ran: ``heldout`` (the lower KL on the
-    # held-out teacher sequences), ``reprune`` (always the sequentially pruned model) or ``supernet``
-    choose_form: str = "heldout"
+    # which form of the searched widths is the result when the re-prune ran: ``reprune`` (the sequentially
+    # pruned model), ``supernet``, or ``heldout`` (the lower KL on the held-out teacher sequences). ``reprune``
+    # since session 6: across forms, C4 KL ranks opposite to WikiText-2 / PTB (docs/RESULTS.md, issue #14)
+    choose_form: str = "reprune"
     generations: int = 50
     offspring: int = 128
     stages: list[tuple[int, int]] = field(default_factory=lambda: [(2048, 16), (16384, 4), (131072, 1)])  # (tokens, survivors)
