@@ -7,8 +7,8 @@ so far; rewritten after every generation), ``history.jsonl`` (one line per gener
 end ``allocation.json``. With ``reprune`` a last stage (``reprune/supernet``) prunes the model once
 more at the searched widths, sequentially: every layer on the outputs of the already pruned layers
 before it (EEA mode ``path``), instead of on the expectation over a grid of variants. Both models
-are scored by KL on the ``holdout`` fraction of teacher sequences that the search never used, and the better
-one is the result (``state["reprune"]``).
+are scored by KL on the ``holdout`` fraction of teacher sequences that the search never used;
+``choose_form`` names the result (``reprune`` by default; ``heldout``: the lower KL) (``state["reprune"]``).
 Killing the driver and calling it again continues where it stopped; with
 the same seed it reaches the same allocation.
 
