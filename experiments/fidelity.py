@@ -124,7 +124,7 @@ def run(args) -> None:
     from tyr.fitness import TeacherCache
     from tyr.models import load_model
     from tyr.recipes.common import taylor_for, token_cache
-    from tyr.search.settings import SearchSettings
+    from tyr.search.settings import search_settings
     from tyr.supernet.assemble import Assembler
     from tyr.supernet.store import SupernetStore
 
@@ -153,8 +153,7 @@ def run(args) -> None:
     pruner = instantiate(cfg.pruner)
     calib = get_token_set(TokenSetSpec(**cfg.data.calibration), lm.tokenizer, cache, lm.name).input_ids
     taylor = taylor_for(cfg, lm, pruner)
-    settings = SearchSettings(**{k: v for k, v in OmegaConf.to_container(cfg.search).items()
-                                 if k in SearchSettings.__dataclass_fields__}, batch_size=bs)
+    settings = search_settings(OmegaConf.to_container(cfg.search, resolve=True), bs)
     model_id = {"name": lm.name, "revision": lm.revision, "dtype": str(cfg.model.dtype)}
     work = args.work or (run_dir / "fidelity")
     args.out.parent.mkdir(parents=True, exist_ok=True)

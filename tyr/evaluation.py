@@ -36,7 +36,8 @@ def token_nll(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Ten
 @torch.inference_mode()
 def perplexity(model, input_ids: torch.Tensor, batch_size: int = 1, desc: str = "ppl") -> dict:
     """Perplexity over non-overlapping windows ``input_ids`` [N, T]: exp(mean NLL of every token
-    after the first of each window). Returns ppl, nll, tokens and seconds."""
+    after the first of each window). Returns ppl, nll, their standard errors over windows, the
+    per-window NLL, tokens and seconds."""
     adapter = get_adapter(model)
     base, head = adapter.base_model(model), adapter.lm_head(model)
     window_nll, t0 = [], time.time()

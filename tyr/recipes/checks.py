@@ -119,6 +119,8 @@ def check_data(cfg: DictConfig, search: bool) -> None:
 
 def check_search(cfg: DictConfig, tokens: bool = True) -> None:
     """The search settings; with ``tokens``, also that every stage fits in the search token set."""
+    from tyr.search.settings import CHOOSE_FORMS
+
     s = cfg.search
     n = int(s.n_levels)
     _need(n >= 3 and n % 2 == 1, f"search.n_levels={n} must be odd and at least 3 (a centre level and one step either side)")
@@ -134,8 +136,8 @@ def check_search(cfg: DictConfig, tokens: bool = True) -> None:
     _need(int(s.surrogate_check) >= 0, f"search.surrogate_check={s.surrogate_check} must be >= 0")
     _need(int(s.topk) >= 1, f"search.topk={s.topk} must be at least 1")
     _need(str(s.eea) in EEA, f"search.eea={s.eea} must be one of {', '.join(EEA)}")
-    _need(str(s.get("choose_form", "heldout")) in ("heldout", "reprune", "supernet"),
-          f"search.choose_form={s.get('choose_form')} must be heldout, reprune or supernet")
+    _need("choose_form" not in s or str(s.choose_form) in CHOOSE_FORMS,
+          f"search.choose_form={s.get('choose_form')} must be one of {', '.join(CHOOSE_FORMS)}")
     _need(s.get("final_eea") is None or str(s.final_eea) in EEA,
           f"search.final_eea={s.get('final_eea')} must be null or one of {', '.join(EEA)}")
     hold = float(s.get("holdout", 0.0))

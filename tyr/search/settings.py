@@ -26,7 +26,7 @@ class SearchSettings:
     # which form of the searched widths is the result when the re-prune ran: ``reprune`` (the sequentially
     # pruned model), ``supernet``, or ``heldout`` (the lower KL on the held-out teacher sequences). ``reprune``
     # since session 6: across forms, C4 KL ranks opposite to WikiText-2 / PTB (docs/RESULTS.md, issue #14)
-    choose_form: str = "reprune"
+    choose_form: str = "reprune"  # one of CHOOSE_FORMS
     generations: int = 50
     offspring: int = 128
     stages: list[tuple[int, int]] = field(default_factory=lambda: [(2048, 16), (16384, 4), (131072, 1)])  # (tokens, survivors)
@@ -42,6 +42,7 @@ class SearchSettings:
     batch_size: int = 8  # not a search option: the recipes pass their top-level batch_size
 
 
+CHOOSE_FORMS = ("reprune", "supernet", "heldout")
 CONFIG_FIELDS = tuple(f.name for f in fields(SearchSettings) if f.name != "batch_size")
 
 
