@@ -34,6 +34,18 @@ def scores(res: dict) -> dict:
     return out
 
 
+def paired_ratio(a: dict, b: dict) -> dict | None:
+    """exp(mean of per-window NLL differences) of two perplexity results on the same windows, with its
+    95 % interval (the windows as paired samples)."""
+    x, y = a.get("window_nll"), b.get("window_nll")
+    if not x or not y or len(x) != len(y) or len(x) < 2:
+        return None
+    d = [u - v for u, v in zip(x, y)]
+    n, m = len(d), sum(d) / len(d)
+    se = math.sqrt(sum((v - m) ** 2 for v in d) / (n - 1) / n)
+    return {"ratio": math.exp(m), "ci95": [math.exp(m - 1.96 * se), math.exp(m + 1.96 * se)], "windows": n}
+
+
 def protocol(res: dict) -> str:
     s = scores(res)
     return (f"perplexity over {s.get('wikitext2_windows')} windows of 2048 tokens (WikiText-2, PTB test); "
@@ -44,15 +56,16 @@ def protocol(res: dict) -> str:
 def collect(runs: list[Path]) -> dict:
     table = {}
     for run in runs:
-        cfg = json.loads((run / "results_searched.json").read_text())["config"]
-        sp = str(float(cfg["target_sparsity"]))
         searched = json.loads((run / "results_searched.json").read_text())
+        sp = str(float(searched["config"]["target_sparsity"]))
         uniform = json.loads((run / "results_uniform_reprune.json").read_text())
         a, b = scores(searched), scores(uniform)
         table[sp] = {"searched": a, "uniform_sequential": b,
                      "ratio": {k: a[k] / b[k] for k in ("wikitext2", "ptb") if a.get(k) and b.get(k)},
                      "source": (searched.get("budget") or {}).get("sparsity"), "run": str(run),
                      "protocol": protocol(searched)}
+        table[sp]["paired"] = {k: paired_ratio(searched["perplexity"].get(k, {}), uniform["perplexity"].get(k, {}))
+                               for k in ("wikitext2", "ptb")}
         if a.get("avg") is not None and b.get("avg") is not None:
             table[sp]["ratio"]["avg_difference"] = a["avg"] - b["avg"]
     return dict(sorted(table.items(), key=lambda kv: float(kv[0])))
@@ -70,6 +83,11 @@ def markdown(table: dict) -> str:
             lines.append(f"| {float(sp):.1%} | {name} | {cell(s['wikitext2'], s.get('wikitext2_se'))} | "
                          f"{cell(s['ptb'], s.get('ptb_se'))} | {cell(s['avg'], s.get('avg_se'), 4)} | "
                          f"{r.get('wikitext2', float('nan')):.3f} | {r.get('ptb', float('nan')):.3f} |")
+    for sp, row in table.items():
+        for k, p in (row.get("paired") or {}).items():
+            if p:
+                lines.append(f"- {float(sp):.1%} {k}: searched / uniform = {p['ratio']:.3f}, 95 % CI "
+                             f"{p['ci95'][0]:.3f}-{p['ci95'][1]:.3f} (paired over {p['windows']} windows)")
     return "\n".join(lines)
 
 
