@@ -8,7 +8,7 @@ ARGS   ?=
 STAMP  := $(VENV)/.tyr-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock setup-gemma demo evaluate prune build search plan sweep report test test-all test-fast lint clean
+.PHONY: help setup lock setup-gemma demo evaluate prune build search plan sweep report test test-all test-fast lint format clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -73,8 +73,13 @@ test-all: setup  ## every test, the slow fault-injection cases (kill at random p
 test-fast: setup  ## tests without the real model
 	$(BIN)/python -m pytest -q -m "not real_model and not slow" $(ARGS)
 
-lint: setup  ## ruff check (rules and line length in pyproject.toml); CI runs it before the tests
+lint: setup  ## ruff check and ruff format --check (settings in pyproject.toml); CI runs it before the tests
 	$(BIN)/ruff check $(or $(FILES),.)
+	$(BIN)/ruff format --check $(or $(FILES),.)
+
+format: setup  ## apply ruff format and ruff's safe fixes
+	$(BIN)/ruff format $(or $(FILES),.)
+	$(BIN)/ruff check --fix $(or $(FILES),.)
 
 clean:  ## remove run outputs (keeps .venv and the model cache)
 	rm -rf runs outputs multirun .pytest_cache

@@ -133,11 +133,33 @@ def _label(path: str, layout: str) -> str:
 def _measure(path: str, layout: str, ids_file: Path, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tyr-bench-") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, "--worker", path, "--layout", layout, "--ids", str(ids_file),
-               "--out", str(out), "--threads", str(args.threads), "--dtype", args.dtype,
-               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=str(args.threads),
-                   HF_MODULES_CACHE=str(Path(tmp) / "modules"))
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            path,
+            "--layout",
+            layout,
+            "--ids",
+            str(ids_file),
+            "--out",
+            str(out),
+            "--threads",
+            str(args.threads),
+            "--dtype",
+            args.dtype,
+            "--new-tokens",
+            str(args.new_tokens),
+            "--repeats",
+            str(args.repeats),
+        ]
+        env = dict(
+            os.environ,
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            OMP_NUM_THREADS=str(args.threads),
+            HF_MODULES_CACHE=str(Path(tmp) / "modules"),
+        )
         log.info("measuring %s (%s layout)", path, layout)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -149,8 +171,10 @@ def markdown_table(rows: list[dict[str, Any]], ref: dict[str, Any]) -> str:
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}x" if b else "n/a"
 
-    head = ("| model | params (M) | weights (MB) | KV cache (MB) | peak RSS (MB) | prefill tok/s | vs dense "
-            "| decode tok/s | vs dense |")
+    head = (
+        "| model | params (M) | weights (MB) | KV cache (MB) | peak RSS (MB) | prefill tok/s | vs dense "
+        "| decode tok/s | vs dense |"
+    )
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
@@ -184,8 +208,11 @@ def run_driver(args: argparse.Namespace) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="tyr-bench-ids-") as tmp:
         ids_file = Path(tmp) / "ids.pt"
         torch.save(ids, ids_file)
-        jobs = [(path, layout, bool(args.dense) and i == 0) for i, path in enumerate(paths)
-                for layout in (["padded"] if bool(args.dense) and i == 0 else args.layouts)]
+        jobs = [
+            (path, layout, bool(args.dense) and i == 0)
+            for i, path in enumerate(paths)
+            for layout in (["padded"] if bool(args.dense) and i == 0 else args.layouts)
+        ]
         # Round robin: every round measures every model once (fresh process each), so slow drifts of
         # this shared machine hit all models alike; a model's figure is the median over rounds.
         runs: list[list[dict[str, Any]]] = [[] for _ in jobs]
@@ -193,8 +220,15 @@ def run_driver(args: argparse.Namespace) -> list[dict[str, Any]]:
             for j, (path, layout, _is_dense) in enumerate(jobs):
                 r = _measure(path, layout, ids_file, args)
                 runs[j].append(r)
-                log.info("round %d, %s (%s): prefill %.1f tok/s, decode %.2f tok/s, peak RSS %.0f MB", rnd, path,
-                         layout, r["prefill_tok_s"], r["decode_tok_s"], r["peak_rss_mb"])
+                log.info(
+                    "round %d, %s (%s): prefill %.1f tok/s, decode %.2f tok/s, peak RSS %.0f MB",
+                    rnd,
+                    path,
+                    layout,
+                    r["prefill_tok_s"],
+                    r["decode_tok_s"],
+                    r["peak_rss_mb"],
+                )
         for (path, layout, is_dense), rs in zip(jobs, runs):
             r = dict(rs[0])
             for key in ("prefill_s", "decode_s"):
@@ -205,8 +239,10 @@ def run_driver(args: argparse.Namespace) -> list[dict[str, Any]]:
             r["rounds"] = [{k: x[k] for k in ("prefill_tok_s", "decode_tok_s")} for x in rs]
             r["label"] = ("dense: " if is_dense else "") + _label(path, layout)
             rows.append(r)
-    print(f"\nCPU, {args.threads} thread(s), dtype {rows[0]['dtype']}, batch {args.batch} x {args.prompt_len} prompt "
-          f"tokens, {args.new_tokens} decode steps, median of {args.rounds} rounds x {args.repeats} repeats\n")
+    print(
+        f"\nCPU, {args.threads} thread(s), dtype {rows[0]['dtype']}, batch {args.batch} x {args.prompt_len} prompt "
+        f"tokens, {args.new_tokens} decode steps, median of {args.rounds} rounds x {args.repeats} repeats\n"
+    )
     print(markdown_table(rows, rows[0]))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
@@ -217,8 +253,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dense", help="dense model folder (the reference for ratios)")
     p.add_argument("--pruned", nargs="*", default=[], help="exported (tyr_llama) folders")
-    p.add_argument("--layouts", nargs="+", default=["padded"], choices=["padded", "index"],
-                   help="layouts to measure for each exported folder (index = index-map, no zero padding heads)")
+    p.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["padded"],
+        choices=["padded", "index"],
+        help="layouts to measure for each exported folder (index = index-map, no zero padding heads)",
+    )
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=64)

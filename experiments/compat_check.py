@@ -86,10 +86,26 @@ def lm_eval_cli(row: dict, work: Path) -> None:
     subprocess.run([sys.executable, "-m", "tyr.tasks", str(tasks)], check=True, capture_output=True, text=True)
     lm_eval = Path(sys.executable).with_name("lm_eval")
     proc = subprocess.run(
-        [str(lm_eval), "--model", "hf", "--include_path", str(tasks), "--tasks", "tyr_piqa", "--limit", "20",
-         "--model_args", f"pretrained={work / 'padded'},trust_remote_code=True", "--device", "cpu",
-         "--output_path", str(work / "lm_eval")],
-        capture_output=True, text=True, timeout=1200,
+        [
+            str(lm_eval),
+            "--model",
+            "hf",
+            "--include_path",
+            str(tasks),
+            "--tasks",
+            "tyr_piqa",
+            "--limit",
+            "20",
+            "--model_args",
+            f"pretrained={work / 'padded'},trust_remote_code=True",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(work / "lm_eval"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"lm_eval exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
@@ -125,8 +141,10 @@ def main() -> int:
     torch.set_num_threads(int(os.environ.get("TYR_THREADS", "1")))
     row: dict = {"transformers": transformers.__version__, "torch": torch.__version__}
     with tempfile.TemporaryDirectory(prefix="tyr-compat-") as tmp:
-        steps = [("round_trip", lambda: round_trip(row, Path(tmp), Path(args.keep) if args.keep else None)),
-                 ("lm_eval", lambda: lm_eval_cli(row, Path(tmp)))]
+        steps = [
+            ("round_trip", lambda: round_trip(row, Path(tmp), Path(args.keep) if args.keep else None)),
+            ("lm_eval", lambda: lm_eval_cli(row, Path(tmp))),
+        ]
         if args.foreign:
             steps.append(("foreign", lambda: foreign(row, Path(args.foreign))))
         for name, step in steps:

@@ -40,23 +40,54 @@ def main() -> None:
     ev = ref["config"]["eval"]
     out = run / "eval_export"
     out.mkdir(exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TYR_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TYR_THREADS=str(args.threads),
+        OMP_NUM_THREADS=str(args.threads),
+    )
     py = sys.executable
 
     # 1. tyr's evaluate recipe on the folder
-    _run([py, "-m", "tyr.recipes.evaluate", "model=hf_folder", f"model.source.path={folder}",
-          f"eval.ppl_windows={ev['ppl_windows']}", f"eval.limit={ev['limit'] if ev['limit'] is not None else 'null'}",
-          f"eval.seq_len={ev['seq_len']}", f"hydra.run.dir={out / 'tyr_evaluate'}"], env)
+    _run(
+        [
+            py,
+            "-m",
+            "tyr.recipes.evaluate",
+            "model=hf_folder",
+            f"model.source.path={folder}",
+            f"eval.ppl_windows={ev['ppl_windows']}",
+            f"eval.limit={ev['limit'] if ev['limit'] is not None else 'null'}",
+            f"eval.seq_len={ev['seq_len']}",
+            f"hydra.run.dir={out / 'tyr_evaluate'}",
+        ],
+        env,
+    )
     tyr_res = json.loads((out / "tyr_evaluate" / "results.json").read_text())
 
     # 2. the lm_eval command line, as a user runs it
     tasks = list(ev["tasks"])
     _run([py, "-m", "tyr.tasks", str(out / "tasks"), *tasks], env)
     lm_eval = str(Path(py).with_name("lm_eval"))
-    cmd = [lm_eval, "--model", "hf", "--model_args", f"pretrained={folder},trust_remote_code=True,dtype=float32",
-           "--tasks", ",".join(f"tyr_{t}" for t in tasks), "--include_path", str(out / "tasks"),
-           "--batch_size", str(ev["batch_size"]), "--device", "cpu", "--output_path", str(out / "lm_eval")]
+    cmd = [
+        lm_eval,
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={folder},trust_remote_code=True,dtype=float32",
+        "--tasks",
+        ",".join(f"tyr_{t}" for t in tasks),
+        "--include_path",
+        str(out / "tasks"),
+        "--batch_size",
+        str(ev["batch_size"]),
+        "--device",
+        "cpu",
+        "--output_path",
+        str(out / "lm_eval"),
+    ]
     if ev["limit"] is not None:
         cmd += ["--limit", str(ev["limit"])]
     _run(cmd, env)

@@ -55,8 +55,10 @@ def allocations(state: dict, run: Path, seed: int = 0, owl: dict | None = None) 
 
     first, last = state["iterations"][0], state["iterations"][-1]
     s0, s1 = SupernetStore.open(first["supernet"]), SupernetStore.open(last["supernet"])
-    base = [{"name": "uniform", "supernet": first["supernet"], "levels": s0.grid.centre_levels()},
-            {"name": "searched", "supernet": last["supernet"], "levels": last["levels"]}]
+    base = [
+        {"name": "uniform", "supernet": first["supernet"], "levels": s0.grid.centre_levels()},
+        {"name": "searched", "supernet": last["supernet"], "levels": last["levels"]},
+    ]
     if owl is not None:
         base.append({"name": "owl", "supernet": first["supernet"], "levels": owl})
     if len(state["iterations"]) > 1:
@@ -78,8 +80,9 @@ def allocations(state: dict, run: Path, seed: int = 0, owl: dict | None = None) 
                 pert.append({"name": f"searched+{d}#{rep}", "supernet": last["supernet"], "levels": walk(s1, last["levels"], d)})
             if i < len(PERTURB_UNIFORM):
                 d = PERTURB_UNIFORM[i]
-                pert.append({"name": f"uniform+{d}#{rep}", "supernet": first["supernet"],
-                             "levels": walk(s0, s0.grid.centre_levels(), d)})
+                pert.append(
+                    {"name": f"uniform+{d}#{rep}", "supernet": first["supernet"], "levels": walk(s0, s0.grid.centre_levels(), d)}
+                )
     return base + pert
 
 
@@ -106,8 +109,13 @@ def measure(model, teacher, n_hold: int, ppl_sets: dict, batch_size: int) -> dic
     T1 = teacher.input_ids.shape[1] - 1
     N = len(per_seq)
     mean = lambda a, b: sum(per_seq[a:b]) / ((b - a) * T1)  # noqa: E731
-    rec = {"fit_512": mean(0, 1), "fit_2048": mean(0, 4), "fit_all": mean(0, N - n_hold),
-           "kl_heldout": mean(N - n_hold, N), "kl_per_sequence": [v / T1 for v in per_seq]}
+    rec = {
+        "fit_512": mean(0, 1),
+        "fit_2048": mean(0, 4),
+        "fit_all": mean(0, N - n_hold),
+        "kl_heldout": mean(N - n_hold, N),
+        "kl_per_sequence": [v / T1 for v in per_seq],
+    }
     for name, ids in ppl_sets.items():
         r = perplexity(model, ids, 1, desc=name)
         rec[name] = r["ppl"]
@@ -143,8 +151,12 @@ def run(args) -> None:
         raise SystemExit("the run has no held-out teacher sequences (search.holdout=0): no held-out KL to measure")
     bs = int(cfg.batch_size)
     cache = token_cache(cfg)
-    ppl_sets = {name: get_token_set(TokenSetSpec(src, 2048, -1, sampling="contiguous"), lm.tokenizer, cache, lm.name)
-                .input_ids[: args.windows] for name, src in (("wikitext2", "wikitext2_test"), ("ptb", "ptb_test"))}
+    ppl_sets = {
+        name: get_token_set(TokenSetSpec(src, 2048, -1, sampling="contiguous"), lm.tokenizer, cache, lm.name).input_ids[
+            : args.windows
+        ]
+        for name, src in (("wikitext2", "wikitext2_test"), ("ptb", "ptb_test"))
+    }
     done = set()
     if args.out.exists():
         for line in args.out.read_text().splitlines():
@@ -161,8 +173,9 @@ def run(args) -> None:
     if owl_file.exists():
         owl = json.loads(owl_file.read_text())["levels"]
     else:
-        owl = owl_levels(model, calib, SupernetStore.open(state["iterations"][0]["supernet"]).grid,
-                         float(cfg.target_sparsity), bs)
+        owl = owl_levels(
+            model, calib, SupernetStore.open(state["iterations"][0]["supernet"]).grid, float(cfg.target_sparsity), bs
+        )
     checked = False
     for alloc in allocations(state, run_dir, args.seed, owl)[: args.limit]:
         store = SupernetStore.open(alloc["supernet"], expect_model=model_id)
@@ -174,8 +187,9 @@ def run(args) -> None:
                 use, levels = store, alloc["levels"]
             else:
                 keep = keep_counts(store.grid, alloc["levels"])
-                use = build_path_supernet(model, model_id, pruner, calib, taylor, keep, work / alloc["name"], settings,
-                                          {"fidelity_of": alloc["name"]})
+                use = build_path_supernet(
+                    model, model_id, pruner, calib, taylor, keep, work / alloc["name"], settings, {"fidelity_of": alloc["name"]}
+                )
                 levels = use.grid.centre_levels()
             asm = Assembler(model, use)
             asm.assemble(levels)
@@ -191,12 +205,23 @@ def run(args) -> None:
                 checked = True
                 print(f"fit_all {rec['fit_all']:.6f} vs the search's full_kl {rec['fit_all_search_code']:.6f}", flush=True)
             params = store.grid.allocation_params(alloc["levels"])
-            rec = {"name": alloc["name"], "form": form, "levels": alloc["levels"], "nominal_params": params,
-                   "run": str(run_dir), "windows": args.windows, "wall_seconds": time.time() - t0, **rec}
+            rec = {
+                "name": alloc["name"],
+                "form": form,
+                "levels": alloc["levels"],
+                "nominal_params": params,
+                "run": str(run_dir),
+                "windows": args.windows,
+                "wall_seconds": time.time() - t0,
+                **rec,
+            }
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            print(f"{alloc['name']:>16} {form:>10}: fit_all {rec['fit_all']:.4f} heldout {rec['kl_heldout']:.4f} "
-                  f"wt2 {rec['wikitext2']:.2f} ptb {rec['ptb']:.2f} ({rec['wall_seconds']:.0f} s)", flush=True)
+            print(
+                f"{alloc['name']:>16} {form:>10}: fit_all {rec['fit_all']:.4f} heldout {rec['kl_heldout']:.4f} "
+                f"wt2 {rec['wikitext2']:.2f} ptb {rec['ptb']:.2f} ({rec['wall_seconds']:.0f} s)",
+                flush=True,
+            )
             if form == "sequential":
                 shutil.rmtree(work / alloc["name"], ignore_errors=True)  # ~0.3 GB of shards each
 
@@ -205,16 +230,29 @@ def report(path: Path) -> str:
     from scipy.stats import spearmanr
 
     recs = [json.loads(line) for line in path.read_text().splitlines()]
-    lines = [f"{len(recs)} models from {path}", "",
-             "| allocation | form | fit_512 | fit_2048 | fit_all | KL held-out | WikiText-2 | PTB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"{len(recs)} models from {path}",
+        "",
+        "| allocation | form | fit_512 | fit_2048 | fit_all | KL held-out | WikiText-2 | PTB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in recs:
-        lines.append(f"| {r['name']} | {r['form']} | {r['fit_512']:.4f} | {r['fit_2048']:.4f} | {r['fit_all']:.4f} | "
-                     f"{r['kl_heldout']:.4f} | {r['wikitext2']:.2f} | {r['ptb']:.2f} |")
-    lines += ["", "Spearman rho (n models): fitness against held-out measure", "",
-              "| models | fitness | KL held-out | WikiText-2 | PTB |", "|---|---|---:|---:|---:|"]
-    groups = {"supernet": [r for r in recs if r["form"] == "supernet"],
-              "sequential": [r for r in recs if r["form"] == "sequential"], "both forms": recs}
+        lines.append(
+            f"| {r['name']} | {r['form']} | {r['fit_512']:.4f} | {r['fit_2048']:.4f} | {r['fit_all']:.4f} | "
+            f"{r['kl_heldout']:.4f} | {r['wikitext2']:.2f} | {r['ptb']:.2f} |"
+        )
+    lines += [
+        "",
+        "Spearman rho (n models): fitness against held-out measure",
+        "",
+        "| models | fitness | KL held-out | WikiText-2 | PTB |",
+        "|---|---|---:|---:|---:|",
+    ]
+    groups = {
+        "supernet": [r for r in recs if r["form"] == "supernet"],
+        "sequential": [r for r in recs if r["form"] == "sequential"],
+        "both forms": recs,
+    }
     for gname, rs in groups.items():
         if len(rs) < 3:
             continue
@@ -230,8 +268,10 @@ def report(path: Path) -> str:
     if len(pairs) >= 3:
         lines += ["", f"supernet-form fitness against the sequential model of the same widths (n={len(pairs)}):", ""]
         for fit in ("fit_all", "kl_heldout"):
-            cells = [f"{m} {spearmanr([a[fit] for a, _ in pairs], [b[m] for _, b in pairs]).statistic:.2f}"
-                     for m in ("kl_heldout", "wikitext2", "ptb")]
+            cells = [
+                f"{m} {spearmanr([a[fit] for a, _ in pairs], [b[m] for _, b in pairs]).statistic:.2f}"
+                for m in ("kl_heldout", "wikitext2", "ptb")
+            ]
             lines.append(f"- {fit}: " + ", ".join(cells))
     return "\n".join(lines)
 

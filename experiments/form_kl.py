@@ -36,8 +36,10 @@ def forms(run: Path) -> dict[str, tuple[Path, dict]]:
     state = resolved(json.loads((run / "search_state.json").read_text()), run)  # paths relative to the run
     last = state["iterations"][-1]
     first = SupernetStore.open(state["iterations"][0]["supernet"])
-    out = {"searched (supernet)": (Path(last["supernet"]), last["levels"]),
-           "uniform (supernet)": (first.root, first.grid.centre_levels())}
+    out = {
+        "searched (supernet)": (Path(last["supernet"]), last["levels"]),
+        "uniform (supernet)": (first.root, first.grid.centre_levels()),
+    }
     for name, sub in (("searched (re-pruned)", "reprune"), ("uniform (re-pruned)", "uniform_reprune")):
         root = run / sub / "supernet"
         if (root / "manifest.json").exists():
@@ -80,8 +82,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    lines = ["| run | form | KL (search tokens) | C4 ppl (search tokens) | WikiText-2 | PTB | avg |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | form | KL (search tokens) | C4 ppl (search tokens) | WikiText-2 | PTB | avg |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for run in args.runs:
         run = run.resolve()
         cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
@@ -94,8 +98,11 @@ def main() -> None:
         for name, (folder, levels) in forms(run).items():
             store = SupernetStore.open(folder)
             old = done.get(name, {})
-            kl = old["kl"] if old.get("supernet") == str(folder) and "kl" in old else \
-                full_kl(lm.model, store, levels, teacher, int(cfg.batch_size))
+            kl = (
+                old["kl"]
+                if old.get("supernet") == str(folder) and "kl" in old
+                else full_kl(lm.model, store, levels, teacher, int(cfg.batch_size))
+            )
             nll = search_nll(lm.model, store, levels, teacher.input_ids, int(cfg.batch_size))
             fixed = run / UNIFORM_FILES.get(name, "-")
             if name in UNIFORM_FILES:
@@ -103,13 +110,21 @@ def main() -> None:
             else:
                 res = results_for(run, folder)
             ppl = (res or {}).get("perplexity", {})
-            rows[name] = {"kl": kl, "search_nll": nll, "search_ppl": float(torch.tensor(nll).exp()), "supernet": str(folder),
-                          "wikitext2": ppl.get("wikitext2", {}).get("ppl"), "ptb": ppl.get("ptb", {}).get("ppl"),
-                          "avg": (res or {}).get("zero_shot", {}).get("average")}
+            rows[name] = {
+                "kl": kl,
+                "search_nll": nll,
+                "search_ppl": float(torch.tensor(nll).exp()),
+                "supernet": str(folder),
+                "wikitext2": ppl.get("wikitext2", {}).get("ppl"),
+                "ptb": ppl.get("ptb", {}).get("ppl"),
+                "avg": (res or {}).get("zero_shot", {}).get("average"),
+            }
             fmt = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-            lines.append(f"| {run.name} | {name} | {kl:.4f} | {rows[name]['search_ppl']:.2f} | "
-                         f"{fmt(rows[name]['wikitext2'])} | {fmt(rows[name]['ptb'])} | "
-                         f"{fmt(rows[name]['avg'], 3)} |")
+            lines.append(
+                f"| {run.name} | {name} | {kl:.4f} | {rows[name]['search_ppl']:.2f} | "
+                f"{fmt(rows[name]['wikitext2'])} | {fmt(rows[name]['ptb'])} | "
+                f"{fmt(rows[name]['avg'], 3)} |"
+            )
             print(lines[-1], flush=True)
         (run / "form_kl.json").write_text(json.dumps({"tokens": int(teacher.input_ids.numel()), "forms": rows}, indent=2))
     print("\n".join(lines))

@@ -71,12 +71,17 @@ def main() -> None:
     asm.restore_dense()
     s = fit[True].stats
     out = {
-        "generations": args.generations, "offspring": args.offspring, "tokens": args.tokens,
-        "seconds_cached": seconds[True], "seconds_uncached": seconds[False],
+        "generations": args.generations,
+        "offspring": args.offspring,
+        "tokens": args.tokens,
+        "seconds_cached": seconds[True],
+        "seconds_uncached": seconds[False],
         "time_ratio": seconds[True] / seconds[False],
-        "layer_forwards_cached": s.layer_forwards, "layer_forwards_saved": s.layer_forwards_saved,
+        "layer_forwards_cached": s.layer_forwards,
+        "layer_forwards_saved": s.layer_forwards_saved,
         "layer_forwards_uncached": fit[False].stats.layer_forwards,
-        "max_abs_fitness_diff": max_diff, "threads": torch.get_num_threads(),
+        "max_abs_fitness_diff": max_diff,
+        "threads": torch.get_num_threads(),
     }
     print(json.dumps(out, indent=2))
     if args.json:

@@ -23,8 +23,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def scores(res: dict) -> dict:
     ppl, zs = res["perplexity"], res.get("zero_shot") or {}
-    return {"wikitext2": ppl.get("wikitext2", {}).get("ppl"), "ptb": ppl.get("ptb", {}).get("ppl"),
-            "avg": zs.get("average"), "ppl_windows": ppl.get("wikitext2", {}).get("windows"), "task_limit": zs.get("limit")}
+    return {
+        "wikitext2": ppl.get("wikitext2", {}).get("ppl"),
+        "ptb": ppl.get("ptb", {}).get("ppl"),
+        "avg": zs.get("average"),
+        "ppl_windows": ppl.get("wikitext2", {}).get("windows"),
+        "task_limit": zs.get("limit"),
+    }
 
 
 def collect(root: Path) -> list[dict]:
@@ -32,9 +37,18 @@ def collect(root: Path) -> list[dict]:
     for f in sorted(root.glob("**/recover/*/results-*.json")):  # one per run and evaluation protocol
         r = json.loads(f.read_text())
         src = r["settings"]["source"]
-        runs.append({"sparsity": str(src["target_sparsity"]), "kind": src["kind"], "mode": r["recovery"]["mode"],
-                     "tokens": r["recovery"]["tokens"], "seconds": round(r["recovery"]["seconds"]),
-                     "before": scores(r["before"]), "after": scores(r["after"]), "dir": str(f.parent)})
+        runs.append(
+            {
+                "sparsity": str(src["target_sparsity"]),
+                "kind": src["kind"],
+                "mode": r["recovery"]["mode"],
+                "tokens": r["recovery"]["tokens"],
+                "seconds": round(r["recovery"]["seconds"]),
+                "before": scores(r["before"]),
+                "after": scores(r["after"]),
+                "dir": str(f.parent),
+            }
+        )
     return runs
 
 

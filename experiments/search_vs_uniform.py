@@ -48,9 +48,11 @@ def paired_ratio(a: dict, b: dict) -> dict | None:
 
 def protocol(res: dict) -> str:
     s = scores(res)
-    return (f"perplexity over {s.get('wikitext2_windows')} windows of 2048 tokens (WikiText-2, PTB test); "
-            f"zero-shot average of {len((res.get('zero_shot') or {}).get('scores') or {})} tasks over "
-            f"{s.get('docs_per_task')} documents each")
+    return (
+        f"perplexity over {s.get('wikitext2_windows')} windows of 2048 tokens (WikiText-2, PTB test); "
+        f"zero-shot average of {len((res.get('zero_shot') or {}).get('scores') or {})} tasks over "
+        f"{s.get('docs_per_task')} documents each"
+    )
 
 
 def collect(runs: list[Path]) -> dict:
@@ -60,12 +62,17 @@ def collect(runs: list[Path]) -> dict:
         sp = str(float(searched["config"]["target_sparsity"]))
         uniform = json.loads((run / "results_uniform_reprune.json").read_text())
         a, b = scores(searched), scores(uniform)
-        table[sp] = {"searched": a, "uniform_sequential": b,
-                     "ratio": {k: a[k] / b[k] for k in ("wikitext2", "ptb") if a.get(k) and b.get(k)},
-                     "source": (searched.get("budget") or {}).get("sparsity"), "run": str(run),
-                     "protocol": protocol(searched)}
-        table[sp]["paired"] = {k: paired_ratio(searched["perplexity"].get(k, {}), uniform["perplexity"].get(k, {}))
-                               for k in ("wikitext2", "ptb")}
+        table[sp] = {
+            "searched": a,
+            "uniform_sequential": b,
+            "ratio": {k: a[k] / b[k] for k in ("wikitext2", "ptb") if a.get(k) and b.get(k)},
+            "source": (searched.get("budget") or {}).get("sparsity"),
+            "run": str(run),
+            "protocol": protocol(searched),
+        }
+        table[sp]["paired"] = {
+            k: paired_ratio(searched["perplexity"].get(k, {}), uniform["perplexity"].get(k, {})) for k in ("wikitext2", "ptb")
+        }
         if a.get("avg") is not None and b.get("avg") is not None:
             table[sp]["ratio"]["avg_difference"] = a["avg"] - b["avg"]
     return dict(sorted(table.items(), key=lambda kv: float(kv[0])))
@@ -75,19 +82,25 @@ def markdown(table: dict) -> str:
     def cell(v, se, d=2):
         return "-" if v is None else (f"{v:.{d}f} ± {se:.{d}f}" if se is not None else f"{v:.{d}f}")
 
-    lines = ["| sparsity | model | WikiText-2 | PTB | zero-shot avg | WT2 ratio | PTB ratio |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| sparsity | model | WikiText-2 | PTB | zero-shot avg | WT2 ratio | PTB ratio |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for sp, row in table.items():
         for name in ("uniform_sequential", "searched"):
             s, r = row[name], row["ratio"] if name == "searched" else {"wikitext2": 1.0, "ptb": 1.0}
-            lines.append(f"| {float(sp):.1%} | {name} | {cell(s['wikitext2'], s.get('wikitext2_se'))} | "
-                         f"{cell(s['ptb'], s.get('ptb_se'))} | {cell(s['avg'], s.get('avg_se'), 4)} | "
-                         f"{r.get('wikitext2', float('nan')):.3f} | {r.get('ptb', float('nan')):.3f} |")
+            lines.append(
+                f"| {float(sp):.1%} | {name} | {cell(s['wikitext2'], s.get('wikitext2_se'))} | "
+                f"{cell(s['ptb'], s.get('ptb_se'))} | {cell(s['avg'], s.get('avg_se'), 4)} | "
+                f"{r.get('wikitext2', float('nan')):.3f} | {r.get('ptb', float('nan')):.3f} |"
+            )
     for sp, row in table.items():
         for k, p in (row.get("paired") or {}).items():
             if p:
-                lines.append(f"- {float(sp):.1%} {k}: searched / uniform = {p['ratio']:.3f}, 95 % CI "
-                             f"{p['ci95'][0]:.3f}-{p['ci95'][1]:.3f} (paired over {p['windows']} windows)")
+                lines.append(
+                    f"- {float(sp):.1%} {k}: searched / uniform = {p['ratio']:.3f}, 95 % CI "
+                    f"{p['ci95'][0]:.3f}-{p['ci95'][1]:.3f} (paired over {p['windows']} windows)"
+                )
     return "\n".join(lines)
 
 

@@ -28,10 +28,17 @@ def _row(method: str, sparsity: float | None, res: dict, source: Path) -> dict:
     ppl = res.get("perplexity", {})
     zs = res.get("zero_shot") or {}
     achieved = res.get("achieved_sparsity", (res.get("budget") or {}).get("sparsity"))
-    row = {"method": method, "sparsity": sparsity, "achieved": achieved,
-           "params_M": res.get("params", {}).get("total", 0) / 1e6,
-           "wikitext2": ppl.get("wikitext2", {}).get("ppl"), "ptb": ppl.get("ptb", {}).get("ppl"),
-           "avg": zs.get("average"), "limit": zs.get("limit"), "source": str(source)}
+    row = {
+        "method": method,
+        "sparsity": sparsity,
+        "achieved": achieved,
+        "params_M": res.get("params", {}).get("total", 0) / 1e6,
+        "wikitext2": ppl.get("wikitext2", {}).get("ppl"),
+        "ptb": ppl.get("ptb", {}).get("ppl"),
+        "avg": zs.get("average"),
+        "limit": zs.get("limit"),
+        "source": str(source),
+    }
     for t in TASKS:
         row[t] = zs.get("scores", {}).get(t)
     rest = [row[t] for t in TASKS if t != "boolq" and row[t] is not None]
@@ -86,8 +93,9 @@ def collect_all(roots: list[Path]) -> tuple[list[dict], list[dict]]:
     for r in rows:
         # the dense model once per protocol; any other row once per identical result (a rerun of
         # the same run elsewhere, e.g. make demo and the equivalent explicit pipeline command)
-        key = (r["method"], r["sparsity"], r["limit"]) + (() if r["method"].startswith("dense") else
-                                                           (r["wikitext2"], r["ptb"], r["avg"]))
+        key = (r["method"], r["sparsity"], r["limit"]) + (
+            () if r["method"].startswith("dense") else (r["wikitext2"], r["ptb"], r["avg"])
+        )
         if key in seen:
             continue
         seen.add(key)
@@ -108,8 +116,12 @@ def allocation_plot(roots: list[Path], out: Path) -> Path | None:
         sp = 1 - a["budget"]["nominal_sparsity"]
         for ax, kind in zip(axes, ("attn", "mlp")):
             mods = a["modules"][kind]
-            ax.plot([m["layer"] for m in mods], [m["kept"] / m["units"] for m in mods], marker=".",
-                    label=f"{run.name} (kept {sp:.0%})")
+            ax.plot(
+                [m["layer"] for m in mods],
+                [m["kept"] / m["units"] for m in mods],
+                marker=".",
+                label=f"{run.name} (kept {sp:.0%})",
+            )
     for ax, title in zip(axes, ("attention heads kept", "MLP channels kept")):
         ax.set_title(title)
         ax.set_xlabel("layer")
@@ -143,8 +155,14 @@ def markdown(rows: list[dict], failed: list[dict]) -> str:
     head = ["method", "sparsity", "achieved", "params", "WikiText-2 ppl", "PTB ppl"] + TASKS + ["avg"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], _fmt(r["sparsity"]), "-" if r["achieved"] is None else f"{r['achieved']:.4f}",
-                 f"{r['params_M']:.1f}M", _fmt(r["wikitext2"]), _fmt(r["ptb"])]
+        cells = [
+            r["method"],
+            _fmt(r["sparsity"]),
+            "-" if r["achieved"] is None else f"{r['achieved']:.4f}",
+            f"{r['params_M']:.1f}M",
+            _fmt(r["wikitext2"]),
+            _fmt(r["ptb"]),
+        ]
         cells += [_fmt(r[t], pct=True) for t in TASKS] + [_fmt(r["avg"], pct=True)]
         out.append("| " + " | ".join(cells) + " |")
     if failed:
@@ -170,8 +188,12 @@ def pivot(rows: list[dict]) -> str:
 
     def order(m):
         r = by[m].get(last)
-        return (not m.startswith("tyr"), "allocation" not in m and not m.startswith("tyr"),
-                r["wikitext2"] if r and r["wikitext2"] is not None else float("inf"), m)
+        return (
+            not m.startswith("tyr"),
+            "allocation" not in m and not m.startswith("tyr"),
+            r["wikitext2"] if r and r["wikitext2"] is not None else float("inf"),
+            m,
+        )
 
     head = ["method"] + [f"{c} @{s:.0%}" for s in levels for c in ("WikiText-2", "PTB", "avg", "avg w/o BoolQ")]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -179,8 +201,11 @@ def pivot(rows: list[dict]) -> str:
         cells = [m]
         for s in levels:
             r = by[m].get(0.0 if m in dense else s)
-            cells += ["-"] * 4 if r is None else [_fmt(r["wikitext2"]), _fmt(r["ptb"]), _fmt(r["avg"], pct=True),
-                                                  _fmt(r["avg_no_boolq"], pct=True)]
+            cells += (
+                ["-"] * 4
+                if r is None
+                else [_fmt(r["wikitext2"]), _fmt(r["ptb"]), _fmt(r["avg"], pct=True), _fmt(r["avg_no_boolq"], pct=True)]
+            )
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -204,15 +229,24 @@ def plots(rows: list[dict], out: Path) -> None:
             by.setdefault(r["method"], []).append(r)
     colors = plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]  # 10 strong, then 10 light
     bases = sorted({m.split(" / ")[0] for m in by})  # a scorer keeps its colour with and without refit
-    for key, fname, label in (("wikitext2", "ppl_vs_sparsity.png", "WikiText-2 perplexity"),
-                              ("avg", "acc_vs_sparsity.png", "zero-shot average accuracy")):
+    for key, fname, label in (
+        ("wikitext2", "ppl_vs_sparsity.png", "WikiText-2 perplexity"),
+        ("avg", "acc_vs_sparsity.png", "zero-shot average accuracy"),
+    ):
         fig, ax = plt.subplots(figsize=(10, 4.5))
         for m, rs in sorted(by.items()):
             pts = sorted((r["sparsity"], r[key]) for r in rs if r[key] is not None)
             if pts:  # one colour per method; dashed without reconstruction; the search stands out
                 color = colors[bases.index(m.split(" / ")[0]) % len(colors)]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m, color=color,
-                        ls="--" if m.endswith("/ none") else "-", lw=2.5 if m.startswith("tyr") else 1.2)
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker="o",
+                    label=m,
+                    color=color,
+                    ls="--" if m.endswith("/ none") else "-",
+                    lw=2.5 if m.startswith("tyr") else 1.2,
+                )
         dense = [r for r in rows if not r["sparsity"] and r[key] is not None]
         if dense:
             ax.axhline(dense[0][key], color="black", ls=":", lw=0.8, label="dense")
@@ -231,9 +265,16 @@ def report_page(rows: list[dict], failed: list[dict], roots: list[Path], out: Pa
     import shutil
 
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["# Sweep report", "", "Generated by `python -m experiments.summarize "
-             + " ".join(str(r) for r in roots) + f" --report {out}`.", "", pivot(rows), "All rows:", "",
-             markdown(rows, failed)]
+    lines = [
+        "# Sweep report",
+        "",
+        "Generated by `python -m experiments.summarize " + " ".join(str(r) for r in roots) + f" --report {out}`.",
+        "",
+        pivot(rows),
+        "All rows:",
+        "",
+        markdown(rows, failed),
+    ]
     for img in images:
         shutil.copy(img, out / img.name)
         lines += [f"![{img.stem}]({img.name})", ""]
@@ -247,8 +288,12 @@ def main() -> None:
     ap.add_argument("roots", type=Path, nargs="+")
     ap.add_argument("--out", type=Path, default=None, help="where summary.* and plots go (default: the first root)")
     ap.add_argument("--report", type=Path, default=None, help="also write a report page into this folder")
-    ap.add_argument("--update", type=Path, default=None,
-                    help=f"also put the side-by-side table into this Markdown file, between {BEGIN} and {END}")
+    ap.add_argument(
+        "--update",
+        type=Path,
+        default=None,
+        help=f"also put the side-by-side table into this Markdown file, between {BEGIN} and {END}",
+    )
     args = ap.parse_args()
     out = args.out or args.roots[0]
     out.mkdir(parents=True, exist_ok=True)

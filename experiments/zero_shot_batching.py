@@ -33,8 +33,10 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     budget = None if args.logits_mb.lower() == "none" else float(args.logits_mb)
     r = zero_shot(model, tok, [args.task], limit=args.limit, batch_size=args.batch_size, logits_mb=budget)
-    print(f"{args.task} batch_size={args.batch_size} logits_mb={budget}: score {r.scores[args.task]:.4f}, "
-          f"{r.seconds:.1f} s, peak RSS {peak_rss_mb():.0f} MB")
+    print(
+        f"{args.task} batch_size={args.batch_size} logits_mb={budget}: score {r.scores[args.task]:.4f}, "
+        f"{r.seconds:.1f} s, peak RSS {peak_rss_mb():.0f} MB"
+    )
 
 
 if __name__ == "__main__":

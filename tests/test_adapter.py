@@ -34,12 +34,25 @@ def test_tiny_llama_structure(tiny):
 
 @pytest.mark.parametrize(
     "model_type,extra",
-    [("mistral", {"sliding_window": None}), ("qwen2", {}), ("qwen3", {}),
-     ("gemma3_text", {"sliding_window": 16, "query_pre_attn_scalar": 16})],
+    [
+        ("mistral", {"sliding_window": None}),
+        ("qwen2", {}),
+        ("qwen3", {}),
+        ("gemma3_text", {"sliding_window": 16, "query_pre_attn_scalar": 16}),
+    ],
 )
 def test_other_families(model_type, extra):
-    cfg = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, **extra)
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        **extra,
+    )
     m = AutoModelForCausalLM.from_config(cfg)
     a = get_adapter(m)
     layer = a.layers(m)[1]
@@ -78,9 +91,19 @@ def test_real_smollm2_structure(smollm2):
 def test_layer_loop_reproduces_gemma3_with_sliding_window_layers():
     from tyr.layerwise.engine import capture_layer_inputs, run_layer
 
-    cfg = AutoConfig.for_model("gemma3_text", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                               num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=16,
-                               query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"] * 2)
+    cfg = AutoConfig.for_model(
+        "gemma3_text",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=16,
+        query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    )
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(cfg).eval()
     a = get_adapter(m)

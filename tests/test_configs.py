@@ -18,12 +18,15 @@ from tyr.search.settings import CONFIG_FIELDS, SearchSettings, search_settings
 from conftest import CONF, compose
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
-IN_CODE = sorted((g, name.removesuffix(".yaml")) for g, opts in ConfigStore.instance().repo.items() if g in GROUPS
-                 for name in opts)
+IN_CODE = sorted(
+    (g, name.removesuffix(".yaml")) for g, opts in ConfigStore.instance().repo.items() if g in GROUPS for name in opts
+)
 OPTIONS = sorted({(g, f.stem) for g in GROUPS for f in (CONF / g).glob("*.yaml")} | set(IN_CODE))
 PRIMARY = sorted(f.stem for f in CONF.glob("*.yaml"))
-NEEDS = {("data", "fineweb_edu"): ["data.root=/data/fineweb-edu"],  # options with a mandatory value
-         ("model", "hf_folder"): ["model.source.path=/models/exported"]}
+NEEDS = {
+    ("data", "fineweb_edu"): ["data.root=/data/fineweb-edu"],  # options with a mandatory value
+    ("model", "hf_folder"): ["model.source.path=/models/exported"],
+}
 EXPERIMENTS = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
 
 

@@ -52,8 +52,9 @@ def test_logits_budget_caps_batches_and_keeps_scores(tiny):
     budget_tokens = 600
     shapes = []
     with hooks([(tiny.model.get_input_embeddings(), "forward_pre", lambda m, a: shapes.append(tuple(a[0].shape)))]):
-        r = zero_shot(tiny.model, tiny.tokenizer, ["arc_easy", "boolq"], limit=8, batch_size=8,
-                      logits_mb=budget_tokens * 4 * vocab / 2**20)
+        r = zero_shot(
+            tiny.model, tiny.tokenizer, ["arc_easy", "boolq"], limit=8, batch_size=8, logits_mb=budget_tokens * 4 * vocab / 2**20
+        )
     fixed = zero_shot(tiny.model, tiny.tokenizer, ["arc_easy", "boolq"], limit=8, batch_size=8, logits_mb=None)
     assert r.metrics == fixed.metrics
     assert shapes and all(b * t <= budget_tokens or b == 1 for b, t in shapes)
@@ -92,8 +93,9 @@ def test_lm_eval_task_without_its_data_offline_is_one_line(tmp_path):
     exit 2 and one line on stderr naming the task and the data set."""
     from test_recipes import run_recipe
 
-    p = run_recipe("tyr.recipes.evaluate", "model=tiny-llama", "eval=smoke", "eval.tasks=[boolq,winogrande]",
-                   f"hydra.run.dir={tmp_path}")
+    p = run_recipe(
+        "tyr.recipes.evaluate", "model=tiny-llama", "eval=smoke", "eval.tasks=[boolq,winogrande]", f"hydra.run.dir={tmp_path}"
+    )
     assert p.returncode == 2
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("tyr: eval.tasks: zero-shot task 'winogrande'"), p.stderr[-2000:]

@@ -58,8 +58,15 @@ def _stepwise_logits(model, ids, split):
 
 def _greedy(model, ids, use_cache, n=6):
     with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, use_cache=use_cache, pad_token_id=0)
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=0,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +87,14 @@ def pruned_l0(tiny):
 @pytest.fixture(scope="module")
 def folder(pruned, tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "tiny-pruned"
-    export_model(pruned, tiny.tokenizer, out, allocation={"budget": 0.5, "note": "test"}, max_shard_size="4MB",
-                 extra_files={"README.md": "# pruned tiny\n"})
+    export_model(
+        pruned,
+        tiny.tokenizer,
+        out,
+        allocation={"budget": 0.5, "note": "test"},
+        max_shard_size="4MB",
+        extra_files={"README.md": "# pruned tiny\n"},
+    )
     return out
 
 
@@ -115,11 +128,21 @@ def test_config_widths(pruned, folder):
 
 def test_folder_contents(folder):
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "configuration_tyr_llama.py", "modeling_tyr_llama.py", "generation_config.json",
-            "model.safetensors.index.json", ALLOCATION_FILE, "tokenizer.json", "README.md"} <= names
+    assert {
+        "config.json",
+        "configuration_tyr_llama.py",
+        "modeling_tyr_llama.py",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        ALLOCATION_FILE,
+        "tokenizer.json",
+        "README.md",
+    } <= names
     cfg = json.loads((folder / "config.json").read_text())
-    assert cfg["auto_map"] == {"AutoConfig": "configuration_tyr_llama.TyrLlamaConfig",
-                               "AutoModelForCausalLM": "modeling_tyr_llama.TyrLlamaForCausalLM"}
+    assert cfg["auto_map"] == {
+        "AutoConfig": "configuration_tyr_llama.TyrLlamaConfig",
+        "AutoModelForCausalLM": "modeling_tyr_llama.TyrLlamaForCausalLM",
+    }
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 1 and shards <= names
@@ -138,7 +161,11 @@ def test_allocation_counts(pruned, folder):
     counts = parameter_counts(pruned)
     p = rec["parameters"]
     assert (p["total"], p["prunable"], p["attention"], p["mlp"]) == (
-        counts["total"], counts["prunable"], counts["attention"], counts["mlp"])
+        counts["total"],
+        counts["prunable"],
+        counts["attention"],
+        counts["mlp"],
+    )
     assert rec["allocation"] == {"budget": 0.5, "note": "test"}
     a = get_adapter(pruned)
     for layer, entry in zip(a.layers(pruned), rec["layers"]):
@@ -230,8 +257,16 @@ def test_unsupported_layouts_and_families_are_refused():
 
     from tyr.modeling.adapter import UnsupportedArchitectureError
 
-    cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32)
+    cfg = MistralConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=32,
+    )
     mistral = MistralForCausalLM(cfg)
     assert pruned_config(mistral).model_type == "tyr_mistral"  # sliding windows are the family's own code now
     with pytest.raises(ExportError, match="Llama models only"):

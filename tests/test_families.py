@@ -25,9 +25,13 @@ from tyr.modeling.adapter import get_adapter
 from tyr.modeling.slicing import slice_attention, slice_mlp
 
 FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3"]
-EXPORTED = {"tiny-llama": "TyrLlamaForCausalLM", "tiny-mistral": "TyrMistralForCausalLM",
-            "tiny-qwen2": "TyrQwen2ForCausalLM", "tiny-qwen3": "TyrQwen3ForCausalLM",
-            "tiny-gemma3": "TyrGemma3ForCausalLM"}
+EXPORTED = {
+    "tiny-llama": "TyrLlamaForCausalLM",
+    "tiny-mistral": "TyrMistralForCausalLM",
+    "tiny-qwen2": "TyrQwen2ForCausalLM",
+    "tiny-qwen3": "TyrQwen3ForCausalLM",
+    "tiny-gemma3": "TyrGemma3ForCausalLM",
+}
 # per layer: kept query heads (of 4, KV head = head // 2), kept MLP channels (of 128)
 PLANS = {
     "uneven": [([0, 1, 2], range(0, 128, 2)), ([3], range(100)), ([0, 1, 2, 3], []), ([], range(7))],
@@ -126,15 +130,37 @@ def test_gemma3_window_matters_and_is_exported():
     assert float(ex.model.embed_tokens.embed_scale) == pytest.approx(8.0)  # sqrt(hidden_size)
 
 
-PIPELINE_ARGS = ["eval=smoke", "eval.tasks=[]", "eval.ppl_windows=1", "compare=[dense]",
-                 "data.calibration.num_sequences=8", "data.calibration.seq_len=64", "data.gradient.num_sequences=4",
-                 "data.gradient.seq_len=64", "data.search.num_sequences=8", "data.search.seq_len=64",
-                 "search.min_channels=8", "search.generations=2", "search.offspring=4",
-                 "search.stages=[[64,2],[256,1]]", "search.surrogate_check=6", "recover=none"]
+PIPELINE_ARGS = [
+    "eval=smoke",
+    "eval.tasks=[]",
+    "eval.ppl_windows=1",
+    "compare=[dense]",
+    "data.calibration.num_sequences=8",
+    "data.calibration.seq_len=64",
+    "data.gradient.num_sequences=4",
+    "data.gradient.seq_len=64",
+    "data.search.num_sequences=8",
+    "data.search.seq_len=64",
+    "search.min_channels=8",
+    "search.generations=2",
+    "search.offspring=4",
+    "search.stages=[[64,2],[256,1]]",
+    "search.surrogate_check=6",
+    "recover=none",
+]
 
 
-@pytest.mark.parametrize("name,dtype", [("tiny-mistral", "float32"), ("tiny-qwen2", "float32"), ("tiny-qwen3", "float32"),
-                                        ("tiny-gemma3", "float32"), ("tiny-llama", "bfloat16"), ("tiny-gemma3", "bfloat16")])
+@pytest.mark.parametrize(
+    "name,dtype",
+    [
+        ("tiny-mistral", "float32"),
+        ("tiny-qwen2", "float32"),
+        ("tiny-qwen3", "float32"),
+        ("tiny-gemma3", "float32"),
+        ("tiny-llama", "bfloat16"),
+        ("tiny-gemma3", "bfloat16"),
+    ],
+)
 def test_pipeline_family(name, dtype, tmp_path):
     """prune → build → search → re-prune → export → reload in a fresh process → generate.
     (tiny-llama in float32: tests/test_recipes.py::test_pipeline_recipe_tiny_end_to_end.)
@@ -144,8 +170,9 @@ def test_pipeline_family(name, dtype, tmp_path):
     logits through the KV cache within max(1e-3, 1e-4 max|logits|) of the full forward in float32 and
     0.05 max|logits| in bfloat16 (rounding; measured ~2e-2 on logits of order 1); greedy generation
     with the cache equal to without it (checked here in both dtypes)."""
-    p = run_recipe("tyr.recipes.pipeline", f"model={name}", f"model.dtype={dtype}", *PIPELINE_ARGS,
-                   f"paths.output_dir={tmp_path}")
+    p = run_recipe(
+        "tyr.recipes.pipeline", f"model={name}", f"model.dtype={dtype}", *PIPELINE_ARGS, f"paths.output_dir={tmp_path}"
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "pipeline" / name / "hywia_comp-s0.5-fast"
     alloc = json.loads((run / "allocation.json").read_text())
@@ -164,9 +191,19 @@ def test_pipeline_family(name, dtype, tmp_path):
 
 def test_prune_recipe_exports_a_checked_folder(tmp_path):
     """The uniform prune recipe with export=true writes hf_model/ and checks it in a fresh process."""
-    p = run_recipe("tyr.recipes.prune", "model=tiny-qwen3", "eval=smoke", "eval.tasks=[]", "eval.ppl_windows=1",
-                   "pruner=magnitude", "target_sparsity=0.5", "export=true", "data.calibration.num_sequences=8",
-                   "data.calibration.seq_len=64", f"hydra.run.dir={tmp_path}")
+    p = run_recipe(
+        "tyr.recipes.prune",
+        "model=tiny-qwen3",
+        "eval=smoke",
+        "eval.tasks=[]",
+        "eval.ppl_windows=1",
+        "pruner=magnitude",
+        "target_sparsity=0.5",
+        "export=true",
+        "data.calibration.num_sequences=8",
+        "data.calibration.seq_len=64",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     v = json.loads((tmp_path / "export.json").read_text())["verify"]
     assert v["model_class"] == "TyrQwen3ForCausalLM" and v["max_abs_logit_diff"] <= 1e-4

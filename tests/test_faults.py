@@ -26,12 +26,25 @@ from conftest import ROOT
 SEED = 16
 RNG = random.Random(SEED)
 LAYERS, ITERATIONS, GENERATIONS = 4, 2, 2
-BASE = ["model=tiny-llama", "eval=smoke", "eval.tasks=[]", "data.calibration.num_sequences=8",
-        "data.calibration.seq_len=64", "data.gradient.num_sequences=4", "data.gradient.seq_len=64",
-        "data.search.num_sequences=8", "data.search.seq_len=64", "search.min_channels=8",
-        f"search.generations={GENERATIONS}", "search.offspring=4", "search.stages=[[64,2],[256,1]]",
-        "search.surrogate_check=4", "compare=[]", "export=false",
-        "recover=none"]  # the recovery stage (its own kill / resume tests: test_recovery.py) would take 45 s per run
+BASE = [
+    "model=tiny-llama",
+    "eval=smoke",
+    "eval.tasks=[]",
+    "data.calibration.num_sequences=8",
+    "data.calibration.seq_len=64",
+    "data.gradient.num_sequences=4",
+    "data.gradient.seq_len=64",
+    "data.search.num_sequences=8",
+    "data.search.seq_len=64",
+    "search.min_channels=8",
+    f"search.generations={GENERATIONS}",
+    "search.offspring=4",
+    "search.stages=[[64,2],[256,1]]",
+    "search.surrogate_check=4",
+    "compare=[]",
+    "export=false",
+    "recover=none",
+]  # the recovery stage (its own kill / resume tests: test_recovery.py) would take 45 s per run
 COUNTS = {"kills": 0, "corruptions": 0, "bad_settings": 0}  # printed at the end (docs/reliability.md)
 
 
@@ -45,15 +58,28 @@ def cache(tmp_path_factory):
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TYR_THREADS="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT), **extra)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TYR_THREADS="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT),
+        **extra,
+    )
     env.pop("TYR_FAULT", None)
     env.update(extra)
     return env
 
 
-def pipeline(run: Path, cache: Path, *extra: str, fault: str | None = None, kill_after: float | None = None,
-             module: str = "tyr.recipes.pipeline") -> subprocess.CompletedProcess:
+def pipeline(
+    run: Path,
+    cache: Path,
+    *extra: str,
+    fault: str | None = None,
+    kill_after: float | None = None,
+    module: str = "tyr.recipes.pipeline",
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", module, *BASE, f"hydra.run.dir={run}", f"paths.cache_dir={cache}", *extra]
     env = _env(**({"TYR_FAULT": fault} if fault else {}))
     if kill_after is None:
@@ -251,13 +277,16 @@ def test_corrupt_result_is_one_line_naming_file_and_repair(reference, cache, tmp
 # --- reruns with other settings ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override,stage,setting", [
-    ("search.generations=3", "search", "search.generations: 2 -> 3"),
-    ("search.n_levels=5", "search", "search.n_levels: 9 -> 5"),
-    ("data.search.seed=7", "prepare", "data.search.seed: 1 -> 7"),
-    ("search.topk=64", "prepare", "search.topk: 256 -> 64"),
-    ("data.calibration.seed=3", "search", "data.calibration.seed: 0 -> 3"),
-])
+@pytest.mark.parametrize(
+    "override,stage,setting",
+    [
+        ("search.generations=3", "search", "search.generations: 2 -> 3"),
+        ("search.n_levels=5", "search", "search.n_levels: 9 -> 5"),
+        ("data.search.seed=7", "prepare", "data.search.seed: 1 -> 7"),
+        ("search.topk=64", "prepare", "search.topk: 256 -> 64"),
+        ("data.calibration.seed=3", "search", "data.calibration.seed: 0 -> 3"),
+    ],
+)
 def test_rerun_with_other_settings_is_refused_and_leaves_the_run_untouched(reference, cache, tmp_path, override, stage, setting):
     run = copy_of(reference, tmp_path)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
@@ -275,8 +304,10 @@ def test_failed_rerun_restores_the_config_record(reference, cache, tmp_path):
     p = pipeline(run, cache, "eval.seq_len=100000000")
     one_line_error(p, "asked for")
     assert (run / ".hydra" / "config.yaml").read_bytes() == config
-    assert json.loads((run / "results_searched.json").read_text())["perplexity"] == \
-        json.loads((reference[0] / "results_searched.json").read_text())["perplexity"]
+    assert (
+        json.loads((run / "results_searched.json").read_text())["perplexity"]
+        == json.loads((reference[0] / "results_searched.json").read_text())["perplexity"]
+    )
 
 
 def test_other_eval_settings_reevaluate_and_redo_search_remakes_identically(reference, cache, tmp_path):
@@ -312,8 +343,13 @@ def _bad_files(tmp: Path) -> dict:
     (no_tok / "model.safetensors").write_bytes(b"\0" * 16)
     not_run = tmp / "not_a_run"
     not_run.mkdir()
-    return {"bad_line": tmp / "bad_line.jsonl", "no_text": tmp / "no_text.jsonl", "no_weights": no_weights,
-            "no_tok": no_tok, "not_run": not_run}
+    return {
+        "bad_line": tmp / "bad_line.jsonl",
+        "no_text": tmp / "no_text.jsonl",
+        "no_weights": no_weights,
+        "no_tok": no_tok,
+        "not_run": not_run,
+    }
 
 
 BAD = [  # (recipe, overrides, words in the one-line message)
@@ -362,6 +398,7 @@ def _run_in_process(recipe: str, overrides: list[str], capsys) -> tuple[int, str
     from conftest import CONF
 
     mod = importlib.import_module(f"tyr.recipes.{recipe}")
+
     # the same task function and config, with conf/ given as an absolute path (the module's relative
     # config_path is resolved against the module only when it runs as __main__)
     def accepted(cfg):  # the recipe body never runs here: these settings must be refused before it
@@ -401,8 +438,13 @@ def test_bad_setting_from_the_command_line(tmp_path):
     p = pipeline(tmp_path / "run", tmp_path / "cache", "target_sparsity=1.0")
     one_line_error(p, "target_sparsity=1.0")
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
-    p = subprocess.run([sys.executable, "-m", "tyr.recipes.export", f"run={tmp_path}/nowhere"], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "tyr.recipes.export", f"run={tmp_path}/nowhere"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     one_line_error(p, "no such directory")
     assert not (tmp_path / "nowhere").exists()
     COUNTS["bad_settings"] += 2
@@ -425,8 +467,11 @@ def test_replaced_weights_are_a_new_model(tmp_path, monkeypatch):
     w.write_bytes(b"b" * 1000)  # same size, replaced in place
     os.utime(w, ns=(1, 1))
     assert art.weights_digest(tmp_path / "m", cache) != d1
-    assert art.weights_digest(tmp_path / "m", cache) == "sha256:" + hashlib.sha256(
-        f"model.safetensors|1000|{hashlib.sha256(b'b' * 1000).hexdigest()}".encode()).hexdigest()[:16]
+    assert (
+        art.weights_digest(tmp_path / "m", cache)
+        == "sha256:"
+        + hashlib.sha256(f"model.safetensors|1000|{hashlib.sha256(b'b' * 1000).hexdigest()}".encode()).hexdigest()[:16]
+    )
 
 
 def test_diff_names_the_setting(tmp_path):
@@ -466,23 +511,32 @@ def test_build_that_failed_before_its_first_layer_does_not_block_the_corrected_c
 
     grid = make_grid([LayerShape(4, 10.0, 64, 3.0)] * 2, 0.5, 0.25, 3, 1, 8)
     model = {"name": "m", "revision": "r", "dtype": "float32"}
-    SupernetStore.create_or_resume(tmp_path, model=model, grid=grid, eea="expectation",
-                                   config={"calibration": {"num_sequences": 0}})
-    s = SupernetStore.create_or_resume(tmp_path, model=model, grid=grid, eea="expectation",
-                                       config={"calibration": {"num_sequences": 8}})
+    SupernetStore.create_or_resume(
+        tmp_path, model=model, grid=grid, eea="expectation", config={"calibration": {"num_sequences": 0}}
+    )
+    s = SupernetStore.create_or_resume(
+        tmp_path, model=model, grid=grid, eea="expectation", config={"calibration": {"num_sequences": 8}}
+    )
     assert s.manifest["config"]["calibration"]["num_sequences"] == 8
     s.manifest["layers"]["0"] = {"shard": "x", "sha256": "y", "bytes": 0, "errors": {}, "info": {}}
     s.save_manifest()
     with pytest.raises(SupernetError, match=r"calibration.num_sequences: 8 -> 16"):
-        SupernetStore._create_or_resume(tmp_path, model=model, grid=grid, eea="expectation",
-                                        config={"calibration": {"num_sequences": 16}})
+        SupernetStore._create_or_resume(
+            tmp_path, model=model, grid=grid, eea="expectation", config={"calibration": {"num_sequences": 16}}
+        )
 
 
 @pytest.mark.slow
 def test_moved_run_exports_with_the_export_recipe(reference, cache, tmp_path):
     run = copy_of(reference, tmp_path)
-    p = subprocess.run([sys.executable, "-m", "tyr.recipes.export", f"run={run}", "verify=false"], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "tyr.recipes.export", f"run={run}", "verify=false"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0 and (run / "hf_model" / "config.json").exists(), p.stderr[-2000:]
 
 

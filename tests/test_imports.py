@@ -94,8 +94,14 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_checker_finds_a_planted_cycle(tmp_path):
     pkg = tmp_path / "tyr"
-    for rel, text in {"__init__.py": "", "a/__init__.py": "", "a/x.py": "from tyr.b import y\n",
-                      "b/__init__.py": "", "b/y.py": "def f():\n    from ..a.x import g\n", "c.py": "import tyr.a.x\n"}.items():
+    for rel, text in {
+        "__init__.py": "",
+        "a/__init__.py": "",
+        "a/x.py": "from tyr.b import y\n",
+        "b/__init__.py": "",
+        "b/y.py": "def f():\n    from ..a.x import g\n",
+        "c.py": "import tyr.a.x\n",
+    }.items():
         (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
         (pkg / rel).write_text(text)
     g = import_graph(tmp_path)

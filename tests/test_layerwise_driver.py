@@ -53,6 +53,7 @@ def test_outputs_a_callback_returns_are_the_next_layers_inputs(tiny, ids):
     model = copy.deepcopy(tiny.model)
     a = get_adapter(model)
     last = run_layers(model, Double(), ids, batch_size=3)
+
     def double(module, args, out):
         return (out[0] * 2, *out[1:]) if isinstance(out, tuple) else out * 2
 
@@ -76,8 +77,9 @@ def test_streamed_and_offloaded_pass_equals_in_memory(tiny, ids, tmp_path):
         def on_layer_start(self, l, layer, inputs):
             super().on_layer_start(l, layer, inputs)
             seen.append(not any(p.is_meta for p in layer.parameters()))  # loaded for its turn
-            assert sum(not p.is_meta for m in a.layers(streamed) for p in m.parameters()) == \
-                sum(p.numel() > 0 for p in layer.parameters())  # and no other layer is
+            assert sum(not p.is_meta for m in a.layers(streamed) for p in m.parameters()) == sum(
+                p.numel() > 0 for p in layer.parameters()
+            )  # and no other layer is
 
     keep, ref = Watch(), KeepInputs()
     got = run_layers(streamed, keep, ids, batch_size=2)
@@ -134,6 +136,7 @@ def test_hooks_and_stand_ins_are_removed_when_a_callback_fails(tiny, ids):
 
             def boom(module, args):
                 raise RuntimeError("boom")
+
             return inputs.forward(layer, [(lin, "forward_pre", boom)])
 
     with pytest.raises(RuntimeError, match="boom"):

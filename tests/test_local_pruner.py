@@ -28,9 +28,6 @@ from conftest import CONF, pruner_from_conf
 PRUNERS = sorted(f.stem for f in (CONF / "pruner").glob("*.yaml"))
 
 
-
-
-
 def test_layerwise_gradients_equal_full_backward(tiny, calib):
     model, ids = tiny.model, calib[:3]
     a = get_adapter(model)
@@ -276,8 +273,9 @@ def test_magnitude_wanda_sp_and_flap_follow_their_formulas(tiny, calib):
             mag.append(math.sqrt(sum(float(t.detach().double().pow(2).sum()) for t in parts)))
         torch.testing.assert_close(Magnitude().score(p).double(), torch.tensor(mag, dtype=torch.float64), rtol=1e-5, atol=0)
         torch.testing.assert_close(WandaSP().score(p).double(), torch.tensor(wanda, dtype=torch.float64), rtol=1e-4, atol=0)
-        torch.testing.assert_close(FLAP().score(p).double(), torch.tensor(flap, dtype=torch.float64) * (N - 1) / N,
-                                   rtol=2e-3, atol=1e-5 * max(flap))
+        torch.testing.assert_close(
+            FLAP().score(p).double(), torch.tensor(flap, dtype=torch.float64) * (N - 1) / N, rtol=2e-3, atol=1e-5 * max(flap)
+        )
 
 
 def test_gqa_query_heads_read_the_kv_head_the_adapter_names(tiny, calib):
@@ -338,8 +336,9 @@ def test_hywia_fusion_follows_its_definition(tiny, calib, taylor, components):
         raw = {"fine": taylor[li][kind]["element2"].double(), "coarse": taylor[li][kind]["vector2"].double()}
         if "compensated" in components:
             d = X.shape[1]
-            raw["compensated"] = torch.tensor([_refit_error(X, W0, [c for c in range(d) if c // w != u], damp)
-                                               for u in range(p.n_units)], dtype=torch.float64)
+            raw["compensated"] = torch.tensor(
+                [_refit_error(X, W0, [c for c in range(d) if c // w != u], damp) for u in range(p.n_units)], dtype=torch.float64
+            )
         comps = {c: raw[c] / raw[c].sum() for c in components}
         for c, v in scorer.components(p).items():
             torch.testing.assert_close(v, comps[c], rtol=1e-3, atol=1e-6)

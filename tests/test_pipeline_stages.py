@@ -40,13 +40,16 @@ def test_from_config_converts_by_annotation():
     assert type(o.x) is float and type(o.inner.names) is tuple and type(o.pairs[0]) is tuple
 
 
-@pytest.mark.parametrize("options,words", [
-    ({"x": 1, "inner": {"a": 2, "names": []}, "pairs": [], "y": 3}, ["outer", "['y']"]),
-    ({"x": 1, "inner": {"a": 2, "names": [], "b": 0}, "pairs": []}, ["outer.inner", "['b']"]),
-    ({"inner": {"a": 2, "names": []}, "pairs": []}, ["missing", "['x']"]),
-    ({"x": 1, "inner": {"a": "two", "names": []}, "pairs": []}, ["outer.inner.a='two'"]),
-    ({"x": 1, "inner": {"a": 2, "names": []}, "pairs": [[1, 2, 3]]}, ["outer.pairs", "2 entries"]),
-])
+@pytest.mark.parametrize(
+    "options,words",
+    [
+        ({"x": 1, "inner": {"a": 2, "names": []}, "pairs": [], "y": 3}, ["outer", "['y']"]),
+        ({"x": 1, "inner": {"a": 2, "names": [], "b": 0}, "pairs": []}, ["outer.inner", "['b']"]),
+        ({"inner": {"a": 2, "names": []}, "pairs": []}, ["missing", "['x']"]),
+        ({"x": 1, "inner": {"a": "two", "names": []}, "pairs": []}, ["outer.inner.a='two'"]),
+        ({"x": 1, "inner": {"a": 2, "names": []}, "pairs": [[1, 2, 3]]}, ["outer.pairs", "2 entries"]),
+    ],
+)
 def test_from_config_names_the_bad_setting(options, words):
     with pytest.raises(ValueError) as e:
         from_config(Outer, options, "outer")
@@ -102,8 +105,12 @@ def test_prepare_done_only_for_an_intact_teacher_with_the_key(tmp_path):
     rec, other = StageRecord("prepare", {"a": 1}), StageRecord("prepare", {"a": 2})
     assert not prepare_done(tmp_path, rec)
     g = torch.Generator().manual_seed(0)
-    t = TeacherCache(torch.randint(0, 50, (2, 5), generator=g), torch.randint(0, 50, (2, 4, 3), generator=g).int(),
-                     torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, generator=g))
+    t = TeacherCache(
+        torch.randint(0, 50, (2, 5), generator=g),
+        torch.randint(0, 50, (2, 4, 3), generator=g).int(),
+        torch.randn(2, 4, 3, generator=g),
+        torch.randn(2, 4, generator=g),
+    )
     t.save(tmp_path / TEACHER_FILE, rec.key)
     assert prepare_done(tmp_path, rec) and not prepare_done(tmp_path, other)
     b = bytearray((tmp_path / TEACHER_FILE).read_bytes())
@@ -146,10 +153,14 @@ def test_export_check_starts_without_tyr_model_code():
     """``python -m tyr.export.verify_child`` executes tyr/export/__init__.py first: it must import
     neither torch, transformers nor tyr's exported architectures (which register themselves with
     transformers' Auto classes and would stand in for the folder's own code)."""
-    code = ("import sys, tyr.export; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('tyr', 'torch', 'transformers')))")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    code = "import sys, tyr.export; print(sorted(m for m in sys.modules if m.split('.')[0] in ('tyr', 'torch', 'transformers')))"
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "['tyr', 'tyr.export']"
     import tyr.export

@@ -66,6 +66,7 @@ def _count_layer_tokens(model) -> tuple[Counter, list]:
         def fn(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
             tokens[i] += x.shape[0] * x.shape[1]
+
         return fn
 
     layers = get_adapter(model).layers(model)
@@ -76,9 +77,16 @@ def _meta_model(a: ArchFacts, layers: int | None = None):
     """The transformers model of an arch block on the meta device (no memory, no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kw = dict(num_hidden_layers=layers or a.num_layers, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
-              num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim,
-              vocab_size=a.vocab_size, tie_word_embeddings=a.tie_word_embeddings)
+    kw = dict(
+        num_hidden_layers=layers or a.num_layers,
+        hidden_size=a.hidden_size,
+        intermediate_size=a.intermediate_size,
+        num_attention_heads=a.num_heads,
+        num_key_value_heads=a.num_kv_heads,
+        head_dim=a.head_dim,
+        vocab_size=a.vocab_size,
+        tie_word_embeddings=a.tie_word_embeddings,
+    )
     if a.model_type in ("llama", "gemma3_text"):
         kw["attention_bias"] = a.attention_bias
     with torch.device("meta"):
@@ -127,6 +135,7 @@ def test_supernet_bytes_and_solves_match_a_real_build(tiny, calib, request, tmp_
             kept = len(problem.columns(keep)) if op == "refit" else 0
             calls.append((op, problem.kind, kept, problem.out_weight.shape[1]))
             return fn(problem, keep, *args, **kw)
+
         return wrapped
 
     for mod in (local, hywia):
@@ -164,9 +173,15 @@ def test_bfloat16_shards_match_write_layer(tmp_path):
         variants = {}
         for kind, w in (("attn", arch.head_dim), ("mlp", 1)):
             g = grid.modules[kind][l]
-            variants[kind] = [SimpleNamespace(keep=list(range(k)), out_weight=torch.randn(arch.hidden_size, k * w),
-                                              out_bias=torch.randn(arch.hidden_size) if k < g.n_units else None,
-                                              rel_error=0.0) for k in g.keep]
+            variants[kind] = [
+                SimpleNamespace(
+                    keep=list(range(k)),
+                    out_weight=torch.randn(arch.hidden_size, k * w),
+                    out_bias=torch.randn(arch.hidden_size) if k < g.n_units else None,
+                    rel_error=0.0,
+                )
+                for k in g.keep
+            ]
         store.write_layer(l, variants, torch.bfloat16)
     assert supernet_bytes(grid, arch, "bfloat16", bias=True)["total"] == _shard_bytes(tmp_path)
     assert store_mod.SCHEMA_VERSION == SHARD_SCHEMA_VERSION
@@ -175,8 +190,12 @@ def test_bfloat16_shards_match_write_layer(tmp_path):
 def test_safetensors_header_estimate_is_exact(tmp_path):
     from safetensors.torch import save_file
 
-    t = {"b.0.weight": torch.zeros(3, 5, dtype=torch.bfloat16), "a.1.keep": torch.zeros(7, dtype=torch.int32),
-         "a.0.bias": torch.zeros(11), "z.empty": torch.zeros(4, 0)}
+    t = {
+        "b.0.weight": torch.zeros(3, 5, dtype=torch.bfloat16),
+        "a.1.keep": torch.zeros(7, dtype=torch.int32),
+        "a.0.bias": torch.zeros(11),
+        "z.empty": torch.zeros(4, 0),
+    }
     save_file(t, str(tmp_path / "x.safetensors"), metadata={"tyr": '{"layer": 3}'})
     names = {torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32"}
     est = safetensors_file_bytes([(k, names[v.dtype], tuple(v.shape)) for k, v in t.items()], {"tyr": '{"layer": 3}'})
@@ -205,8 +224,12 @@ def test_stage_candidates_match_the_evolution():
 
     for offspring, stages, prescreen in ((16, ((64, 4), (128, 2), (256, 1)), None), (8, ((64, 1),), 3)):
         seen.clear()
-        evolve(space, fitness, EvolutionConfig(generations=2, offspring=offspring, stages=list(stages), prescreen_keep=prescreen),
-               prescreen=(lambda allocs: [0.0] * len(allocs)) if prescreen else None)
+        evolve(
+            space,
+            fitness,
+            EvolutionConfig(generations=2, offspring=offspring, stages=list(stages), prescreen_keep=prescreen),
+            prescreen=(lambda allocs: [0.0] * len(allocs)) if prescreen else None,
+        )
         want = stage_candidates(SearchSettings(offspring=offspring, stages=list(stages), prescreen_keep=prescreen))
         assert seen == want * 2
 
@@ -279,8 +302,10 @@ def test_forward_flops_match_a_flop_counter(tiny):
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             model(ids)
         counts = {str(op): n for op, n in fc.get_flop_counts()["Global"].items()}
-        q_dims = [a.geometry(layer).num_heads * arch.head_dim if hasattr(a.attention(layer), "q_proj") else 0
-                  for layer in a.layers(model)]
+        q_dims = [
+            a.geometry(layer).num_heads * arch.head_dim if hasattr(a.attention(layer), "q_proj") else 0
+            for layer in a.layers(model)
+        ]
         linear = parameter_counts(model)["prunable"]
         head_flops = 2 * arch.vocab_size * arch.hidden_size
         want = forward_flops_per_token(arch, linear, q_dims, T, with_head=True)
@@ -297,8 +322,14 @@ def test_planner_imports_nothing_heavy():
 
 def test_plan_recipe_llama3_70b(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TYR_OUTPUT=str(tmp_path))
-    p = subprocess.run([sys.executable, "-m", "tyr.recipes.plan", "model=llama3-70b", "target_sparsity=0.5",
-                        f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "tyr.recipes.plan", "model=llama3-70b", "target_sparsity=0.5", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     plan_json = json.loads((tmp_path / "plan.json").read_text())
     assert plan_json["model"] == "llama3-70b"

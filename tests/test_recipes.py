@@ -14,8 +14,9 @@ from conftest import ROOT
 
 def run_recipe(module: str, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_evaluate_recipe_writes_results(tmp_path):
@@ -38,10 +39,19 @@ def test_evaluate_recipe_bad_model_name(tmp_path):
 
 def test_prune_recipe_tiny(tmp_path):
     (tmp_path / "layers.jsonl").write_text('{"layer": 0, "stale": "an interrupted earlier attempt"}\n')
-    p = run_recipe("tyr.recipes.prune", "model=tiny-llama", "eval=smoke", "pruner=hywia", "target_sparsity=0.5",
-                   "measure_dense_pass=true",
-                   "data.calibration.num_sequences=8", "data.calibration.seq_len=64", "data.gradient.num_sequences=4",
-                   "data.gradient.seq_len=64", f"hydra.run.dir={tmp_path}")
+    p = run_recipe(
+        "tyr.recipes.prune",
+        "model=tiny-llama",
+        "eval=smoke",
+        "pruner=hywia",
+        "target_sparsity=0.5",
+        "measure_dense_pass=true",
+        "data.calibration.num_sequences=8",
+        "data.calibration.seq_len=64",
+        "data.gradient.num_sequences=4",
+        "data.gradient.seq_len=64",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert abs(res["achieved_sparsity"] - 0.5) < 0.01 and res["pruner"] == "hywia"
@@ -52,9 +62,16 @@ def test_prune_recipe_tiny(tmp_path):
 
 
 def test_build_recipe_reruns_resume(tmp_path):
-    args = ["model=tiny-llama", "eval=smoke", "data.calibration.num_sequences=8", "data.calibration.seq_len=64",
-            "data.gradient.num_sequences=4", "data.gradient.seq_len=64", "supernet.min_channels=8",
-            f"paths.output_dir={tmp_path}"]
+    args = [
+        "model=tiny-llama",
+        "eval=smoke",
+        "data.calibration.num_sequences=8",
+        "data.calibration.seq_len=64",
+        "data.gradient.num_sequences=4",
+        "data.gradient.seq_len=64",
+        "supernet.min_channels=8",
+        f"paths.output_dir={tmp_path}",
+    ]
     p = run_recipe("tyr.recipes.build", *args)
     assert p.returncode == 0, p.stderr[-3000:]
     manifest = tmp_path / "build" / "tiny-llama" / "hywia_comp-s0.5-expectation" / "supernet" / "manifest.json"
@@ -71,11 +88,26 @@ def test_build_recipe_reruns_resume(tmp_path):
 
 
 def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch):
-    args = ["model=tiny-llama", "eval=smoke", "data.calibration.num_sequences=8", "data.calibration.seq_len=64",
-            "data.gradient.num_sequences=4", "data.gradient.seq_len=64", "data.search.num_sequences=8",
-            "data.search.seq_len=64", "search.min_channels=8", "search.generations=2", "search.offspring=4",
-            "search.stages=[[64,2],[256,1]]", "search.surrogate_check=6", f"paths.output_dir={tmp_path}",
-            "recover.tokens=512", "recover.seq_len=64", "recover.batch_size=4", "recover.data=[{source:ptb_valid,weight:1.0}]"]
+    args = [
+        "model=tiny-llama",
+        "eval=smoke",
+        "data.calibration.num_sequences=8",
+        "data.calibration.seq_len=64",
+        "data.gradient.num_sequences=4",
+        "data.gradient.seq_len=64",
+        "data.search.num_sequences=8",
+        "data.search.seq_len=64",
+        "search.min_channels=8",
+        "search.generations=2",
+        "search.offspring=4",
+        "search.stages=[[64,2],[256,1]]",
+        "search.surrogate_check=6",
+        f"paths.output_dir={tmp_path}",
+        "recover.tokens=512",
+        "recover.seq_len=64",
+        "recover.batch_size=4",
+        "recover.data=[{source:ptb_valid,weight:1.0}]",
+    ]
     p = run_recipe("tyr.recipes.pipeline", *args)
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "pipeline" / "tiny-llama" / "hywia_comp-s0.5-fast"
@@ -86,8 +118,14 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch):
     rp = json.loads((run / "search_state.json").read_text())["reprune"]
     other = "searched_supernet" if rp["chosen"] == "reprune" else "searched_reprune"
     assert rp["chosen"] == "reprune" == alloc["source"] and alloc["fitness"] == rp["kl_reprune"]  # choose_form's default
-    assert len(res["iterations"]) == 2 and set(k.split()[1] for k in res["rows"]) == \
-        {"dense", "searched", other, "uniform", "uniform_reprune", "owl"}
+    assert len(res["iterations"]) == 2 and set(k.split()[1] for k in res["rows"]) == {
+        "dense",
+        "searched",
+        other,
+        "uniform",
+        "uniform_reprune",
+        "owl",
+    }
     assert any(k.endswith("+ recovery (lora, 512 tokens)") for k in res["rows"])  # the recovery stage (tyr.recipes.recover)
     # the searched and the re-pruned forms hold the same widths, so the same budget
     assert json.loads((run / f"results_{other}.json").read_text())["budget"]["prunable_kept"] == alloc["budget"]["prunable_kept"]
@@ -99,6 +137,11 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch):
     before = (run / "results_searched.json").read_text()
     p = run_recipe("tyr.recipes.pipeline", *args)
     assert p.returncode == 0 and (run / "results_searched.json").read_text() == before
+    # without searched_other in compare, the form that did not ship is not a row
+    p = run_recipe("tyr.recipes.pipeline", *args, "compare=[dense,uniform_reprune]")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads((run / "results.json").read_text())["rows"]
+    assert {k.split()[1] for k in rows if "recovery" not in k} == {"dense", "searched", "uniform_reprune"}
     # an export whose check fails leaves the verified folder as it was, and no staging folder behind
     import tyr.pipeline.export as px
     import tyr.recipes.export as rx
@@ -116,8 +159,15 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch):
 
 
 def test_multirun_records_a_failed_job_and_goes_on(tmp_path):
-    p = run_recipe("tyr.recipes.evaluate", "-m", "model=tiny-llama", "eval=smoke", "eval.tasks=[]",
-                   "eval.seq_len=64,100000000", f"paths.output_dir={tmp_path}")
+    p = run_recipe(
+        "tyr.recipes.evaluate",
+        "-m",
+        "model=tiny-llama",
+        "eval=smoke",
+        "eval.tasks=[]",
+        "eval.seq_len=64,100000000",
+        f"paths.output_dir={tmp_path}",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     jobs = sorted(p for p in (tmp_path / "multirun" / "evaluate").glob("*/*") if p.is_dir())
     assert len(jobs) == 2
@@ -128,9 +178,17 @@ def test_multirun_records_a_failed_job_and_goes_on(tmp_path):
 
 
 def test_sweep_2x2_and_summary(tmp_path):
-    p = run_recipe("tyr.recipes.prune", "-m", "model=tiny-llama", "eval=smoke", "pruner=magnitude,wanda_sp",
-                   "target_sparsity=0.25,0.5", "data.calibration.num_sequences=8", "data.calibration.seq_len=64",
-                   f"paths.output_dir={tmp_path}")
+    p = run_recipe(
+        "tyr.recipes.prune",
+        "-m",
+        "model=tiny-llama",
+        "eval=smoke",
+        "pruner=magnitude,wanda_sp",
+        "target_sparsity=0.25,0.5",
+        "data.calibration.num_sequences=8",
+        "data.calibration.seq_len=64",
+        f"paths.output_dir={tmp_path}",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     (sweep,) = (tmp_path / "multirun" / "prune").iterdir()
     jobs = [d for d in sweep.iterdir() if d.is_dir()]
@@ -164,14 +222,29 @@ def test_summarize_merges_roots_dedups_dense_and_writes_report(tmp_path):
     a, b = tmp_path / "sweep" / "job0", tmp_path / "pipe" / "run"
     a.mkdir(parents=True)
     b.mkdir(parents=True)
-    (a / "results.json").write_text(json.dumps({**dense, "pruner": "magnitude", "reconstruction": "none",
-                                                "target_sparsity": 0.5, "achieved_sparsity": 0.5,
-                                                "perplexity": {"wikitext2": {"ppl": 99.0}}}))
+    (a / "results.json").write_text(
+        json.dumps(
+            {
+                **dense,
+                "pruner": "magnitude",
+                "reconstruction": "none",
+                "target_sparsity": 0.5,
+                "achieved_sparsity": 0.5,
+                "perplexity": {"wikitext2": {"ppl": 99.0}},
+            }
+        )
+    )
     (tmp_path / "sweep" / "dense").mkdir()
     (tmp_path / "sweep" / "dense" / "results.json").write_text(json.dumps(dense))
-    rows = {"m dense": {**dense, "allocation": "dense"},
-            "m searched 50%": {**dense, "allocation": "searched", "perplexity": {"wikitext2": {"ppl": 50.0}},
-                               "config": {"target_sparsity": 0.5, "pruner": {"name": "hywia"}}}}
+    rows = {
+        "m dense": {**dense, "allocation": "dense"},
+        "m searched 50%": {
+            **dense,
+            "allocation": "searched",
+            "perplexity": {"wikitext2": {"ppl": 50.0}},
+            "config": {"target_sparsity": 0.5, "pruner": {"name": "hywia"}},
+        },
+    }
     (b / "results.json").write_text(json.dumps({"rows": rows}))
     (b.parent / "rerun").mkdir()
     (b.parent / "rerun" / "results.json").write_text(json.dumps({"rows": rows}))  # same results again
@@ -195,11 +268,24 @@ def test_summarize_side_by_side_table_and_update_section(tmp_path):
     from experiments.summarize import pivot, update_section
 
     def row(method, sp, wiki):
-        return {"method": method, "sparsity": sp, "wikitext2": wiki, "ptb": 2 * wiki, "avg": 0.4, "limit": 100,
-                "avg_no_boolq": 0.6}
+        return {
+            "method": method,
+            "sparsity": sp,
+            "wikitext2": wiki,
+            "ptb": 2 * wiki,
+            "avg": 0.4,
+            "limit": 100,
+            "avg_no_boolq": 0.6,
+        }
 
-    rows = [row("dense (m)", 0.0, 10.0), row("b / none", 0.25, 30.0), row("b / none", 0.5, 90.0),
-            row("a / lstsq", 0.25, 40.0), row("a / lstsq", 0.5, 60.0), row("tyr search (a)", 0.5, 50.0)]
+    rows = [
+        row("dense (m)", 0.0, 10.0),
+        row("b / none", 0.25, 30.0),
+        row("b / none", 0.5, 90.0),
+        row("a / lstsq", 0.25, 40.0),
+        row("a / lstsq", 0.5, 60.0),
+        row("tyr search (a)", 0.5, 50.0),
+    ]
     lines = pivot(rows).splitlines()
     assert lines[0].startswith("| method | WikiText-2 @25% | PTB @25% | avg @25% | avg w/o BoolQ @25% | WikiText-2 @50%")
     assert [l.split(" | ")[0][2:] for l in lines[2:]] == ["dense (m)", "tyr search (a)", "a / lstsq", "b / none"]
@@ -223,8 +309,12 @@ def test_finished_result_ignores_speed_settings_only(tmp_path):
 
     from tyr.recipes.common import finished_result
 
-    base = {"target_sparsity": 0.5, "threads": 2, "paths": {"output_dir": "a"},
-            "eval": {"limit": 100, "batch_size": 16, "ppl_batch_size": 1}}
+    base = {
+        "target_sparsity": 0.5,
+        "threads": 2,
+        "paths": {"output_dir": "a"},
+        "eval": {"limit": 100, "batch_size": 16, "ppl_batch_size": 1},
+    }
     (tmp_path / "results.json").write_text(json.dumps({"ppl": 1.0, "config": base}))
 
     def check(**change):

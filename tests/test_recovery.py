@@ -28,10 +28,29 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 
 def settings(**kw) -> RecoverySettings:
-    base = dict(mode="lora", tokens=6 * 4 * 32, sources=(("c4[0:100]", 1.0),), seq_len=32, batch_size=4,
-                micro_batch_size=2, lr=1e-2, min_lr_ratio=0.1, warmup=0.2, weight_decay=0.01, max_grad_norm=1.0,
-                topk=64, ce_weight=0.5, bf16=False, lora=LoraSettings(4, 8.0, 0.1, ALL), train_embeddings=False,
-                seed=0, checkpoint_every=2, log_every=1, keep_checkpoints=2, device="cpu")
+    base = dict(
+        mode="lora",
+        tokens=6 * 4 * 32,
+        sources=(("c4[0:100]", 1.0),),
+        seq_len=32,
+        batch_size=4,
+        micro_batch_size=2,
+        lr=1e-2,
+        min_lr_ratio=0.1,
+        warmup=0.2,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        topk=64,
+        ce_weight=0.5,
+        bf16=False,
+        lora=LoraSettings(4, 8.0, 0.1, ALL),
+        train_embeddings=False,
+        seed=0,
+        checkpoint_every=2,
+        log_every=1,
+        keep_checkpoints=2,
+        device="cpu",
+    )
     return RecoverySettings(**{**base, **kw})
 
 
@@ -230,12 +249,28 @@ def test_recipe_recovers_a_prune_run_and_exports(tmp_path):
     from test_recipes import run_recipe
 
     prune = tmp_path / "prune"
-    p = run_recipe("tyr.recipes.prune", "model=tiny-llama", "eval=smoke", "pruner=magnitude", "target_sparsity=0.5",
-                   "data.calibration.num_sequences=8", "data.calibration.seq_len=64", f"hydra.run.dir={prune}")
+    p = run_recipe(
+        "tyr.recipes.prune",
+        "model=tiny-llama",
+        "eval=smoke",
+        "pruner=magnitude",
+        "target_sparsity=0.5",
+        "data.calibration.num_sequences=8",
+        "data.calibration.seq_len=64",
+        f"hydra.run.dir={prune}",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
-    args = [f"run={prune}", "eval=smoke", "eval.tasks=[]", "recover.tokens=1536", "recover.seq_len=64",
-            "recover.batch_size=4", "recover.micro_batch_size=2", "recover.checkpoint_every=2",
-            "recover.data=[{source:ptb_valid,weight:1.0}]"]
+    args = [
+        f"run={prune}",
+        "eval=smoke",
+        "eval.tasks=[]",
+        "recover.tokens=1536",
+        "recover.seq_len=64",
+        "recover.batch_size=4",
+        "recover.micro_batch_size=2",
+        "recover.checkpoint_every=2",
+        "recover.data=[{source:ptb_valid,weight:1.0}]",
+    ]
     p = run_recipe("tyr.recipes.recover", *args)
     assert p.returncode == 0, p.stderr[-3000:]
     (out,) = (prune / "recover").glob("lora-*")
@@ -253,8 +288,11 @@ def test_recipe_recovers_a_prune_run_and_exports(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     (full,) = (prune / "recover").glob("full-*")
     assert not (full / "results.json").exists() and [c.name for c in (full / "checkpoints").iterdir()] == ["step-000001"]
-    for bad, msg in (("recover.tokens=100000000", "larger than the text"), ("recover.mode=qlora", "recover.mode"),
-                     ("recover.data=[{source:'c4[0:50]',weight:1.0}]", "overlaps the calibration text")):
+    for bad, msg in (
+        ("recover.tokens=100000000", "larger than the text"),
+        ("recover.mode=qlora", "recover.mode"),
+        ("recover.data=[{source:'c4[0:50]',weight:1.0}]", "overlaps the calibration text"),
+    ):
         p = run_recipe("tyr.recipes.recover", *args, bad)
         assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, (bad, p.stderr[-2000:])
     p = run_recipe("tyr.recipes.recover", "--help")

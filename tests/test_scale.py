@@ -127,8 +127,9 @@ def test_streaming_build_gradients_teacher_and_fitness_equal_in_memory(tiny, tin
         ref = torch.log_softmax(tiny.model(search).logits[:, :-1].float(), -1).topk(64, -1)
     torch.testing.assert_close(teacher.topk_logp, ref.values, rtol=1e-4, atol=1e-5)
     centre = grid.centre_levels()
-    other = {k: [min(len(g.keep) - 1, lvl + (li % 2)) for li, (g, lvl) in enumerate(zip(grid.modules[k], centre[k]))]
-             for k in centre}
+    other = {
+        k: [min(len(g.keep) - 1, lvl + (li % 2)) for li, (g, lvl) in enumerate(zip(grid.modules[k], centre[k]))] for k in centre
+    }
     fits = {}
     for name, model in (("mem", copy.deepcopy(tiny.model)), ("stream", streamed)):
         fit = KLFitness(model, Assembler(model, stores[name]), teacher, batch_size=2)
@@ -216,17 +217,24 @@ def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
         folder = tmp_path / f"synthetic-{layers}"
         subprocess.run([PY, "-c", SYNTH, str(folder), str(layers), "1024", "2048", "2048"], check=True, env=env)
         sizes[layers] = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
-        p = subprocess.run([PY, "-c", STREAM_BUILD, str(folder), str(tmp_path / f"supernet-{layers}")], env=env,
-                           capture_output=True, text=True, cwd=ROOT)
+        p = subprocess.run(
+            [PY, "-c", STREAM_BUILD, str(folder), str(tmp_path / f"supernet-{layers}")],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         res[layers] = json.loads(p.stdout.strip().splitlines()[-1])
         assert res[layers]["layers"] == layers
         for f in folder.glob("*.safetensors"):
             f.unlink()  # keep the test's disk footprint small
     for n in (6, 24):
-        print(f"\n{n} layers: peak RSS {res[n]['peak_rss_mb']:.0f} MB (ru_maxrss {res[n]['ru_maxrss_mb']:.0f} MB; "
-              f"after loading the skeleton "
-              f"{res[n]['loaded_rss_mb']:.0f} MB), checkpoint {sizes[n]:.0f} MB, {res[n]['seconds']:.0f} s")
+        print(
+            f"\n{n} layers: peak RSS {res[n]['peak_rss_mb']:.0f} MB (ru_maxrss {res[n]['ru_maxrss_mb']:.0f} MB; "
+            f"after loading the skeleton "
+            f"{res[n]['loaded_rss_mb']:.0f} MB), checkpoint {sizes[n]:.0f} MB, {res[n]['seconds']:.0f} s"
+        )
     assert sizes[24] > 3.5 * sizes[6]
     assert res[24]["peak_rss_mb"] <= 1.2 * res[6]["peak_rss_mb"]
     assert res[24]["peak_rss_mb"] < 0.75 * sizes[24]
@@ -235,8 +243,11 @@ def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
 
 
 def _torchrun(nproc: int, module: str, *overrides: str, env: dict) -> subprocess.CompletedProcess:
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *overrides] \
-        if nproc > 1 else [PY, "-m", module, *overrides]
+    cmd = (
+        [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *overrides]
+        if nproc > 1
+        else [PY, "-m", module, *overrides]
+    )
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
 
 
@@ -244,11 +255,30 @@ def test_torchrun_build_and_search_equal_one_process(tmp_path, token_cache):
     """The pipeline's build and one search generation on tiny-llama, 1 process vs torchrun with 2
     (gloo on CPU): same shards (float tolerance), same allocation."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TYR_THREADS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    common = ["model=tiny-llama", "pruner=magnitude", "search=fast", "search.intervals=[0.25]", "search.n_levels=5",
-              "search.min_channels=8", "search.generations=1", "search.offspring=6", "search.stages=[[188,2],[288,1]]",
-              "search.surrogate_check=0", "search.topk=64", "data.calibration.num_sequences=8", "data.calibration.seq_len=48",
-              "data.search.num_sequences=8", "data.search.seq_len=48", "compare=[]", "export=false", "eval=smoke",
-              "eval.perplexity=[]", "eval.tasks=[]", "batch_size=2", "recover=none"]
+    common = [
+        "model=tiny-llama",
+        "pruner=magnitude",
+        "search=fast",
+        "search.intervals=[0.25]",
+        "search.n_levels=5",
+        "search.min_channels=8",
+        "search.generations=1",
+        "search.offspring=6",
+        "search.stages=[[188,2],[288,1]]",
+        "search.surrogate_check=0",
+        "search.topk=64",
+        "data.calibration.num_sequences=8",
+        "data.calibration.seq_len=48",
+        "data.search.num_sequences=8",
+        "data.search.seq_len=48",
+        "compare=[]",
+        "export=false",
+        "eval=smoke",
+        "eval.perplexity=[]",
+        "eval.tasks=[]",
+        "batch_size=2",
+        "recover=none",
+    ]
     runs = {}
     for n in (1, 2):
         run_dir = tmp_path / f"np{n}"
@@ -271,12 +301,26 @@ def test_streamed_build_recipe_under_torchrun_equals_in_memory(tiny, tiny_folder
     build of the same checkpoint folder, both through the build recipe."""
     tiny.tokenizer.save_pretrained(tiny_folder)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TYR_THREADS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    common = ["model=hf_folder", f"model.source.path={tiny_folder}", "pruner=magnitude", "supernet.min_channels=8",
-              "data.calibration.num_sequences=8", "data.calibration.seq_len=48", "batch_size=2"]
+    common = [
+        "model=hf_folder",
+        f"model.source.path={tiny_folder}",
+        "pruner=magnitude",
+        "supernet.min_channels=8",
+        "data.calibration.num_sequences=8",
+        "data.calibration.seq_len=48",
+        "batch_size=2",
+    ]
     p = _torchrun(1, "tyr.recipes.build", *common, f"hydra.run.dir={tmp_path / 'mem'}", env=env)
     assert p.returncode == 0, p.stderr[-4000:]
-    p = _torchrun(2, "tyr.recipes.build", *common, "runtime.streaming=true", "runtime.activations_max_mb=0",
-                  f"hydra.run.dir={tmp_path / 'stream'}", env=env)
+    p = _torchrun(
+        2,
+        "tyr.recipes.build",
+        *common,
+        "runtime.streaming=true",
+        "runtime.activations_max_mb=0",
+        f"hydra.run.dir={tmp_path / 'stream'}",
+        env=env,
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     assert_same_supernet(tmp_path / "mem" / "supernet", tmp_path / "stream" / "supernet", atol=1e-4)
     m = json.loads((tmp_path / "stream" / "supernet" / "manifest.json").read_text())

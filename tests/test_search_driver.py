@@ -34,8 +34,6 @@ def data(tiny):
     return calib, search, taylor
 
 
-
-
 def test_topk_kl_equals_exact_kl_when_k_covers_vocab(tiny, data):
     _, search, _ = data
     model = copy.deepcopy(tiny.model)
@@ -84,15 +82,25 @@ def test_kl_fitness_dense_is_zero_and_prefix_cache_is_exact(tiny, data, supernet
 
 
 def _settings(**kw):
-    return SearchSettings(intervals=[0.25, 0.125], n_levels=5, min_channels=8, generations=3, offspring=4,
-                          stages=[(64, 2), (192, 1)], seed=3, batch_size=4, **{"surrogate_check": 0, "holdout": 0.0, **kw})
+    return SearchSettings(
+        intervals=[0.25, 0.125],
+        n_levels=5,
+        min_channels=8,
+        generations=3,
+        offspring=4,
+        stages=[(64, 2), (192, 1)],
+        seed=3,
+        batch_size=4,
+        **{"surrogate_check": 0, "holdout": 0.0, **kw},
+    )
 
 
 def test_driver_resumes_to_the_same_allocation(tiny, data, tmp_path, monkeypatch):
     calib, search, taylor = data
     teacher = TeacherCache.build(tiny.model, search, k=64)
-    ref = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(),
-                     tmp_path / "a")
+    ref = run_search(
+        copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(), tmp_path / "a"
+    )
     assert len(ref["iterations"]) == 2
     for it in ref["iterations"]:
         assert it["cost"] <= it["budget"]
@@ -114,8 +122,9 @@ def test_driver_resumes_to_the_same_allocation(tiny, data, tmp_path, monkeypatch
     monkeypatch.setattr(fit.KLFitness, "__call__", real)
     partial = read_json(tmp_path / "b" / "search_state.json")
     assert len(partial["iterations"]) < 2
-    got = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(),
-                     tmp_path / "b")
+    got = run_search(
+        copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(), tmp_path / "b"
+    )
     for x, y in zip(ref["iterations"], got["iterations"]):
         assert x["levels"] == y["levels"] and x["keep"] == y["keep"]
         assert math.isclose(x["fitness"], y["fitness"], rel_tol=1e-6)
@@ -129,8 +138,9 @@ def test_path_supernet_is_the_sequential_prune(tiny, data, tmp_path):
     seq = copy.deepcopy(tiny.model)
     report = prune_uniform(seq, pruner, calib, 0.5, taylor, batch_size=4, progress=False)
     keep = {"attn": [r["heads_kept"] for r in report["layers"]], "mlp": [r["channels_kept"] for r in report["layers"]]}
-    store = build_path_supernet(tiny.model, MODEL, pruner, calib, taylor, keep, tmp_path / "p",
-                                SearchSettings(min_channels=8, batch_size=4))
+    store = build_path_supernet(
+        tiny.model, MODEL, pruner, calib, taylor, keep, tmp_path / "p", SearchSettings(min_channels=8, batch_size=4)
+    )
     assert all(len(g.keep) == 1 for k in ("attn", "mlp") for g in store.grid.modules[k])
     model = copy.deepcopy(tiny.model)
     Assembler(model, store).assemble(store.grid.centre_levels())
@@ -144,8 +154,7 @@ def test_search_ends_with_the_better_of_supernet_and_reprune(tiny, data, tmp_pat
     calib, search, taylor = data
     teacher = TeacherCache.build(tiny.model, search, k=64)
     model = copy.deepcopy(tiny.model)
-    state = run_search(model, MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(choose_form="heldout"),
-                       tmp_path)
+    state = run_search(model, MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(choose_form="heldout"), tmp_path)
     rp, last = state["reprune"], state["iterations"][-1]
     path_store = SupernetStore.open(rp["supernet"])
     assert [g.keep[0] for g in path_store.grid.modules["mlp"]] == last["keep"]["mlp"]
@@ -157,8 +166,17 @@ def test_search_ends_with_the_better_of_supernet_and_reprune(tiny, data, tmp_pat
     fin = final_allocation(state)
     assert fin["fitness"] == min(kl_sn, kl_rp) and fin["source"] == ("reprune" if kl_rp < kl_sn else "supernet")
     # switched off: no re-prune, the last iteration is the result
-    off = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
-                     _settings(reprune=False), tmp_path / "off")
+    off = run_search(
+        copy.deepcopy(tiny.model),
+        MODEL,
+        pruner_from_conf(),
+        calib,
+        taylor,
+        teacher,
+        0.5,
+        _settings(reprune=False),
+        tmp_path / "off",
+    )
     assert "reprune" not in off and final_allocation(off)["levels"] == off["iterations"][-1]["levels"]
 
 
@@ -173,19 +191,30 @@ def test_holdout_sequences_are_never_searched_and_score_the_reprune(tiny, data, 
     assert seen == {0, 1, 2, 3}
     with pytest.raises(ValueError, match="outside"):
         KLFitness(tiny.model, None, teacher, sequences=(0, 7))
-    state = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
-                       _settings(holdout=0.25), tmp_path)
+    state = run_search(
+        copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(holdout=0.25), tmp_path
+    )
     rp = state["reprune"]
     assert state["holdout_sequences"] == 2 and rp["kl_sequences"] == [4, 6] and rp["kl_tokens"] == 2 * 31
     kl = full_kl(copy.deepcopy(tiny.model), SupernetStore.open(rp["supernet"]), rp["levels"], teacher, 4, (4, 6))
     assert math.isclose(kl, rp["kl_reprune"], rel_tol=1e-6)
     # resuming with another holdout would mix two searches: refused
     with pytest.raises(SearchStateError, match="held-out"):
-        run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
-                   _settings(holdout=0.5), tmp_path)
+        run_search(
+            copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(holdout=0.5), tmp_path
+        )
     with pytest.raises(ValueError, match="fraction"):
-        run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
-                   _settings(holdout=1.0), tmp_path / "x")
+        run_search(
+            copy.deepcopy(tiny.model),
+            MODEL,
+            pruner_from_conf(),
+            calib,
+            taylor,
+            teacher,
+            0.5,
+            _settings(holdout=1.0),
+            tmp_path / "x",
+        )
 
 
 def test_final_iteration_in_path_mode_prunes_along_the_previous_best(tiny, data, tmp_path):
@@ -196,14 +225,31 @@ def test_final_iteration_in_path_mode_prunes_along_the_previous_best(tiny, data,
     calib, search, taylor = data
     teacher = TeacherCache.build(tiny.model, search, k=64)
     model = copy.deepcopy(tiny.model)
-    state = run_search(model, MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
-                       _settings(final_eea="path", reprune=False), tmp_path / "run")
+    state = run_search(
+        model,
+        MODEL,
+        pruner_from_conf(),
+        calib,
+        taylor,
+        teacher,
+        0.5,
+        _settings(final_eea="path", reprune=False),
+        tmp_path / "run",
+    )
     first, last = state["iterations"]
     s0, s1 = SupernetStore.open(first["supernet"]), SupernetStore.open(last["supernet"])
     assert s0.manifest["eea"] == "expectation" and s1.manifest["eea"] == "path"
     assert [g.keep[g.centre] for g in s1.grid.modules["mlp"]] == first["keep"]["mlp"]
-    path = build_path_supernet(tiny.model, MODEL, pruner_from_conf(), calib, taylor, first["keep"], tmp_path / "p",
-                               SearchSettings(min_channels=8, batch_size=4))
+    path = build_path_supernet(
+        tiny.model,
+        MODEL,
+        pruner_from_conf(),
+        calib,
+        taylor,
+        first["keep"],
+        tmp_path / "p",
+        SearchSettings(min_channels=8, batch_size=4),
+    )
     a, b = copy.deepcopy(tiny.model), copy.deepcopy(tiny.model)
     Assembler(a, s1).assemble(s1.grid.centre_levels())
     Assembler(b, path).assemble(path.grid.centre_levels())
@@ -212,8 +258,17 @@ def test_final_iteration_in_path_mode_prunes_along_the_previous_best(tiny, data,
     assert (want - dense).abs().max() > 0.1
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
     # in the default (expectation) mode the centre variants differ from the sequential prune
-    default = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
-                         _settings(reprune=False), tmp_path / "default")
+    default = run_search(
+        copy.deepcopy(tiny.model),
+        MODEL,
+        pruner_from_conf(),
+        calib,
+        taylor,
+        teacher,
+        0.5,
+        _settings(reprune=False),
+        tmp_path / "default",
+    )
     s1e = SupernetStore.open(default["iterations"][1]["supernet"])
     c = copy.deepcopy(tiny.model)
     Assembler(c, s1e).assemble(s1e.grid.centre_levels())
@@ -226,8 +281,9 @@ def test_choose_form_overrides_the_held_out_choice(tiny, data, tmp_path, form):
     """``choose_form``: the named form is the result whatever the held-out KLs say (both still recorded)."""
     calib, search, taylor = data
     teacher = TeacherCache.build(tiny.model, search, k=64)
-    state = run_search(copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5,
-                       _settings(choose_form=form), tmp_path)
+    state = run_search(
+        copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(choose_form=form), tmp_path
+    )
     rp = state["reprune"]
     assert rp["chosen"] == form and rp["chosen_by"] == form and final_allocation(state)["source"] == form
     assert rp["kl_supernet"] > 0 and rp["kl_reprune"] > 0

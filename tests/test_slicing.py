@@ -110,8 +110,9 @@ def _with_output_biases(a, layer, seed: int):
     return lay
 
 
-@pytest.mark.parametrize("kind,keep", [("attn", [0, 2, 3]), ("attn", [1]), ("attn", []), ("mlp", list(range(0, 128, 3))),
-                                       ("mlp", [])])
+@pytest.mark.parametrize(
+    "kind,keep", [("attn", [0, 2, 3]), ("attn", [1]), ("attn", []), ("mlp", list(range(0, 128, 3))), ("mlp", [])]
+)
 def test_bias_compensation_adds_to_an_existing_bias(tiny, inputs, kind, keep):
     """Slicing a block whose output projection has a bias b₀, with compensation c = W₀[:, R]·mean(X_R),
     gives the dense block output minus the removed units' contribution X_R W₀[:, R]ᵀ plus c, all

@@ -26,9 +26,6 @@ from conftest import pruner_from_conf
 MODEL = {"name": "tiny-llama", "revision": "random-seed:0", "dtype": "float32"}
 
 
-
-
-
 def _build(tiny, calib, taylor, root, eea="expectation", sparsity=0.5, path=None, centre=None, pruner="hywia"):
     grid = make_grid(layer_shapes(tiny.model), sparsity, interval=0.25, n_levels=5, min_channels=8, centre=centre)
     store = SupernetStore.create_or_resume(root, model=MODEL, grid=grid, eea=eea, config={"pruner": pruner, "path": path})
@@ -65,8 +62,10 @@ def test_eea_expectation_equals_weighted_average_of_variant_outputs(tiny, calib,
     layer = a.layers(model)[1]
     grid = make_grid(layer_shapes(model), 0.5, interval=0.25, n_levels=5, min_channels=8)
     st, _ = collect_input_stats(layer, x, kw[1], {"o": a.attention(layer).o_proj, "d": a.mlp(layer).down_proj})
-    for kind, prob in (("attn", attention_problem(a, layer, 1, st["o"], taylor[1]["attn"])),
-                       ("mlp", mlp_problem(a, layer, 1, st["d"], taylor[1]["mlp"]))):
+    for kind, prob in (
+        ("attn", attention_problem(a, layer, 1, st["o"], taylor[1]["attn"])),
+        ("mlp", mlp_problem(a, layer, 1, st["d"], taylor[1]["mlp"])),
+    ):
         g = grid.modules[kind][1]
         variants = pruner_from_conf().prune(prob, list(g.keep))
         w = eea_weights(g, "expectation")
@@ -129,8 +128,9 @@ def test_resume_gives_identical_shards_and_detects_corruption(tiny, calib, taylo
     with pytest.raises(KeyboardInterrupt):
         _build(tiny, calib, taylor, tmp_path / "resumed")
     monkeypatch.setattr(store_mod.SupernetStore, "write_layer", real)
-    partial = SupernetStore.create_or_resume(tmp_path / "resumed", model=MODEL, grid=full.grid, eea="expectation",
-                                             config={"pruner": "hywia", "path": None})
+    partial = SupernetStore.create_or_resume(
+        tmp_path / "resumed", model=MODEL, grid=full.grid, eea="expectation", config={"pruner": "hywia", "path": None}
+    )
     assert partial.completed_layers() == [0, 1] and not partial.manifest["complete"]
     with pytest.raises(SupernetError, match="not complete"):
         SupernetStore.open(tmp_path / "resumed")
@@ -146,11 +146,17 @@ def test_resume_gives_identical_shards_and_detects_corruption(tiny, calib, taylo
         store.variant(1, "mlp", 0)
     # a manifest from another model or config is refused
     with pytest.raises(SupernetError, match="not other-model"):
-        SupernetStore.create_or_resume(tmp_path / "full", model={**MODEL, "name": "other-model"}, grid=full.grid,
-                                       eea="expectation", config={"pruner": "hywia", "path": None})
+        SupernetStore.create_or_resume(
+            tmp_path / "full",
+            model={**MODEL, "name": "other-model"},
+            grid=full.grid,
+            eea="expectation",
+            config={"pruner": "hywia", "path": None},
+        )
     with pytest.raises(SupernetError, match="another configuration"):
-        SupernetStore.create_or_resume(tmp_path / "full", model=MODEL, grid=full.grid, eea="none",
-                                       config={"pruner": "hywia", "path": None})
+        SupernetStore.create_or_resume(
+            tmp_path / "full", model=MODEL, grid=full.grid, eea="none", config={"pruner": "hywia", "path": None}
+        )
 
 
 def test_compact_storage(tiny, calib, taylor, tmp_path):
@@ -185,8 +191,10 @@ def _masked_model(model, store, levels):
     a = get_adapter(m)
     with torch.no_grad():
         for l, layer in enumerate(a.layers(m)):
-            for kind, proj, width in (("attn", a.attention(layer).o_proj, a.geometry(layer).head_dim),
-                                      ("mlp", a.mlp(layer).down_proj, 1)):
+            for kind, proj, width in (
+                ("attn", a.attention(layer).o_proj, a.geometry(layer).head_dim),
+                ("mlp", a.mlp(layer).down_proj, 1),
+            ):
                 v = store.variant(l, kind, levels[kind][l])
                 cols = [u * width + j for u in v.keep for j in range(width)]
                 W = torch.zeros_like(proj.weight)
@@ -244,8 +252,9 @@ def test_modes_build_the_variants_of_their_inputs(tiny, calib, taylor, tmp_path,
     levels["mlp"][2] = 0
     assert asm.assemble(levels) == [2]  # only the changed layer is rebuilt
     with torch.no_grad():
-        torch.testing.assert_close(pruned(calib[:2]).logits, _masked_model(tiny.model, store, levels)(calib[:2]).logits,
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            pruned(calib[:2]).logits, _masked_model(tiny.model, store, levels)(calib[:2]).logits, atol=1e-4, rtol=1e-4
+        )
 
 
 def test_assembly_at_centre_equals_uniform_pruning(tiny, calib, taylor, tmp_path):

@@ -32,6 +32,7 @@ class OutlierRatios(LayerCallback):
         def hook(name):
             def fn(module, args):
                 sq[name] += args[0].detach().float().pow(2).reshape(-1, args[0].shape[-1]).sum(0)
+
             return fn
 
         out = inputs.forward(layer, [(lin, "forward_pre", hook(n)) for n, lin in proj.items()])
@@ -62,8 +63,13 @@ def owl_sparsities(ratios: list[float], target: float, lam: float = 0.08) -> lis
 def nearest_levels(grid: SupernetGrid, layer_sparsity: list[float]) -> dict[str, list[int]]:
     """The grid level of each module nearest the layer's sparsity, then repaired to the grid's
     centre budget (never above it) by moving the modules furthest from their targets."""
-    levels = {k: [min(range(len(g.keep)), key=lambda i: (abs(g.sparsity(i) - layer_sparsity[l]), i))
-                  for l, g in enumerate(grid.modules[k])] for k in KINDS}
+    levels = {
+        k: [
+            min(range(len(g.keep)), key=lambda i: (abs(g.sparsity(i) - layer_sparsity[l]), i))
+            for l, g in enumerate(grid.modules[k])
+        ]
+        for k in KINDS
+    }
     budget = grid.allocation_params(grid.centre_levels())
 
     def gap(k, l, lvl):  # how much more pruned than wanted the module would be at lvl
@@ -72,16 +78,25 @@ def nearest_levels(grid: SupernetGrid, layer_sparsity: list[float]) -> dict[str,
     for _ in range(10_000):
         cost = grid.allocation_params(levels)
         if cost > budget:  # prune one more level where the module is least pruned relative to its target
-            cands = [(gap(k, l, levels[k][l] + 1), k, l) for k in KINDS for l in range(grid.num_layers)
-                     if levels[k][l] + 1 < len(grid.modules[k][l].keep)]
+            cands = [
+                (gap(k, l, levels[k][l] + 1), k, l)
+                for k in KINDS
+                for l in range(grid.num_layers)
+                if levels[k][l] + 1 < len(grid.modules[k][l].keep)
+            ]
             if not cands:
                 break
             _, k, l = min(cands)
             levels[k][l] += 1
             continue
         # un-prune one level where it helps most, if it still fits
-        cands = [(gap(k, l, levels[k][l]), k, l) for k in KINDS for l in range(grid.num_layers) if levels[k][l] > 0
-                 and cost + grid.modules[k][l].params(levels[k][l] - 1) - grid.modules[k][l].params(levels[k][l]) <= budget]
+        cands = [
+            (gap(k, l, levels[k][l]), k, l)
+            for k in KINDS
+            for l in range(grid.num_layers)
+            if levels[k][l] > 0
+            and cost + grid.modules[k][l].params(levels[k][l] - 1) - grid.modules[k][l].params(levels[k][l]) <= budget
+        ]
         if not cands:
             break
         g, k, l = max(cands)

@@ -73,8 +73,9 @@ def diff(old: dict, new: dict) -> list[str]:
     out = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k, missing), b.get(k, missing)
-        if canonical(va if va is not missing else None) != canonical(vb if vb is not missing else None) or \
-                (va is missing) != (vb is missing):
+        if canonical(va if va is not missing else None) != canonical(vb if vb is not missing else None) or (va is missing) != (
+            vb is missing
+        ):
             fmt = lambda v: "(unset)" if v is missing else canonical(v)  # noqa: E731
             out.append(f"{k}: {fmt(va)} -> {fmt(vb)}")
     return out

@@ -48,19 +48,37 @@ def keep_counts(grid: SupernetGrid, levels: dict[str, list[int]]) -> dict[str, l
     return {k: [grid.modules[k][l].keep[levels[k][l]] for l in range(grid.num_layers)] for k in KINDS}
 
 
-def build_path_supernet(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tensor, taylor: dict | None,
-                        keep: dict[str, list[int]], root: str | Path, settings: SearchSettings,
-                        store_config: dict | None = None) -> SupernetStore:
+def build_path_supernet(
+    model,
+    model_id: dict,
+    pruner: LocalPruner,
+    calib_ids: torch.Tensor,
+    taylor: dict | None,
+    keep: dict[str, list[int]],
+    root: str | Path,
+    settings: SearchSettings,
+    store_config: dict | None = None,
+) -> SupernetStore:
     """A one-level supernet at the kept-unit counts ``keep``, built along that allocation (EEA
     ``path``): the sparsegpt-style sequential prune of the model to these widths, stored (and
     resumable, and exportable) like any supernet. Level 0 of every module is the allocation."""
     grid = make_grid(layer_shapes(model), 0.0, 1.0, 1, settings.min_heads, settings.min_channels, centre=keep)
-    store = SupernetStore.create_or_resume(root, model=model_id, grid=grid, eea="path",
-                                           config={**(store_config or {}), "path_keep": keep})
+    store = SupernetStore.create_or_resume(
+        root, model=model_id, grid=grid, eea="path", config={**(store_config or {}), "path_keep": keep}
+    )
     if not store.manifest["complete"]:
         log.info("pruning sequentially along the allocation into %s", store.root)
-        build_supernet(model, pruner, calib_ids, grid, store, eea="path", taylor=taylor,
-                       path=grid.centre_levels(), batch_size=settings.batch_size)
+        build_supernet(
+            model,
+            pruner,
+            calib_ids,
+            grid,
+            store,
+            eea="path",
+            taylor=taylor,
+            path=grid.centre_levels(),
+            batch_size=settings.batch_size,
+        )
     return SupernetStore.open(store.root, expect_model=model_id)
 
 
@@ -71,8 +89,14 @@ def eea_of_iteration(settings: SearchSettings, it: int) -> str:
     return settings.final_eea if last and settings.final_eea else settings.eea
 
 
-def full_kl(model, store: SupernetStore, levels: dict[str, list[int]], teacher: TeacherCache, batch_size: int,
-            sequences: tuple[int, int] | None = None) -> float:
+def full_kl(
+    model,
+    store: SupernetStore,
+    levels: dict[str, list[int]],
+    teacher: TeacherCache,
+    batch_size: int,
+    sequences: tuple[int, int] | None = None,
+) -> float:
     """Mean per-token KL of one allocation over the teacher sequences [start, stop) (default: all;
     no rotation, no cache)."""
     asm = Assembler(model, store)
@@ -93,9 +117,18 @@ def _surrogate_check(space, start, errors, fitness, n, rng, tokens) -> dict:
     return {"n": n, "tokens": tokens, "spearman": spearman(sur, true)}
 
 
-def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tensor, taylor: dict | None,
-               teacher: TeacherCache, target_sparsity: float, settings: SearchSettings, run_dir: str | Path,
-               store_config: dict | None = None) -> dict:
+def run_search(
+    model,
+    model_id: dict,
+    pruner: LocalPruner,
+    calib_ids: torch.Tensor,
+    taylor: dict | None,
+    teacher: TeacherCache,
+    target_sparsity: float,
+    settings: SearchSettings,
+    run_dir: str | Path,
+    store_config: dict | None = None,
+) -> dict:
     """Run (or resume) the whole coarse-to-fine search; returns the final allocation record."""
     import numpy as np
 
@@ -109,8 +142,10 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
     if n_hold >= N:
         raise ValueError(f"search.holdout={settings.holdout} leaves no search sequences (the teacher has {N})")
     if state.get("holdout_sequences", 0) != n_hold and (state["iterations"] or state.get("current")):
-        raise SearchStateError(f"{state_file}: searched with {state.get('holdout_sequences', 0)} held-out sequences, now "
-                         f"{n_hold} (search.holdout={settings.holdout}); use another run directory")
+        raise SearchStateError(
+            f"{state_file}: searched with {state.get('holdout_sequences', 0)} held-out sequences, now "
+            f"{n_hold} (search.holdout={settings.holdout}); use another run directory"
+        )
     state["holdout_sequences"] = n_hold
     searched_rows = (0, N - n_hold)
     history = JsonlWriter(run_dir / "history.jsonl")
@@ -124,49 +159,98 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         if it < len(state["iterations"]):
             continue
         t_it = time.time()
-        grid = make_grid(shapes, target_sparsity, interval, settings.n_levels, settings.min_heads,
-                         settings.min_channels, centre=centre)
+        grid = make_grid(
+            shapes, target_sparsity, interval, settings.n_levels, settings.min_heads, settings.min_channels, centre=centre
+        )
         eea = eea_of_iteration(settings, it)
         store = SupernetStore.create_or_resume(
-            run_dir / f"iter{it}" / "supernet", model=model_id, grid=grid, eea=eea,
-            config={**(store_config or {}), "iteration": it, "interval": interval})
+            run_dir / f"iter{it}" / "supernet",
+            model=model_id,
+            grid=grid,
+            eea=eea,
+            config={**(store_config or {}), "iteration": it, "interval": interval},
+        )
         if not store.manifest["complete"]:
             log.info("iteration %d: building the supernet (interval %.4f, EEA %s)", it, interval, eea)
-            build_supernet(model, pruner, calib_ids, grid, store, eea=eea, taylor=taylor,
-                           path=grid.centre_levels() if eea == "path" else None, batch_size=settings.batch_size)
+            build_supernet(
+                model,
+                pruner,
+                calib_ids,
+                grid,
+                store,
+                eea=eea,
+                taylor=taylor,
+                path=grid.centre_levels() if eea == "path" else None,
+                batch_size=settings.batch_size,
+            )
         t_build = time.time() - t_it
         store = SupernetStore.open(store.root, expect_model=model_id)
         asm = Assembler(model, store)
         space = SearchSpace.from_costs(grid.costs(), budget=grid.allocation_params(grid.centre_levels()))
         start = Allocation(grid.centre_levels())
-        fitness = KLFitness(model, asm, teacher, settings.batch_size, settings.prefix_cache, settings.prefix_cache_max_mb,
-                            sequences=searched_rows)
+        fitness = KLFitness(
+            model, asm, teacher, settings.batch_size, settings.prefix_cache, settings.prefix_cache_max_mb, sequences=searched_rows
+        )
         errors = store.errors()
-        evo = EvolutionConfig(generations=settings.generations, offspring=settings.offspring, stages=list(settings.stages),
-                              seed=settings.seed + it, max_flips=settings.max_flips, prescreen_keep=settings.prescreen_keep)
+        evo = EvolutionConfig(
+            generations=settings.generations,
+            offspring=settings.offspring,
+            stages=list(settings.stages),
+            seed=settings.seed + it,
+            max_flips=settings.max_flips,
+            prescreen_keep=settings.prescreen_keep,
+        )
         current = state["current"] if state.get("current") and state["current"]["iteration"] == it else None
         resume = current["evolution"] if current else None
         extra = dict(current.get("extra", {})) if current else {}  # the surrogate check of a killed session
         searched_before = float(current.get("search_seconds", 0.0)) if current else 0.0
         if settings.surrogate_check and resume is None:
-            extra["surrogate"] = _surrogate_check(space, start, errors, fitness, settings.surrogate_check,
-                                                  np.random.default_rng(settings.seed + 1000 + it), settings.stages[0][0])
+            extra["surrogate"] = _surrogate_check(
+                space,
+                start,
+                errors,
+                fitness,
+                settings.surrogate_check,
+                np.random.default_rng(settings.seed + 1000 + it),
+                settings.stages[0][0],
+            )
             log.info("surrogate rank correlation with KL: %.3f", extra["surrogate"]["spearman"])
         fitness.generation = (resume["generation"] - 1) if resume else -1  # the next stage-0 call is generation 0 / resumed one
         for k, v in (current or {}).get("fitness_stats", {}).items():  # counters of the killed session(s)
             setattr(fitness.stats, k, v)
         t_search = time.time()
-        bar = Progress(settings.generations, f"search iteration {it + 1}/{len(settings.intervals)}: generation",
-                       initial=resume["generation"] if resume else 0, every=10.0, enabled=dist.is_main())
+        bar = Progress(
+            settings.generations,
+            f"search iteration {it + 1}/{len(settings.intervals)}: generation",
+            initial=resume["generation"] if resume else 0,
+            every=10.0,
+            enabled=dist.is_main(),
+        )
 
-        def on_generation(record: dict, evo_state: dict, it=it, extra=extra, bar=bar, fitness=fitness,
-                          searched_before=searched_before, t_search=t_search) -> None:
-            record = {**record, "iteration": it, "layer_forwards": fitness.stats.layer_forwards,
-                      "layer_forwards_saved": fitness.stats.layer_forwards_saved}
+        def on_generation(
+            record: dict,
+            evo_state: dict,
+            it=it,
+            extra=extra,
+            bar=bar,
+            fitness=fitness,
+            searched_before=searched_before,
+            t_search=t_search,
+        ) -> None:
+            record = {
+                **record,
+                "iteration": it,
+                "layer_forwards": fitness.stats.layer_forwards,
+                "layer_forwards_saved": fitness.stats.layer_forwards_saved,
+            }
             fitness.generation = record["generation"]  # keeps token rotation aligned even if a generation had no stages
-            state["current"] = {"iteration": it, "evolution": evo_state, "extra": extra,
-                                "search_seconds": searched_before + time.time() - t_search,
-                                "fitness_stats": {k: v for k, v in asdict(fitness.stats).items() if k != "history"}}
+            state["current"] = {
+                "iteration": it,
+                "evolution": evo_state,
+                "extra": extra,
+                "search_seconds": searched_before + time.time() - t_search,
+                "fitness_stats": {k: v for k, v in asdict(fitness.stats).items() if k != "history"},
+            }
             if dist.is_main():
                 history.write(**record)
                 fault_point("search.generation")
@@ -178,11 +262,18 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
         bar.close()
         best = result.best.to_json()
         iteration = {
-            "iteration": it, "interval": interval, "levels": best, "keep": keep_counts(grid, best),
-            "fitness": result.best_fitness, "budget": space.budget, "cost": space.cost(result.best),
-            "supernet": _rel(store.root, run_dir), "build_seconds": store.manifest.get("build_seconds_total", t_build),
+            "iteration": it,
+            "interval": interval,
+            "levels": best,
+            "keep": keep_counts(grid, best),
+            "fitness": result.best_fitness,
+            "budget": space.budget,
+            "cost": space.cost(result.best),
+            "supernet": _rel(store.root, run_dir),
+            "build_seconds": store.manifest.get("build_seconds_total", t_build),
             "search_seconds": searched_before + time.time() - t_search,
-            "fitness_stats": {k: v for k, v in asdict(fitness.stats).items() if k != "history"}, **extra,
+            "fitness_stats": {k: v for k, v in asdict(fitness.stats).items() if k != "history"},
+            **extra,
         }
         state["iterations"].append(iteration)
         state["current"] = None
@@ -190,35 +281,63 @@ def run_search(model, model_id: dict, pruner: LocalPruner, calib_ids: torch.Tens
             write_json(state_file, state)
         centre = iteration["keep"]
         asm.restore_dense()
-        log.info("iteration %d done: KL %.4f, cost %d / budget %d", it, result.best_fitness or float("nan"),
-                 iteration["cost"], space.budget)
+        log.info(
+            "iteration %d done: KL %.4f, cost %d / budget %d",
+            it,
+            result.best_fitness or float("nan"),
+            iteration["cost"],
+            space.budget,
+        )
     if settings.reprune and state.get("reprune") is None and state["iterations"]:
         final = state["iterations"][-1]
         t0 = time.time()
-        path_store = build_path_supernet(model, model_id, pruner, calib_ids, taylor, final["keep"],
-                                         run_dir / "reprune" / "supernet", settings,
-                                         {**(store_config or {}), "reprune_of_iteration": final["iteration"]})
+        path_store = build_path_supernet(
+            model,
+            model_id,
+            pruner,
+            calib_ids,
+            taylor,
+            final["keep"],
+            run_dir / "reprune" / "supernet",
+            settings,
+            {**(store_config or {}), "reprune_of_iteration": final["iteration"]},
+        )
         # Scored on the held-out sequences: the search has selected the allocation for its supernet
         # variants on the others, so their KL flatters the supernet form.
         rows = (N - n_hold, N) if n_hold else (0, N)
         if not n_hold:
-            log.warning("search.holdout=0: the re-prune choice is scored on the tokens the search selected on "
-                        "(biased towards the supernet form)")
+            log.warning(
+                "search.holdout=0: the re-prune choice is scored on the tokens the search selected on "
+                "(biased towards the supernet form)"
+            )
         searched_store = SupernetStore.open(run_dir / final["supernet"], expect_model=model_id)
         kl_searched = full_kl(model, searched_store, final["levels"], teacher, settings.batch_size, rows)
         kl_reprune = full_kl(model, path_store, path_store.grid.centre_levels(), teacher, settings.batch_size, rows)
-        chosen = ("reprune" if kl_reprune < kl_searched else "supernet") if settings.choose_form == "heldout" \
-            else settings.choose_form
+        chosen = (
+            ("reprune" if kl_reprune < kl_searched else "supernet") if settings.choose_form == "heldout" else settings.choose_form
+        )
         n_tok = (rows[1] - rows[0]) * (teacher.input_ids.shape[1] - 1)
-        state["reprune"] = {"supernet": _rel(path_store.root, run_dir), "levels": path_store.grid.centre_levels(),
-                            "kl_sequences": list(rows), "kl_tokens": n_tok, "kl_supernet": kl_searched,
-                            "kl_reprune": kl_reprune, "chosen": chosen, "chosen_by": settings.choose_form,
-                            "seconds": time.time() - t0}
+        state["reprune"] = {
+            "supernet": _rel(path_store.root, run_dir),
+            "levels": path_store.grid.centre_levels(),
+            "kl_sequences": list(rows),
+            "kl_tokens": n_tok,
+            "kl_supernet": kl_searched,
+            "kl_reprune": kl_reprune,
+            "chosen": chosen,
+            "chosen_by": settings.choose_form,
+            "seconds": time.time() - t0,
+        }
         if dist.is_main():
             write_json(state_file, state)
-        log.info("sequential re-prune at the searched widths: KL %.4f vs %.4f from the supernet (%d %s tokens); "
-                 "keeping the %s model", kl_reprune, kl_searched, n_tok, "held-out" if n_hold else "search",
-                 chosen)
+        log.info(
+            "sequential re-prune at the searched widths: KL %.4f vs %.4f from the supernet (%d %s tokens); keeping the %s model",
+            kl_reprune,
+            kl_searched,
+            n_tok,
+            "held-out" if n_hold else "search",
+            chosen,
+        )
     return resolved(state, run_dir)
 
 
@@ -272,8 +391,13 @@ def search_forms(state: dict) -> dict[str, dict]:
     last iteration's allocation in its supernet) and, when the re-prune ran, ``reprune``. ``fitness``
     is the KL on the re-prune's scoring sequences when it ran, else the search's last-stage KL."""
     final, rp = state["iterations"][-1], state.get("reprune")
-    forms = {"supernet": {"supernet": final["supernet"], "levels": final["levels"],
-                          "fitness": final["fitness"] if rp is None else rp["kl_supernet"]}}
+    forms = {
+        "supernet": {
+            "supernet": final["supernet"],
+            "levels": final["levels"],
+            "fitness": final["fitness"] if rp is None else rp["kl_supernet"],
+        }
+    }
     if rp is not None:
         forms["reprune"] = {"supernet": rp["supernet"], "levels": rp["levels"], "fitness": rp["kl_reprune"]}
     return forms

@@ -37,8 +37,10 @@ class DataSourceError(ValueError):
     """A text source that cannot be read: unknown name, missing file, a bad line (one-line message)."""
 
 
-KNOWN_SOURCES = ("wikitext2_test, wikitext2_train, wikitext2_valid, ptb_test, ptb_valid, c4, c4[a:b], "
-                 "jsonl:PATH[a:b], parquet:PATH[a:b], and mixes of them joined by '+'")
+KNOWN_SOURCES = (
+    "wikitext2_test, wikitext2_train, wikitext2_valid, ptb_test, ptb_valid, c4, c4[a:b], "
+    "jsonl:PATH[a:b], parquet:PATH[a:b], and mixes of them joined by '+'"
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,9 +147,13 @@ def check_source(source: str) -> None:
             check_source(part)
         return
     d = data_dir()
-    fixed = {"wikitext2_test": d / "wikitext2" / "wiki.test.raw", "wikitext2_train": d / "wikitext2" / "wiki.train.tokens",
-             "wikitext2_valid": d / "wikitext2" / "wiki.valid.tokens", "ptb_test": d / "ptb" / "ptb.test.txt",
-             "ptb_valid": d / "ptb" / "ptb.valid.txt"}
+    fixed = {
+        "wikitext2_test": d / "wikitext2" / "wiki.test.raw",
+        "wikitext2_train": d / "wikitext2" / "wiki.train.tokens",
+        "wikitext2_valid": d / "wikitext2" / "wiki.valid.tokens",
+        "ptb_test": d / "ptb" / "ptb.test.txt",
+        "ptb_valid": d / "ptb" / "ptb.valid.txt",
+    }
     if source in fixed:
         if not fixed[source].exists():
             raise DataSourceError(f"text source {source!r}: {fixed[source]} does not exist")
@@ -185,8 +191,9 @@ def check_spec(spec: TokenSetSpec, what: str) -> None:
     if spec.sampling not in ("random", "contiguous"):
         raise DataSourceError(f"{what}.sampling={spec.sampling!r} must be 'random' or 'contiguous'")
     if "+" in spec.source and (spec.sampling != "random" or spec.num_sequences < len(spec.source.split("+"))):
-        raise DataSourceError(f"{what}.source={spec.source!r} mixes sources: it needs sampling=random and at least "
-                              "one sequence per source")
+        raise DataSourceError(
+            f"{what}.source={spec.source!r} mixes sources: it needs sampling=random and at least one sequence per source"
+        )
     try:
         check_source(spec.source)
     except DataSourceError as e:
@@ -279,13 +286,19 @@ def _mixed_token_set(spec: TokenSetSpec, tokenizer, tokenizer_name: str) -> Toke
     by source, so that any prefix of the set (a search stage's first sequences) is a mix too."""
     parts = spec.source.split("+")
     counts = [spec.num_sequences // len(parts) + (i < spec.num_sequences % len(parts)) for i in range(len(parts))]
-    sets = [build_token_set(TokenSetSpec(p, spec.seq_len, n, "random", spec.seed + 7919 * i), tokenizer, tokenizer_name)
-            for i, (p, n) in enumerate(zip(parts, counts))]
+    sets = [
+        build_token_set(TokenSetSpec(p, spec.seq_len, n, "random", spec.seed + 7919 * i), tokenizer, tokenizer_name)
+        for i, (p, n) in enumerate(zip(parts, counts))
+    ]
     order = [(i, j) for j in range(max(counts)) for i in range(len(parts)) if j < counts[i]]
     ids = torch.stack([sets[i].input_ids[j] for i, j in order])
     meta = {k: str(v) for k, v in asdict(spec).items()}
-    meta.update(schema=str(TOKENSET_SCHEMA), tokenizer=tokenizer_name, tokenizer_id=tokenizer_id(tokenizer),
-                source_tokens="+".join(s.metadata["source_tokens"] for s in sets))
+    meta.update(
+        schema=str(TOKENSET_SCHEMA),
+        tokenizer=tokenizer_name,
+        tokenizer_id=tokenizer_id(tokenizer),
+        source_tokens="+".join(s.metadata["source_tokens"] for s in sets),
+    )
     return TokenSet(ids, meta)
 
 
@@ -313,10 +326,7 @@ def build_token_set(spec: TokenSetSpec, tokenizer, tokenizer_name: str = "") -> 
         raise ValueError(f"sampling must be 'random' or 'contiguous', got {spec.sampling!r}")
     meta = {k: str(v) for k, v in asdict(spec).items()}
     meta.update(
-        schema=str(TOKENSET_SCHEMA),
-        tokenizer=tokenizer_name,
-        tokenizer_id=tokenizer_id(tokenizer),
-        source_tokens=str(len(ids)),
+        schema=str(TOKENSET_SCHEMA), tokenizer=tokenizer_name, tokenizer_id=tokenizer_id(tokenizer), source_tokens=str(len(ids))
     )
     return TokenSet(torch.from_numpy(np.ascontiguousarray(chosen)), meta)
 

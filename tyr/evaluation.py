@@ -44,8 +44,9 @@ def perplexity(model, input_ids: torch.Tensor, batch_size: int = 1, desc: str = 
     for i in tqdm(range(0, input_ids.shape[0], batch_size), desc=desc, leave=False, disable=None):
         x = input_ids[i : i + batch_size]
         hidden = base(input_ids=x).last_hidden_state
-        window_nll += [float(token_nll(hidden[j : j + 1, :-1], head, x[j : j + 1, 1:])) / (x.shape[1] - 1)
-                       for j in range(x.shape[0])]
+        window_nll += [
+            float(token_nll(hidden[j : j + 1, :-1], head, x[j : j + 1, 1:])) / (x.shape[1] - 1) for j in range(x.shape[0])
+        ]
     n = len(window_nll)
     nll = sum(window_nll) / n  # every window has the same number of scored tokens
     # standard error of the mean NLL over windows (windows as the samples), and of ppl by the delta method
@@ -115,8 +116,15 @@ def _budget_hflm(model, tokenizer, max_batch: int, logits_mb: float | None):
 
 
 # lm-eval warnings about what tyr does on purpose (an in-memory model, num_fewshot=0) and per-call chatter.
-_LM_EVAL_EXPECTED = ("model kwarg is not of type", "already-initialized model", "Overwriting default num_fewshot",
-                     "Setting verbosity through simple_evaluate", "Building contexts for", "Selected tasks", "Task: tyr_")
+_LM_EVAL_EXPECTED = (
+    "model kwarg is not of type",
+    "already-initialized model",
+    "Overwriting default num_fewshot",
+    "Setting verbosity through simple_evaluate",
+    "Building contexts for",
+    "Selected tasks",
+    "Task: tyr_",
+)
 
 
 class _LmEvalFilter(logging.Filter):
@@ -134,15 +142,28 @@ class _LmEvalFilter(logging.Filter):
 
 def quiet_lm_eval() -> None:
     """Install :class:`_LmEvalFilter` on lm-eval's loggers (idempotent)."""
-    for name in ("lm_eval", "lm_eval.models.huggingface", "lm_eval.evaluator", "lm_eval.evaluator_utils",
-                 "lm_eval.api.task", "lm_eval.api.model"):
+    for name in (
+        "lm_eval",
+        "lm_eval.models.huggingface",
+        "lm_eval.evaluator",
+        "lm_eval.evaluator_utils",
+        "lm_eval.api.task",
+        "lm_eval.api.model",
+    ):
         lg = logging.getLogger(name)
         if not any(isinstance(f, _LmEvalFilter) for f in lg.filters):
             lg.addFilter(_LmEvalFilter())
 
 
-def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 16,
-              task_dir: str | None = None, logits_mb: float | None = 256) -> ZeroShotResult:
+def zero_shot(
+    model,
+    tokenizer,
+    tasks: list[str],
+    limit: int | None = None,
+    batch_size: int = 16,
+    task_dir: str | None = None,
+    logits_mb: float | None = 256,
+) -> ZeroShotResult:
     """lm-eval zero-shot accuracy on the in-memory model: local task files for the tasks whose data
     ships with tyr, lm-eval's built-in tasks (their data from the Hub or its cache) for other names
     (:mod:`tyr.tasks`). Batches hold up to ``batch_size`` requests and at most ``logits_mb`` MB of
@@ -184,9 +205,21 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batc
 _PPL_NAMES = {"wikitext2_test": "wikitext2", "ptb_test": "ptb"}
 
 
-def evaluate_model(model, tokenizer, *, perplexity_sources: list[str], seq_len: int, ppl_windows: int,
-                   ppl_batch_size: int, tasks: list[str], limit: int | None, batch_size: int,
-                   token_cache: str, tokenizer_name: str = "", logits_mb: float | None = 256) -> dict:
+def evaluate_model(
+    model,
+    tokenizer,
+    *,
+    perplexity_sources: list[str],
+    seq_len: int,
+    ppl_windows: int,
+    ppl_batch_size: int,
+    tasks: list[str],
+    limit: int | None,
+    batch_size: int,
+    token_cache: str,
+    tokenizer_name: str = "",
+    logits_mb: float | None = 256,
+) -> dict:
     """Perplexity on each source's test windows plus lm-eval zero-shot; a JSON-ready dict."""
     from tyr.data import TokenSetSpec, get_token_set
     from tyr.modeling.params import parameter_counts
@@ -199,13 +232,26 @@ def evaluate_model(model, tokenizer, *, perplexity_sources: list[str], seq_len: 
         if ppl_windows and ppl_windows > 0:
             ids = ids[:ppl_windows]
         r = perplexity(model, ids, ppl_batch_size, desc=f"ppl {src}")
-        log.info("%s: ppl %.3f over %d tokens (%d windows of %d) in %.0f s", src, r["ppl"], r["tokens"],
-                 r["windows"], r["seq_len"], r["seconds"])
+        log.info(
+            "%s: ppl %.3f over %d tokens (%d windows of %d) in %.0f s",
+            src,
+            r["ppl"],
+            r["tokens"],
+            r["windows"],
+            r["seq_len"],
+            r["seconds"],
+        )
         out["perplexity"][_PPL_NAMES.get(src, src)] = r
     if tasks:
         zs = zero_shot(model, tokenizer, list(tasks), limit=limit, batch_size=batch_size, logits_mb=logits_mb)
-        out["zero_shot"] = {"scores": zs.scores, "average": zs.average, "metrics": zs.metrics,
-                            "samples": zs.samples, "seconds": zs.seconds, "limit": limit}
+        out["zero_shot"] = {
+            "scores": zs.scores,
+            "average": zs.average,
+            "metrics": zs.metrics,
+            "samples": zs.samples,
+            "seconds": zs.seconds,
+            "limit": limit,
+        }
         log.info("zero-shot average %.4f (%s) in %.0f s", zs.average, zs.scores, zs.seconds)
     out["seconds"] = time.time() - t0
     return out

@@ -84,8 +84,16 @@ class TeacherCache:
         rank holds the same cache)."""
         if not dist.is_main():
             return
-        write_verified(path, {"input_ids": self.input_ids.int(), "topk_ids": self.topk_ids, "topk_logp": self.topk_logp,
-                              "tail_logp": self.tail_logp}, key=key)
+        write_verified(
+            path,
+            {
+                "input_ids": self.input_ids.int(),
+                "topk_ids": self.topk_ids,
+                "topk_logp": self.topk_logp,
+                "tail_logp": self.tail_logp,
+            },
+            key=key,
+        )
 
     @classmethod
     def load(cls, path: str | Path, key: str | None = None) -> TeacherCache | None:
@@ -147,8 +155,17 @@ class KLFitness:
     Distributed: each rank evaluates its block of the call's sequences and the KL sums are
     all-reduced, so every rank returns the same fitness values."""
 
-    def __init__(self, model, assembler, teacher: TeacherCache, batch_size: int = 8, prefix_cache: bool = True,
-                 prefix_cache_max_mb: float = 4096.0, rotate: bool = True, sequences: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        model,
+        assembler,
+        teacher: TeacherCache,
+        batch_size: int = 8,
+        prefix_cache: bool = True,
+        prefix_cache_max_mb: float = 4096.0,
+        rotate: bool = True,
+        sequences: tuple[int, int] | None = None,
+    ):
         self.model, self.asm, self.teacher = model, assembler, teacher
         self.a = get_adapter(model)
         self.batch_size, self.prefix_cache, self.max_mb = batch_size, prefix_cache, prefix_cache_max_mb
@@ -178,8 +195,15 @@ class KLFitness:
     @torch.no_grad()
     def _run(self, rows: torch.Tensor, start: int, x: torch.Tensor, keep_inputs: bool) -> tuple[float, list | None]:
         keep = KeepInputs(keep_inputs)
-        x = run_layers(self.model, keep, start=start, hidden=x, layer_kwargs=self._layer_kwargs(),
-                       layer_source=self.asm.layer, batch_size=self.batch_size)
+        x = run_layers(
+            self.model,
+            keep,
+            start=start,
+            hidden=x,
+            layer_kwargs=self._layer_kwargs(),
+            layer_source=self.asm.layer,
+            batch_size=self.batch_size,
+        )
         self.stats.layer_forwards += keep.count
         inputs = keep.inputs if keep_inputs else None
         norm, head = self.a.final_norm(self.model), self.a.lm_head(self.model)
@@ -216,8 +240,11 @@ class KLFitness:
                 if first == L:  # identical to the parent
                     out[idx] = out[order[0]]
                     continue
-            kl, inputs = self._run(rows, start, x, keep_inputs=use_cache and parent_inputs is None) \
-                if len(rows) else (0.0, [None] * L if use_cache and parent_inputs is None else None)  # no sequences here
+            kl, inputs = (
+                self._run(rows, start, x, keep_inputs=use_cache and parent_inputs is None)
+                if len(rows)
+                else (0.0, [None] * L if use_cache and parent_inputs is None else None)
+            )  # no sequences here
             if inputs is not None:
                 parent_levels, parent_inputs = levels, inputs
             out[idx] = dist.all_reduce_sum(kl) / n_tok

@@ -198,10 +198,15 @@ def check_folder(name: str, folder: str | Path) -> None:
         raise ModelNotFoundError(f"model {name!r}: checkpoint folder {p} does not exist")
     from tyr.artifacts import weight_files
 
-    missing = [what for what, ok in (("config.json", (p / "config.json").exists()),
-                                     ("weights (*.safetensors)", bool(weight_files(p))),
-                                     ("tokenizer (tokenizer.json / tokenizer.model)",
-                                      any((p / f).exists() for f in TOKENIZER_FILES))) if not ok]
+    missing = [
+        what
+        for what, ok in (
+            ("config.json", (p / "config.json").exists()),
+            ("weights (*.safetensors)", bool(weight_files(p))),
+            ("tokenizer (tokenizer.json / tokenizer.model)", any((p / f).exists() for f in TOKENIZER_FILES)),
+        )
+        if not ok
+    ]
     if missing:
         raise ModelNotFoundError(f"model {name!r}: checkpoint folder {p} lacks: {', '.join(missing)}")
 
@@ -260,9 +265,15 @@ def _load_folder(name: str, folder: str, dtype: torch.dtype, revision: str) -> L
     return LoadedModel(name, model, tok, folder, revision)
 
 
-def load_model(name: str, source, dtype: str | torch.dtype = "float32", streaming: bool = False,
-               device: str | torch.device = "cpu", activations_max_mb: float | None = None,
-               activations_dir: str | None = None) -> LoadedModel:
+def load_model(
+    name: str,
+    source,
+    dtype: str | torch.dtype = "float32",
+    streaming: bool = False,
+    device: str | torch.device = "cpu",
+    activations_max_mb: float | None = None,
+    activations_dir: str | None = None,
+) -> LoadedModel:
     """Load a model from a source object (see the ``conf/model`` group).
 
     ``streaming``: a meta skeleton reading one decoder layer at a time from the source's checkpoint
@@ -278,8 +289,10 @@ def load_model(name: str, source, dtype: str | torch.dtype = "float32", streamin
         st.configure(lm.model, device, None, activations_max_mb, activations_dir)
         return lm
     if not hasattr(source, "folder"):
-        raise ValueError(f"model {name!r}: streaming needs a checkpoint folder; {type(source).__name__} has none "
-                         "(save the model with save_pretrained and use model=hf_folder)")
+        raise ValueError(
+            f"model {name!r}: streaming needs a checkpoint folder; {type(source).__name__} has none "
+            "(save the model with save_pretrained and use model=hf_folder)"
+        )
     folder, revision = source.folder(name)
     from transformers import AutoTokenizer
 

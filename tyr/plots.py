@@ -28,8 +28,15 @@ def plot_fusion_weights(layers: list[dict], path: str | Path, title: str = "") -
     styles = {"fine": "-", "coarse": ":", "compensated": "--"}
     many = any(name != "fine" for _, name in series)
     for (kind, name), pts in series.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=colors[kind],
-                ls=styles.get(name, "-"), label=f"{kind}, α {name}" if many else kind)
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker="o",
+            ms=3,
+            color=colors[kind],
+            ls=styles.get(name, "-"),
+            label=f"{kind}, α {name}" if many else kind,
+        )
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("layer")
     ax.set_ylabel("α" if many else "α fine  (1 − α coarse)")

@@ -26,8 +26,7 @@ def from_config(cls: type[T], options: Mapping[str, Any], where: str = "") -> T:
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise UnknownSettingError(f"unknown {where or cls.__name__} settings {unknown}; known: {known}")
-    missing = [f.name for f in fields(cls) if f.name not in options and f.default is MISSING
-               and f.default_factory is MISSING]
+    missing = [f.name for f in fields(cls) if f.name not in options and f.default is MISSING and f.default_factory is MISSING]
     if missing:
         raise UnknownSettingError(f"{where or cls.__name__}: missing settings {missing}")
     return cls(**{k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in options.items()})

@@ -144,8 +144,13 @@ def _move_(module: nn.Module, device: torch.device, skip: set[int]) -> None:
     visit(module)
 
 
-def configure(model: nn.Module, device: str | torch.device = "cpu", checkpoint: LazyCheckpoint | None = None,
-              activations_max_mb: float | None = None, activations_dir: str | os.PathLike | None = None) -> nn.Module:
+def configure(
+    model: nn.Module,
+    device: str | torch.device = "cpu",
+    checkpoint: LazyCheckpoint | None = None,
+    activations_max_mb: float | None = None,
+    activations_dir: str | os.PathLike | None = None,
+) -> nn.Module:
     """Record how ``model`` runs and put everything outside the decoder layers on ``device`` (layers
     are placed one at a time by :func:`layer`). Returns ``model``."""
     dev = torch.device(device)
@@ -156,8 +161,13 @@ def configure(model: nn.Module, device: str | torch.device = "cpu", checkpoint: 
     return model
 
 
-def load_streaming(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                   activations_max_mb: float | None = None, activations_dir: str | os.PathLike | None = None) -> nn.Module:
+def load_streaming(
+    folder: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    activations_max_mb: float | None = None,
+    activations_dir: str | os.PathLike | None = None,
+) -> nn.Module:
     """A ``*ForCausalLM`` skeleton of the checkpoint in ``folder``: decoder layers on the meta device
     (loaded by :func:`layer` when used), everything else loaded on ``device``."""
     from accelerate import init_empty_weights
@@ -178,15 +188,17 @@ def load_streaming(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
     present = [k for k in resident if k in ckpt]
     sd = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in ckpt.load(present, device).items()}
     model.load_state_dict(sd, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "get_text_config", lambda: config)(),
-                                                                "tie_word_embeddings", False):
+    if getattr(config, "tie_word_embeddings", False) or getattr(
+        getattr(config, "get_text_config", lambda: config)(), "tie_word_embeddings", False
+    ):
         adapter.lm_head(model).weight = adapter.embed_tokens(model).weight
     missing = [n for n, t in model.named_parameters() if t.is_meta and not n.startswith(layer_prefixes)]
     if missing:
         raise ValueError(f"{folder}: tensors outside the decoder layers are missing from the checkpoint: {missing}")
     configure(model, device, ckpt, activations_max_mb, activations_dir)
-    log.info("streaming %s: %d layers read one at a time from %.1f MB of safetensors", folder,
-             len(layer_prefixes), ckpt.nbytes / 2**20)
+    log.info(
+        "streaming %s: %d layers read one at a time from %.1f MB of safetensors", folder, len(layer_prefixes), ckpt.nbytes / 2**20
+    )
     return model
 
 

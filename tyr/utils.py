@@ -126,8 +126,15 @@ class Progress:
         if self.enabled and (now - self.last >= self.every or self.n >= self.total):
             self.last = now
             eta = self.eta()
-            log.info("%s %d/%d, %s elapsed, ETA %s%s", self.desc, self.n, self.total, format_seconds(now - self.t0),
-                     "?" if eta is None else format_seconds(eta), f" ({note})" if note else "")
+            log.info(
+                "%s %d/%d, %s elapsed, ETA %s%s",
+                self.desc,
+                self.n,
+                self.total,
+                format_seconds(now - self.t0),
+                "?" if eta is None else format_seconds(eta),
+                f" ({note})" if note else "",
+            )
 
     def close(self) -> None:
         if self.bar is not None:

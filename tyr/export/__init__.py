@@ -38,8 +38,18 @@ if TYPE_CHECKING:
     from tyr.export.verify import verify_export
 
 __all__ = [
-    "ALLOCATION_FILE", "LAYOUTS", "ExportError", "ExportVerificationError", "check_out_dir", "export_model",
-    "export_streamed", "index_layout_from_padded", "layer_widths", "pruned_config", "to_export_model", "verify_export",
+    "ALLOCATION_FILE",
+    "LAYOUTS",
+    "ExportError",
+    "ExportVerificationError",
+    "check_out_dir",
+    "export_model",
+    "export_streamed",
+    "index_layout_from_padded",
+    "layer_widths",
+    "pruned_config",
+    "to_export_model",
+    "verify_export",
     "widths_record",
 ]
 

@@ -43,7 +43,6 @@ class ExportVerificationError(RuntimeError):
     """An exported folder does not reproduce the in-memory model."""
 
 
-
 def check_supported(model: nn.Module, layout: str = "padded") -> str:
     """The exported architecture's model_type for ``model`` (its family adapter says which)."""
     export_type = get_adapter(model).export_type
@@ -98,14 +97,22 @@ def layer_widths(model: nn.Module) -> list[dict[str, Any]]:
             if (_bias(attn, "k_proj") is not None) != w["qkv_bias"] or (_bias(attn, "v_proj") is not None) != w["qkv_bias"]:
                 raise ExportError(f"layer {i}: q/k/v projections disagree on having a bias")
         else:
-            w.update(num_heads=0, num_head_slots=0, num_kv_heads=0, head_ids=[], kv_of_head=[],
-                     o_bias=_bias(attn) is not None, qkv_bias=None)
+            w.update(
+                num_heads=0,
+                num_head_slots=0,
+                num_kv_heads=0,
+                head_ids=[],
+                kv_of_head=[],
+                o_bias=_bias(attn) is not None,
+                qkv_bias=None,
+            )
         if hasattr(mlp, "gate_proj"):
             gu = _bias(mlp, "gate_proj") is not None
             if (_bias(mlp, "up_proj") is not None) != gu:
                 raise ExportError(f"layer {i}: gate/up projections disagree on having a bias")
-            w.update(intermediate_size=int(mlp.gate_proj.out_features), down_bias=_bias(mlp, "down_proj") is not None,
-                     gate_up_bias=gu)
+            w.update(
+                intermediate_size=int(mlp.gate_proj.out_features), down_bias=_bias(mlp, "down_proj") is not None, gate_up_bias=gu
+            )
         else:
             w.update(intermediate_size=0, down_bias=_bias(mlp) is not None, gate_up_bias=None)
         out.append(w)
@@ -138,23 +145,33 @@ def _family_config(model: nn.Module, export_type: str, widths: list[dict[str, An
     """A non-Llama family's tyr config: every field of the family's own config plus per-layer lists."""
     base = model.config
     fields = base.to_dict()
-    for k in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype",
-              "torch_dtype", "layer_kv_of_head"):
+    for k in (
+        "model_type",
+        "architectures",
+        "auto_map",
+        "transformers_version",
+        "_name_or_path",
+        "dtype",
+        "torch_dtype",
+        "layer_kv_of_head",
+    ):
         fields.pop(k, None)
     config_class, lm_class = ARCHITECTURES[export_type]
-    cfg = config_class(**{
-        **fields,
-        "layer_num_heads": [w["num_head_slots"] for w in widths],
-        "layer_num_kv_heads": [w["num_kv_heads"] for w in widths],
-        "layer_intermediate_size": [w["intermediate_size"] for w in widths],
-        "layer_o_bias": [w["o_bias"] for w in widths],
-        "layer_down_bias": [w["down_bias"] for w in widths],
-        "layer_head_ids": [w["head_ids"] for w in widths],
-        "pruned_from_model_type": fields.get("pruned_from_model_type") or str(base.model_type),
-        "tyr_transformers_tested": None,
-        "tyr_exported_with_transformers": None,
-        "architectures": [lm_class.__name__],
-    })
+    cfg = config_class(
+        **{
+            **fields,
+            "layer_num_heads": [w["num_head_slots"] for w in widths],
+            "layer_num_kv_heads": [w["num_kv_heads"] for w in widths],
+            "layer_intermediate_size": [w["intermediate_size"] for w in widths],
+            "layer_o_bias": [w["o_bias"] for w in widths],
+            "layer_down_bias": [w["down_bias"] for w in widths],
+            "layer_head_ids": [w["head_ids"] for w in widths],
+            "pruned_from_model_type": fields.get("pruned_from_model_type") or str(base.model_type),
+            "tyr_transformers_tested": None,
+            "tyr_exported_with_transformers": None,
+            "architectures": [lm_class.__name__],
+        }
+    )
     cfg.dtype = next(model.parameters()).dtype
     return cfg
 
@@ -204,5 +221,3 @@ def pruned_config(model: nn.Module, layout: str = "padded"):
     )
     cfg.dtype = dtype
     return cfg
-
-

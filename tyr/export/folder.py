@@ -44,7 +44,6 @@ def write_extra(path: Path, content: Any) -> None:
         path.write_text(json.dumps(content, indent=2, default=str) + "\n")
 
 
-
 def write_folder(out_dir: Path, write, tokenizer: Any, record: dict, extra_files: dict[str, Any] | None) -> None:
     """``write(tmp)`` the config and weights into a temporary sibling folder, add the tokenizer, the
     allocation record and ``extra_files``, check the custom code is there, then rename into place."""
@@ -106,4 +105,3 @@ def export_model(
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     log.info("exported %s (%s layout, %.1f MB, %.1fs)", out_dir, layout, size / 2**20, time.time() - t0)
     return out_dir
-

@@ -72,8 +72,11 @@ def export_streamed(
     names = streaming.execution(model).layer_names
     prefixes = tuple(n + "." for n in names)
     skip = set(getattr(meta_export, "_tied_weights_keys", None) or ()) if tied else set()
-    resident = {k: t.detach().cpu().contiguous() for k, t in model.state_dict().items()
-                if not k.startswith(prefixes) and not t.is_meta and not (tied and k == "lm_head.weight")}
+    resident = {
+        k: t.detach().cpu().contiguous()
+        for k, t in model.state_dict().items()
+        if not k.startswith(prefixes) and not t.is_meta and not (tied and k == "lm_head.weight")
+    }
     resident = {k: v for k, v in resident.items() if k not in skip}
     n_files = len(names) + 1
 
@@ -95,7 +98,8 @@ def export_streamed(
                 sd = index_state(sd, [widths[li]], config.head_dim)
             shard(li + 1, sd)
         (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
+        )
         custom_object_save(meta_export, tmp, config=config)  # modeling file + auto_map, as save_pretrained does
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)

@@ -99,8 +99,14 @@ def index_layout_from_padded(model: nn.Module) -> TyrLlamaForCausalLM:
     for i in range(cfg.num_hidden_layers):
         slots, nkv = cfg.layer_num_heads[i], cfg.layer_num_kv_heads[i]
         group = slots // nkv if nkv else 0
-        widths.append({"layer": i, "num_head_slots": slots, "head_ids": list(cfg.layer_head_ids[i]),
-                       "kv_of_head": [s // group for s in range(slots)] if group else []})
+        widths.append(
+            {
+                "layer": i,
+                "num_head_slots": slots,
+                "head_ids": list(cfg.layer_head_ids[i]),
+                "kv_of_head": [s // group for s in range(slots)] if group else [],
+            }
+        )
     heads, kv_maps, head_ids = index_maps(widths)
     d = cfg.to_dict()
     for k in ("model_type", "transformers_version", "auto_map", "architectures"):
@@ -122,8 +128,9 @@ def unique_numel(model: nn.Module) -> int:
     return n
 
 
-def widths_record(model: nn.Module, export: nn.Module | None = None, allocation: dict | None = None,
-                  layout: str = "padded") -> dict[str, Any]:
+def widths_record(
+    model: nn.Module, export: nn.Module | None = None, allocation: dict | None = None, layout: str = "padded"
+) -> dict[str, Any]:
     """The content of an exported folder's ``tyr_allocation.json``: the allocation it was made from
     (as given), the per-layer widths and the parameter counts. Not the pipeline's ``allocation.json``
     (levels and budget of a searched allocation: :func:`tyr.stages.evaluate.allocation_summary`)."""
@@ -153,4 +160,3 @@ def widths_record(model: nn.Module, export: nn.Module | None = None, allocation:
         "layers": widths,
     }
     return record
-

@@ -61,8 +61,14 @@ def verify_export(
     with torch.no_grad():
         ref_logits = reference_model(input_ids, use_cache=False).logits.float()
         ref_gen = reference_model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=False, pad_token_id=pad,
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=False,
+            pad_token_id=pad,
         )
     layout = "padded"
     if (out_dir / ALLOCATION_FILE).exists():
@@ -78,19 +84,35 @@ def verify_export(
         tmp = Path(tmp)
         save_file({"input_ids": input_ids.contiguous()}, str(tmp / "ids.safetensors"))
         args = {
-            "path": str(out_dir), "dtype": str(dtype).removeprefix("torch."), "input_ids": str(tmp / "ids.safetensors"),
-            "out_tensors": str(tmp / "result.safetensors"), "out_json": str(tmp / "result.json"),
-            "max_new_tokens": max_new_tokens, "split": max(1, input_ids.shape[1] // 2),
-            "threads": torch.get_num_threads(), "pad_token_id": pad,
+            "path": str(out_dir),
+            "dtype": str(dtype).removeprefix("torch."),
+            "input_ids": str(tmp / "ids.safetensors"),
+            "out_tensors": str(tmp / "result.safetensors"),
+            "out_json": str(tmp / "result.json"),
+            "max_new_tokens": max_new_tokens,
+            "split": max(1, input_ids.shape[1] // 2),
+            "threads": torch.get_num_threads(),
+            "pad_token_id": pad,
         }
         (tmp / "args.json").write_text(json.dumps(args))
         env = dict(os.environ)
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                   HF_MODULES_CACHE=str(tmp / "modules"), OMP_NUM_THREADS=str(torch.get_num_threads()),
-                   PYTHONPATH=_TYR_ROOT)  # this tyr's child module; it makes tyr unimportable before loading
+        env.update(
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+            HF_MODULES_CACHE=str(tmp / "modules"),
+            OMP_NUM_THREADS=str(torch.get_num_threads()),
+            PYTHONPATH=_TYR_ROOT,
+        )  # this tyr's child module; it makes tyr unimportable before loading
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "tyr.export.verify_child", str(tmp / "args.json")], cwd=tmp, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "tyr.export.verify_child", str(tmp / "args.json")],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if proc.returncode != 0:
             raise ExportVerificationError(
                 f"loading {out_dir} in a fresh process failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -102,7 +124,8 @@ def verify_export(
         "generate_cache_equals_no_cache": bool(torch.equal(res["with_cache"], res["without_cache"])),
         "matches_reference_generation": bool(torch.equal(res["without_cache"], ref_gen)),
         "generated_tokens": int(res["with_cache"].shape[1] - input_ids.shape[1]),
-        "config_widths_match": res["widths"] == {
+        "config_widths_match": res["widths"]
+        == {
             "layer_num_heads": expected.layer_num_heads,
             "layer_num_kv_heads": expected.layer_num_kv_heads,
             "layer_intermediate_size": expected.layer_intermediate_size,
@@ -136,6 +159,10 @@ def verify_export(
         problems.append("the exported folder imported tyr")
     if problems:
         raise ExportVerificationError(f"export {out_dir} failed verification: " + "; ".join(problems) + f" ({report})")
-    log.info("verified %s: max|Δ logits| %.2e, cache %.2e, generation ok", out_dir,
-             report["max_abs_logit_diff"], report["max_abs_cache_logit_diff"])
+    log.info(
+        "verified %s: max|Δ logits| %.2e, cache %.2e, generation ok",
+        out_dir,
+        report["max_abs_logit_diff"],
+        report["max_abs_cache_logit_diff"],
+    )
     return report

@@ -40,8 +40,14 @@ def main(args_file: str) -> None:
     load_s = time.time() - t0
     ids = load_file(args["input_ids"])["input_ids"]
     n_new, split = args["max_new_tokens"], args["split"]
-    gen = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, num_beams=1,
-               pad_token_id=args["pad_token_id"], attention_mask=torch.ones_like(ids))
+    gen = dict(
+        max_new_tokens=n_new,
+        min_new_tokens=n_new,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=args["pad_token_id"],
+        attention_mask=torch.ones_like(ids),
+    )
     with torch.no_grad():
         logits = model(ids, use_cache=False).logits.float()
         # Prefill then one token at a time through the KV cache, no position ids given.
@@ -56,15 +62,27 @@ def main(args_file: str) -> None:
         with_cache = model.generate(ids, use_cache=True, **gen)
         without_cache = model.generate(ids, use_cache=False, **gen)
     c = model.config
-    save_file({"logits": logits.contiguous(), "stepwise": stepwise.contiguous(), "with_cache": with_cache.contiguous(),
-               "without_cache": without_cache.contiguous()}, args["out_tensors"])
+    save_file(
+        {
+            "logits": logits.contiguous(),
+            "stepwise": stepwise.contiguous(),
+            "with_cache": with_cache.contiguous(),
+            "without_cache": without_cache.contiguous(),
+        },
+        args["out_tensors"],
+    )
     with open(args["out_json"], "w") as f:
-        json.dump({
-            "load_seconds": load_s, "model_class": type(model).__name__, "config_class": type(c).__name__,
-            "module": type(model).__module__,
-            "widths": {k: getattr(c, k, None) for k in ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size")},
-            "tyr_imported": any(m == "tyr" or m.startswith("tyr.") for m in sys.modules if sys.modules[m] is not None),
-        }, f)
+        json.dump(
+            {
+                "load_seconds": load_s,
+                "model_class": type(model).__name__,
+                "config_class": type(c).__name__,
+                "module": type(model).__module__,
+                "widths": {k: getattr(c, k, None) for k in ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size")},
+                "tyr_imported": any(m == "tyr" or m.startswith("tyr.") for m in sys.modules if sys.modules[m] is not None),
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ class LayerInputs:
         """The layer's outputs (no grad) in a new activation buffer, with the ``(module, kind, fn)``
         hooks in ``registrations`` active during the pass (see :func:`tyr.layerwise.engine.hooks`)."""
         with hooks(registrations or []):
-            return run_layer(layer, self.hidden, self.kwargs, self.batch_size,
-                             out=streaming.empty_like_activations(self.model, self.hidden))
+            return run_layer(
+                layer, self.hidden, self.kwargs, self.batch_size, out=streaming.empty_like_activations(self.model, self.hidden)
+            )
 
     def input_stats(self, layer: nn.Module, modules: dict[str, nn.Linear]) -> dict[str, InputStats]:
         """Float32 input statistics of each named module over one pass of the layer (summed over ranks)."""
@@ -87,15 +88,25 @@ class Checkpoint(Protocol):
     def load(self) -> tuple[int, torch.Tensor] | None:
         """(next layer, its inputs for this rank's sequences) or None: start from layer 0."""
 
-    def save(self, next_layer: int, hidden: torch.Tensor) -> None:
-        ...
+    def save(self, next_layer: int, hidden: torch.Tensor) -> None: ...
 
 
-def run_layers(model: nn.Module, callback: LayerCallback, input_ids: torch.Tensor | None = None, *,
-               batch_size: int = 8, shard: bool = False, start: int = 0, hidden: torch.Tensor | None = None,
-               layer_kwargs: list[dict] | None = None, layer_source: LayerSource | None = None,
-               checkpoint: Checkpoint | None = None, desc: str | None = None, progress: bool = False,
-               progress_every: float = 30.0) -> torch.Tensor | None:
+def run_layers(
+    model: nn.Module,
+    callback: LayerCallback,
+    input_ids: torch.Tensor | None = None,
+    *,
+    batch_size: int = 8,
+    shard: bool = False,
+    start: int = 0,
+    hidden: torch.Tensor | None = None,
+    layer_kwargs: list[dict] | None = None,
+    layer_source: LayerSource | None = None,
+    checkpoint: Checkpoint | None = None,
+    desc: str | None = None,
+    progress: bool = False,
+    progress_every: float = 30.0,
+) -> torch.Tensor | None:
     """Run decoder layers ``start`` .. L-1 through ``callback``; returns the last layer's outputs
     (None when this rank has no sequences).
 

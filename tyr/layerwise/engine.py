@@ -92,8 +92,9 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     return out, kwargs
 
 
-def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int = 8,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+def run_layer(
+    layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int = 8, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Outputs of one decoder layer for every sequence of ``hidden`` [N, T, H] (no grad), written
     into ``out`` (default: a new tensor like ``hidden``). Batches move to the layer's device and
     back, so ``hidden`` and ``out`` may live in host memory or be memory-mapped."""
@@ -144,6 +145,7 @@ class InputStats:
     def pre_hook(self):
         def fn(module, args):
             self.add(args[0])
+
         return fn
 
     def all_reduce_(self) -> InputStats:
@@ -163,8 +165,9 @@ class InputStats:
         return (torch.diagonal(self.H) / max(1, self.count) - self.mean**2).clamp_min(0)
 
 
-def collect_input_stats(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, modules: dict[str, nn.Linear],
-                        batch_size: int = 8) -> tuple[dict[str, InputStats], torch.Tensor]:
+def collect_input_stats(
+    layer: nn.Module, hidden: torch.Tensor, kwargs: dict, modules: dict[str, nn.Linear], batch_size: int = 8
+) -> tuple[dict[str, InputStats], torch.Tensor]:
     """Run ``layer`` over ``hidden`` once, accumulating :class:`InputStats` of each named module's
     input (on the module's device, summed over ranks when distributed); returns the stats and the
     layer output (this rank's sequences)."""

@@ -39,8 +39,9 @@ def _sequence_loss(hidden: torch.Tensor, norm, head, targets: torch.Tensor) -> t
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1))
 
 
-def layerwise_gradients(model, input_ids: torch.Tensor, on_layer: GradCallback, batch_size: int = 8,
-                        progress: bool = True) -> None:
+def layerwise_gradients(
+    model, input_ids: torch.Tensor, on_layer: GradCallback, batch_size: int = 8, progress: bool = True
+) -> None:
     """Call ``on_layer(l, {proj_name: (g, F)})`` for l = L-1 .. 0 with the float32 gradient mean and
     Fisher diagonal of each prunable projection weight of layer l (while layer l is loaded, so
     ``on_layer`` may read its weights)."""
@@ -56,8 +57,9 @@ def layerwise_gradients(model, input_ids: torch.Tensor, on_layer: GradCallback, 
     device = streaming.execution(model).device
     try:
         keep = KeepInputs()  # the input of every layer: the backward pass's activation checkpoints
-        last = run_layers(model, keep, ids, batch_size=batch_size, desc="gradients: forward layer",
-                          progress=progress and dist.is_main())
+        last = run_layers(
+            model, keep, ids, batch_size=batch_size, desc="gradients: forward layer", progress=progress and dist.is_main()
+        )
         checkpoints, kwargs = keep.inputs + [last], keep.kwargs
         del keep, last  # the backward walk frees each checkpoint once used
         x0 = checkpoints[0]
@@ -72,8 +74,13 @@ def layerwise_gradients(model, input_ids: torch.Tensor, on_layer: GradCallback, 
             with streaming.layer(model, li) as layer:
                 proj = adapter.projections(layer)
                 params = {name: lin.weight for name, lin in proj.items()}
-                acc = {name: (torch.zeros(p.shape, dtype=torch.float32, device=p.device),
-                              torch.zeros(p.shape, dtype=torch.float32, device=p.device)) for name, p in params.items()}
+                acc = {
+                    name: (
+                        torch.zeros(p.shape, dtype=torch.float32, device=p.device),
+                        torch.zeros(p.shape, dtype=torch.float32, device=p.device),
+                    )
+                    for name, p in params.items()
+                }
                 for p in params.values():
                     p.requires_grad_(True)
                 x_in = checkpoints.pop()

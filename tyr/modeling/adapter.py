@@ -154,8 +154,7 @@ def adapter_for_model_type(model_type: str) -> DecoderAdapter:
         if model_type in a.model_types:
             return a
     raise UnsupportedArchitectureError(
-        f"model_type {model_type!r} is not supported by tyr; supported model types: "
-        + ", ".join(supported_model_types())
+        f"model_type {model_type!r} is not supported by tyr; supported model types: " + ", ".join(supported_model_types())
     )
 
 

@@ -1,6 +1,8 @@
 """The model forms the evaluate stage scores, each an allocation in a supernet: the searched widths
-(``searched``, and the form that lost the re-prune choice, ``searched_supernet`` or
-``searched_reprune``) and the comparisons of ``compare``:
+(``searched``) and the comparisons of ``compare``:
+
+- ``searched_other``: the searched widths in the form that lost the re-prune choice
+  (``searched_supernet`` or ``searched_reprune``), when the re-prune ran;
 
 - ``uniform``: every module at the first iteration's centre level;
 - ``uniform_reprune``: the uniform widths pruned sequentially along themselves (the sparsegpt-loop
@@ -40,11 +42,13 @@ def first_store(state: dict, model: dict) -> SupernetStore:
     return SupernetStore.open(state["iterations"][0]["supernet"], expect_model=model)
 
 
-def searched_forms(state: dict, model: dict) -> dict[str, Form]:
-    """``searched`` (the chosen form) first, then the other form of the same widths, if the re-prune ran."""
+def searched_forms(state: dict, model: dict, other: bool = True) -> dict[str, Form]:
+    """``searched`` (the chosen form) first, then (``other``) the other form of the same widths, if the re-prune ran."""
     chosen = final_allocation(state)["source"]
     out = {}
     for source, form in sorted(search_forms(state).items(), key=lambda kv: kv[0] != chosen):
+        if source != chosen and not other:
+            continue
         name = "searched" if source == chosen else f"searched_{source}"
         out[name] = Form(SupernetStore.open(form["supernet"], expect_model=model), form["levels"], form["fitness"])
     return out
@@ -56,13 +60,16 @@ def owl_levels(model, calib, grid: SupernetGrid, s: PipelineSettings, search_key
     if not owl_file.exists() or read_json_checked(owl_file).get("search") != search_key:
         ratios = outlier_ratios(model, calib, batch_size=s.batch_size)
         target = owl_sparsities(ratios, s.target_sparsity)
-        write_json(owl_file, {"outlier_ratios": ratios, "layer_sparsity": target, "search": search_key,
-                              "levels": nearest_levels(grid, target)})
+        write_json(
+            owl_file,
+            {"outlier_ratios": ratios, "layer_sparsity": target, "search": search_key, "levels": nearest_levels(grid, target)},
+        )
     return read_json_checked(owl_file)["levels"]
 
 
-def comparison_forms(lm: LoadedModel, model: dict, pruner, prep: Prepared, s: PipelineSettings, keys: RunKeys,
-                     state: dict, run_dir: Path) -> dict[str, Form]:
+def comparison_forms(
+    lm: LoadedModel, model: dict, pruner, prep: Prepared, s: PipelineSettings, keys: RunKeys, state: dict, run_dir: Path
+) -> dict[str, Form]:
     """The forms of ``s.compare`` (but ``dense``, which is the model itself), in the order listed above."""
     first = first_store(state, model)
     out = {}
@@ -70,9 +77,17 @@ def comparison_forms(lm: LoadedModel, model: dict, pruner, prep: Prepared, s: Pi
         out["uniform"] = Form(first, first.grid.centre_levels())
     if "uniform_reprune" in s.compare:
         keep = keep_counts(first.grid, first.grid.centre_levels())
-        store = build_path_supernet(lm.model, model, pruner, prep.calib, prep.taylor, keep,
-                                    Path(run_dir) / "uniform_reprune" / "supernet", s.search,
-                                    {**keys.supernet, "reprune_of": "uniform"})
+        store = build_path_supernet(
+            lm.model,
+            model,
+            pruner,
+            prep.calib,
+            prep.taylor,
+            keep,
+            Path(run_dir) / "uniform_reprune" / "supernet",
+            s.search,
+            {**keys.supernet, "reprune_of": "uniform"},
+        )
         out["uniform_reprune"] = Form(store, store.grid.centre_levels())
     if "owl" in s.compare:
         out["owl"] = Form(first, owl_levels(lm.model, prep.calib, first.grid, s, keys.search.key, run_dir))

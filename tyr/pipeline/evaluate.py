@@ -36,18 +36,34 @@ def allocation_summary(model, store: SupernetStore, levels: dict, dense_counts: 
         modules[kind] = []
         for l, lvl in enumerate(levels[kind]):
             g = grid.modules[kind][l]
-            modules[kind].append({"layer": l, "level": lvl, "kept": g.keep[lvl], "units": g.n_units,
-                                  "sparsity": g.sparsity(lvl), "kept_units": store.variant(l, kind, lvl).keep})
+            modules[kind].append(
+                {
+                    "layer": l,
+                    "level": lvl,
+                    "kept": g.keep[lvl],
+                    "units": g.n_units,
+                    "sparsity": g.sparsity(lvl),
+                    "kept_units": store.variant(l, kind, lvl).keep,
+                }
+            )
     counts = parameter_counts(model)
     nominal = grid.allocation_params(levels)
     return {
-        "levels": levels, "modules": modules, "fitness": fitness,
-        "budget": {"nominal_kept": nominal, "nominal_dense": grid.dense_params(),
-                   "nominal_sparsity": 1 - nominal / grid.dense_params(),
-                   "prunable_kept": counts["prunable"], "prunable_dense": dense_counts["prunable"],
-                   "sparsity": 1 - counts["prunable"] / dense_counts["prunable"],
-                   "total_params": counts["total"], "dense_total_params": dense_counts["total"]},
-        "manifest": str(store.root / "manifest.json"), "config_hash": store.manifest["config_hash"],
+        "levels": levels,
+        "modules": modules,
+        "fitness": fitness,
+        "budget": {
+            "nominal_kept": nominal,
+            "nominal_dense": grid.dense_params(),
+            "nominal_sparsity": 1 - nominal / grid.dense_params(),
+            "prunable_kept": counts["prunable"],
+            "prunable_dense": dense_counts["prunable"],
+            "sparsity": 1 - counts["prunable"] / dense_counts["prunable"],
+            "total_params": counts["total"],
+            "dense_total_params": dense_counts["total"],
+        },
+        "manifest": str(store.root / "manifest.json"),
+        "config_hash": store.manifest["config_hash"],
     }
 
 
@@ -64,8 +80,11 @@ def evaluated(out: Path, lm: LoadedModel, s: PipelineSettings, keys: RunKeys, fo
         old = read_json_checked(out)
         if old.get("key") == key:
             return old
-        log.info("%s was evaluated with other settings (%s); re-evaluating", out.name,
-                 describe_diff(old.get("settings") or {}, settings))
+        log.info(
+            "%s was evaluated with other settings (%s); re-evaluating",
+            out.name,
+            describe_diff(old.get("settings") or {}, settings),
+        )
     res = evaluate_model(lm.model, lm.tokenizer, **s.eval.kwargs(s.token_cache, s.model))
     res.update(model=lm.name, **record, config=keys.config, key=key, settings=settings)
     write_json(out, res)
@@ -74,12 +93,22 @@ def evaluated(out: Path, lm: LoadedModel, s: PipelineSettings, keys: RunKeys, fo
 
 def evaluate_dense(lm: LoadedModel, s: PipelineSettings, keys: RunKeys, run_dir: Path) -> dict:
     """The unpruned model, same protocol: the top row of the table."""
-    return {f"{lm.name} dense": evaluated(Path(run_dir) / "results_dense.json", lm, s, keys,
-                                          {"model": keys.prepare.settings["model"]}, allocation="dense")}
+    return {
+        f"{lm.name} dense": evaluated(
+            Path(run_dir) / "results_dense.json", lm, s, keys, {"model": keys.prepare.settings["model"]}, allocation="dense"
+        )
+    }
 
 
-def evaluate_forms(lm: LoadedModel, forms: dict[str, Form], chosen_source: str, dense_counts: dict,
-                   s: PipelineSettings, keys: RunKeys, run_dir: Path) -> tuple[dict, dict]:
+def evaluate_forms(
+    lm: LoadedModel,
+    forms: dict[str, Form],
+    chosen_source: str,
+    dense_counts: dict,
+    s: PipelineSettings,
+    keys: RunKeys,
+    run_dir: Path,
+) -> tuple[dict, dict]:
     """Each form assembled, summarised and evaluated; ``allocation.json`` is the ``searched`` form's
     summary. Returns the results' rows and the searched form's per-module sparsities."""
     run_dir = Path(run_dir)
@@ -95,8 +124,15 @@ def evaluate_forms(lm: LoadedModel, forms: dict[str, Form], chosen_source: str, 
             searched_sparsity = {k: [m["sparsity"] for m in rec["modules"][k]] for k in ("attn", "mlp")}
         supernet = form.store.root.resolve().relative_to(run_dir.resolve())
         rows[f"{lm.name} {name} {s.target_sparsity:.0%}"] = evaluated(
-            run_dir / f"results_{name}.json", lm, s, keys, form_key(keys.search.key, name, form.levels, supernet),
-            allocation=name, budget=rec["budget"], supernet=str(form.store.root))
+            run_dir / f"results_{name}.json",
+            lm,
+            s,
+            keys,
+            form_key(keys.search.key, name, form.levels, supernet),
+            allocation=name,
+            budget=rec["budget"],
+            supernet=str(form.store.root),
+        )
         asm.restore_dense()
     return rows, searched_sparsity
 

@@ -32,8 +32,9 @@ EXPORT_RECORD = "export.json"
 def searched_allocation(run_dir: Path, lm: LoadedModel) -> tuple[dict, SupernetStore]:
     """A pipeline run's ``allocation.json`` and the supernet it names (checked against ``lm``)."""
     alloc = read_json_checked(Path(run_dir) / ALLOCATION_FILE)
-    store = SupernetStore.open((Path(run_dir) / alloc["manifest"]).parent,
-                               expect_model={"name": lm.name, "revision": lm.revision})
+    store = SupernetStore.open(
+        (Path(run_dir) / alloc["manifest"]).parent, expect_model={"name": lm.name, "revision": lm.revision}
+    )
     return alloc, store
 
 
@@ -48,9 +49,16 @@ def export_done(run_dir: Path, key: str) -> bool:
     return record.get("key") == key and (run_dir / EXPORT_DIR / "config.json").exists()
 
 
-def export_allocation(lm: LoadedModel, store: SupernetStore, alloc: dict, out: Path,
-                      verify_ids: torch.Tensor | None = None, layout: str = "padded", overwrite: bool = False,
-                      key: str | None = None) -> dict:
+def export_allocation(
+    lm: LoadedModel,
+    store: SupernetStore,
+    alloc: dict,
+    out: Path,
+    verify_ids: torch.Tensor | None = None,
+    layout: str = "padded",
+    overwrite: bool = False,
+    key: str | None = None,
+) -> dict:
     """Assemble ``alloc["levels"]`` in ``store`` on ``lm`` (dense; restored afterwards), write it to
     ``out`` and, given ``verify_ids``, check it in a fresh process; ``export.json`` next to ``out``
     records it. A streamed model is written one decoder layer at a time, unchecked (the check
@@ -69,8 +77,13 @@ def export_allocation(lm: LoadedModel, store: SupernetStore, alloc: dict, out: P
                 verify_ids = None
         else:
             export_model(lm.model, lm.tokenizer, staging, allocation=alloc, layout=layout)
-        record = {"out": str(out), "bytes": sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()),
-                  "streamed": asm.streaming, "manifest": alloc["manifest"], "key": key}
+        record = {
+            "out": str(out),
+            "bytes": sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()),
+            "streamed": asm.streaming,
+            "manifest": alloc["manifest"],
+            "key": key,
+        }
         if verify_ids is not None:
             record["verify"] = verify_export(staging, lm.model, verify_ids)
         if out.exists():

@@ -21,8 +21,17 @@ log = logging.getLogger("tyr")
 STAGES = ("prepare", "search", "evaluate", "export")  # redo=<stage> redoes it and every stage after it
 ARTIFACTS = {
     "prepare": ["teacher.safetensors"],
-    "search": ["search_state.json", "history.jsonl", "iter*", "reprune", "uniform_reprune", "allocation.json",
-               "search_fitness.png", "allocation.png", "timings.json"],
+    "search": [
+        "search_state.json",
+        "history.jsonl",
+        "iter*",
+        "reprune",
+        "uniform_reprune",
+        "allocation.json",
+        "search_fitness.png",
+        "allocation.png",
+        "timings.json",
+    ],
     "evaluate": ["results_*.json", "owl.json", "results.json", "results.md"],
     "export": ["hf_model", "export.json"],
 }
@@ -47,12 +56,12 @@ def apply_redo(run_dir: Path, redo: str | None) -> None:
     """Remove the artifacts and records of stage ``redo`` and every stage after it."""
     if redo is None or not writer():
         return
-    for stage in STAGES[STAGES.index(redo):]:
+    for stage in STAGES[STAGES.index(redo) :]:
         for pat in ARTIFACTS[stage]:
             for p in Path(run_dir).glob(pat):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         record_path(run_dir, stage).unlink(missing_ok=True)
-    log.info("redo=%s: removed the artifacts of %s", redo, ", ".join(STAGES[STAGES.index(redo):]))
+    log.info("redo=%s: removed the artifacts of %s", redo, ", ".join(STAGES[STAGES.index(redo) :]))
 
 
 def begin(run_dir: Path, record: StageRecord) -> None:
@@ -66,8 +75,12 @@ def begin(run_dir: Path, record: StageRecord) -> None:
 def form_key(search_key: str, allocation: str, levels: dict | None = None, supernet: Path | None = None) -> dict:
     """The identity of a model form to evaluate or export: the search that made it, its name, its
     supernet (relative to the run directory) and its levels in it."""
-    return {"search": search_key, "allocation": allocation, "supernet": None if supernet is None else str(supernet),
-            "levels": levels}
+    return {
+        "search": search_key,
+        "allocation": allocation,
+        "supernet": None if supernet is None else str(supernet),
+        "levels": levels,
+    }
 
 
 def repair_hint(path: Path | None) -> str:

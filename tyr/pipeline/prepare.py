@@ -31,8 +31,7 @@ class Prepared:
     teacher: TeacherCache
 
 
-def taylor_for(lm: LoadedModel, needs_gradients: bool, gradient: TokenSetSpec, cache_dir: str,
-               batch_size: int) -> dict | None:
+def taylor_for(lm: LoadedModel, needs_gradients: bool, gradient: TokenSetSpec, cache_dir: str, batch_size: int) -> dict | None:
     """Per-unit Taylor statistics if the pruner needs them, cached under ``cache_dir/taylor`` per model
     revision and token set."""
     if not needs_gradients:
@@ -58,8 +57,12 @@ def prepare(lm: LoadedModel, needs_gradients: bool, s: PipelineSettings, record:
     taylor = taylor_for(lm, needs_gradients, s.gradient, s.cache_dir, s.batch_size)
     teacher_file = Path(run_dir) / TEACHER_FILE
     k = s.search.topk
-    log.info("teacher cache: %d tokens x top-%d = %.1f MB", search_ids.numel(), k,
-             TeacherCache.estimate_bytes(search_ids.numel(), k) / 1e6)
+    log.info(
+        "teacher cache: %d tokens x top-%d = %.1f MB",
+        search_ids.numel(),
+        k,
+        TeacherCache.estimate_bytes(search_ids.numel(), k) / 1e6,
+    )
     teacher = TeacherCache.load(teacher_file, record.key) if teacher_file.exists() else None
     if teacher is None:  # none yet, or corrupt (logged): built again
         begin(run_dir, record)

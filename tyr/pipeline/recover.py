@@ -52,9 +52,18 @@ def _evaluated(path: Path, model, lm: LoadedModel, eval_config: dict, cache_dir:
     return res
 
 
-def recover_model(lm: LoadedModel, student, source: dict, s: RecoverySettings, root: Path, eval_config: dict,
-                  cache_dir: str, export: bool = True, before: dict | None = None,
-                  stop_after: int | None = None) -> dict | None:
+def recover_model(
+    lm: LoadedModel,
+    student,
+    source: dict,
+    s: RecoverySettings,
+    root: Path,
+    eval_config: dict,
+    cache_dir: str,
+    export: bool = True,
+    before: dict | None = None,
+    stop_after: int | None = None,
+) -> dict | None:
     """Recover ``student`` from the dense ``lm.model`` into ``root/<mode>-<key>``; returns the result
     (None on ranks other than 0, and when ``stop_after`` ended the training early). ``eval_config``:
     the evaluation protocol as configured (``conf/eval``), which also names the result files."""
@@ -73,11 +82,13 @@ def recover_model(lm: LoadedModel, student, source: dict, s: RecoverySettings, r
         described = {k: v for k, v in source.items() if k != "allocation"}
         write_json(out / "settings.json", {"key": key, "settings": asdict(s), "teacher": teacher_id, "source": described})
         # the pruned model before recovery: one evaluation per student and protocol, whatever the settings
-        before = before or _evaluated(root / f"results_before-{student_id[:12]}-{protocol}.json", student, lm, eval_config,
-                                      cache_dir, stage="before")
+        before = before or _evaluated(
+            root / f"results_before-{student_id[:12]}-{protocol}.json", student, lm, eval_config, cache_dir, stage="before"
+        )
     t0 = time.time()
-    windows = recovery_windows(list(s.sources), s.seq_len, s.windows, s.seed, lm.tokenizer, str(Path(cache_dir) / "tokens"),
-                               lm.name)
+    windows = recovery_windows(
+        list(s.sources), s.seq_len, s.windows, s.seed, lm.tokenizer, str(Path(cache_dir) / "tokens"), lm.name
+    )
     student, summary = train(lm.model, student, windows, s, out, stop_after=stop_after)
     student.to("cpu")
     lm.model.to("cpu")
@@ -85,13 +96,27 @@ def recover_model(lm: LoadedModel, student, source: dict, s: RecoverySettings, r
         return None
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     plot_recovery(records, out / "loss.png", f"{label}: recovery ({s.mode}, {summary['tokens']:,} tokens)")
-    after = _evaluated(out / f"results_after-{protocol}.json", student, lm, eval_config, cache_dir, stage="after",
-                       recovery=summary)
-    result = {"key": key, "dir": str(out), "before": before, "after": after, "recovery": summary,
-              "wall_seconds_this_run": time.time() - t0, "settings": read_json(out / "settings.json")}
+    after = _evaluated(
+        out / f"results_after-{protocol}.json", student, lm, eval_config, cache_dir, stage="after", recovery=summary
+    )
+    result = {
+        "key": key,
+        "dir": str(out),
+        "before": before,
+        "after": after,
+        "recovery": summary,
+        "wall_seconds_this_run": time.time() - t0,
+        "settings": read_json(out / "settings.json"),
+    }
     if export:
-        export_model(student, lm.tokenizer, out / "hf_model", allocation=source.get("allocation"), overwrite=True,
-                     extra_files={"tyr_recovery.json": {"settings": result["settings"], "recovery": summary}})
+        export_model(
+            student,
+            lm.tokenizer,
+            out / "hf_model",
+            allocation=source.get("allocation"),
+            overwrite=True,
+            extra_files={"tyr_recovery.json": {"settings": result["settings"], "recovery": summary}},
+        )
         result["verify"] = verify_export(out / "hf_model", student, windows[:2, : min(128, s.seq_len)])
         result["hf_model"] = str(out / "hf_model")
     write_json(done, result)
@@ -101,12 +126,17 @@ def recover_model(lm: LoadedModel, student, source: dict, s: RecoverySettings, r
     return result
 
 
-def recover_stage(lm: LoadedModel, recovery: RecoverySettings, s: PipelineSettings, keys: RunKeys, run_dir: Path,
-                  before: dict | None = None) -> dict:
+def recover_stage(
+    lm: LoadedModel, recovery: RecoverySettings, s: PipelineSettings, keys: RunKeys, run_dir: Path, before: dict | None = None
+) -> dict:
     """The pipeline's recovery stage: the searched model of ``run_dir`` recovered from the dense
     ``lm``; returns the result row to add to the pipeline's table."""
     student, source = searched_student(run_dir, lm, s.target_sparsity)
-    res = recover_model(lm, student, source, recovery, Path(run_dir) / "recover", keys.config["eval"], s.cache_dir,
-                        export=s.export, before=before)
-    return {f"{lm.name} searched {s.target_sparsity:.0%} + recovery ({recovery.mode}, {res['recovery']['tokens']:,} tokens)":
-            res["after"]}
+    res = recover_model(
+        lm, student, source, recovery, Path(run_dir) / "recover", keys.config["eval"], s.cache_dir, export=s.export, before=before
+    )
+    return {
+        f"{lm.name} searched {s.target_sparsity:.0%} + recovery ({recovery.mode}, {res['recovery']['tokens']:,} tokens)": res[
+            "after"
+        ]
+    }

@@ -36,11 +36,13 @@ def search_done(run_dir: Path, s: PipelineSettings) -> bool:
     return len(state["iterations"]) == len(s.search.intervals) and (not s.search.reprune or bool(state.get("reprune")))
 
 
-def build_and_search(lm: LoadedModel, model: dict, pruner, prep: Prepared, s: PipelineSettings, keys: RunKeys,
-                     run_dir: Path) -> dict:
+def build_and_search(
+    lm: LoadedModel, model: dict, pruner, prep: Prepared, s: PipelineSettings, keys: RunKeys, run_dir: Path
+) -> dict:
     """Run (or resume) the search; returns its state with absolute supernet paths."""
     if search_done(run_dir, s):
         log.info("search: done with these settings (%s); reading it back", Path(run_dir) / STATE_FILE)
     begin(run_dir, keys.search)
-    return run_search(lm.model, model, pruner, prep.calib, prep.taylor, prep.teacher, s.target_sparsity, s.search,
-                      run_dir, keys.supernet)
+    return run_search(
+        lm.model, model, pruner, prep.calib, prep.taylor, prep.teacher, s.target_sparsity, s.search, run_dir, keys.supernet
+    )

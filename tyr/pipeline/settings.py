@@ -38,10 +38,18 @@ class EvalSettings:
 
     def kwargs(self, token_cache: str, tokenizer_name: str) -> dict:
         """The keyword arguments of :func:`tyr.evaluation.evaluate_model`."""
-        return dict(perplexity_sources=list(self.perplexity), seq_len=self.seq_len, ppl_windows=self.ppl_windows,
-                    ppl_batch_size=self.ppl_batch_size, tasks=list(self.tasks), limit=self.limit,
-                    batch_size=self.batch_size, logits_mb=self.logits_mb, token_cache=token_cache,
-                    tokenizer_name=tokenizer_name)
+        return dict(
+            perplexity_sources=list(self.perplexity),
+            seq_len=self.seq_len,
+            ppl_windows=self.ppl_windows,
+            ppl_batch_size=self.ppl_batch_size,
+            tasks=list(self.tasks),
+            limit=self.limit,
+            batch_size=self.batch_size,
+            logits_mb=self.logits_mb,
+            token_cache=token_cache,
+            tokenizer_name=tokenizer_name,
+        )
 
 
 def eval_settings(options: Mapping[str, Any]) -> EvalSettings:
@@ -61,7 +69,7 @@ class PipelineSettings:
     gradient: TokenSetSpec  # data.gradient: Taylor statistics, for pruners that need gradients
     search: SearchSettings
     eval: EvalSettings
-    compare: tuple[str, ...]  # extra rows: dense, uniform, uniform_reprune, owl
+    compare: tuple[str, ...]  # extra rows: dense, uniform, uniform_reprune, owl, searched_other
     export: bool
     streaming: bool  # runtime.streaming: the prepare / build / search stages hold one layer at a time
     cache_dir: str
@@ -74,21 +82,24 @@ class PipelineSettings:
 def pipeline_settings(config: Mapping[str, Any]) -> PipelineSettings:
     """The typed settings of a resolved pipeline config (``OmegaConf.to_container(cfg, resolve=True)``)."""
     data = config["data"]
-    return from_config(PipelineSettings, {
-        "model": config["model"]["name"],
-        "dtype": config["model"]["dtype"],
-        "target_sparsity": config["target_sparsity"],
-        "batch_size": config["batch_size"],
-        "calibration": data["calibration"],
-        "search_data": data["search"],
-        "gradient": data["gradient"],
-        "search": search_settings(config["search"], int(config["batch_size"])),
-        "eval": config["eval"],
-        "compare": config["compare"],
-        "export": config["export"],
-        "streaming": config["runtime"]["streaming"],
-        "cache_dir": config["paths"]["cache_dir"],
-    })
+    return from_config(
+        PipelineSettings,
+        {
+            "model": config["model"]["name"],
+            "dtype": config["model"]["dtype"],
+            "target_sparsity": config["target_sparsity"],
+            "batch_size": config["batch_size"],
+            "calibration": data["calibration"],
+            "search_data": data["search"],
+            "gradient": data["gradient"],
+            "search": search_settings(config["search"], int(config["batch_size"])),
+            "eval": config["eval"],
+            "compare": config["compare"],
+            "export": config["export"],
+            "streaming": config["runtime"]["streaming"],
+            "cache_dir": config["paths"]["cache_dir"],
+        },
+    )
 
 
 @dataclass

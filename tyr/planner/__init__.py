@@ -18,24 +18,40 @@ not its code (:func:`~tyr.planner.sizes.tyr_paper_layout_bytes`).
 
 from tyr.planner.costs import plan
 from tyr.planner.flops import (
-                               BUILD_LAYER_FORWARDS,
-                               GRAD_LAYER_FORWARDS,
-                               forward_flops_per_token,
-                               solve_calls,
-                               solve_flops,
-                               stage_candidates,
+    BUILD_LAYER_FORWARDS,
+    GRAD_LAYER_FORWARDS,
+    forward_flops_per_token,
+    solve_calls,
+    solve_flops,
+    stage_candidates,
 )
 from tyr.planner.report import format_plan
 from tyr.planner.settings import ArchFacts, DataSizes, GridSettings, PrunerSettings, Throughput
 from tyr.planner.sizes import (
-                               SHARD_SCHEMA_VERSION,
-                               safetensors_file_bytes,
-                               supernet_bytes,
-                               teacher_cache_bytes,
-                               tyr_paper_layout_bytes,
+    SHARD_SCHEMA_VERSION,
+    safetensors_file_bytes,
+    supernet_bytes,
+    teacher_cache_bytes,
+    tyr_paper_layout_bytes,
 )
 
-__all__ = ["plan", "format_plan", "ArchFacts", "DataSizes", "GridSettings", "PrunerSettings", "Throughput",
-           "BUILD_LAYER_FORWARDS", "GRAD_LAYER_FORWARDS", "SHARD_SCHEMA_VERSION", "forward_flops_per_token", "solve_calls",
-           "solve_flops", "stage_candidates", "safetensors_file_bytes", "supernet_bytes", "teacher_cache_bytes",
-           "tyr_paper_layout_bytes"]
+__all__ = [
+    "plan",
+    "format_plan",
+    "ArchFacts",
+    "DataSizes",
+    "GridSettings",
+    "PrunerSettings",
+    "Throughput",
+    "BUILD_LAYER_FORWARDS",
+    "GRAD_LAYER_FORWARDS",
+    "SHARD_SCHEMA_VERSION",
+    "forward_flops_per_token",
+    "solve_calls",
+    "solve_flops",
+    "stage_candidates",
+    "safetensors_file_bytes",
+    "supernet_bytes",
+    "teacher_cache_bytes",
+    "tyr_paper_layout_bytes",
+]

@@ -28,10 +28,18 @@ def _levels_summary(grid: SupernetGrid) -> dict[str, list[int]]:
     return {k: list(grid.modules[k][0].keep) for k in KINDS}
 
 
-def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSettings = GridSettings(),
-         data: DataSizes = DataSizes(131072, 32768, 4096), search: SearchSettings | None = None,
-         pruner: PrunerSettings = PrunerSettings(), throughput: Throughput = Throughput(),
-         model_name: str = "", streaming: bool = False) -> dict[str, Any]:
+def plan(
+    arch: ArchFacts,
+    dtype: str,
+    target_sparsity: float,
+    supernet: GridSettings = GridSettings(),
+    data: DataSizes = DataSizes(131072, 32768, 4096),
+    search: SearchSettings | None = None,
+    pruner: PrunerSettings = PrunerSettings(),
+    throughput: Throughput = Throughput(),
+    model_name: str = "",
+    streaming: bool = False,
+) -> dict[str, Any]:
     """The whole plan as a JSON-serialisable dict (see :func:`format_plan`). With ``streaming``
     (``runtime.streaming=true``), host memory holds one decoder layer plus the embedding, final norm
     and LM head instead of the whole model, and the search keeps no dense copies of the layers.
@@ -56,9 +64,15 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
         return [_grid(arch, target_sparsity, iv, n_levels, min_heads, min_channels) for iv in intervals]
 
     it_grids = iteration_grids(search.intervals, search.n_levels, search.min_heads, search.min_channels)
-    iterations = [{"interval": iv, "levels": _levels_summary(g), "bytes": supernet_bytes(g, arch, dtype, pruner.bias)["total"],
-                   "tyr_layout_bytes": tyr_paper_layout_bytes(g, arch, dtype)["all_projections"]}
-                  for iv, g in zip(search.intervals, it_grids)]
+    iterations = [
+        {
+            "interval": iv,
+            "levels": _levels_summary(g),
+            "bytes": supernet_bytes(g, arch, dtype, pruner.bias)["total"],
+            "tyr_layout_bytes": tyr_paper_layout_bytes(g, arch, dtype)["all_projections"],
+        }
+        for iv, g in zip(search.intervals, it_grids)
+    ]
     paper = SearchSettings()  # Týr's settings, for the comparison line
     paper_grids = iteration_grids(paper.intervals, paper.n_levels, paper.min_heads, paper.min_channels)
     paper_total = sum(supernet_bytes(g, arch, dtype, pruner.bias)["total"] for g in paper_grids)
@@ -77,9 +91,11 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
     S = n_teacher * T  # tokens of the largest (last) stage
     warnings = []
     if data.search_set_tokens is not None and data.search_set_tokens < S:
-        warnings.append(f"data.search holds {data.search_set_tokens} tokens but the last stage wants {S}: the "
-                        f"pipeline's teacher cache covers data.search only, so larger stages are capped at "
-                        f"{data.search_set_tokens} tokens (raise data.search.num_sequences)")
+        warnings.append(
+            f"data.search holds {data.search_set_tokens} tokens but the last stage wants {S}: the "
+            f"pipeline's teacher cache covers data.search only, so larger stages are capped at "
+            f"{data.search_set_tokens} tokens (raise data.search.num_sequences)"
+        )
 
     # --- memory: gradient pass ---------------------------------------------------------------------
     w_layer = lp["total"] * b
@@ -96,8 +112,11 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
         "loss_logits_fp32": 3 * T * V * 4 + T * V * b,
         "lm_head_and_norm": (V * H + H) * b,
     }
-    grad_host = {"model_weights": w_model, "layer_input_checkpoints": (L + 2) * G * H * act,
-                 **{k_: v for k_, v in grad_dev.items() if k_ not in ("layer_weights", "lm_head_and_norm")}}
+    grad_host = {
+        "model_weights": w_model,
+        "layer_input_checkpoints": (L + 2) * G * H * act,
+        **{k_: v for k_, v in grad_dev.items() if k_ not in ("layer_weights", "lm_head_and_norm")},
+    }
     if not G:  # the pruner needs no gradients: no gradient pass
         grad_dev, grad_host = {}, {}
 
@@ -124,15 +143,18 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
         dev = {
             "layer_weights": w_layer,
             "batch_activations": data.batch_size * T * (2 * H + 2 * arch.q_dim + 2 * arch.kv_dim + 3 * I) * act,
-            "statistics_fp32": 4 * (arch.q_dim ** 2 + arch.q_dim + I * I + I),
+            "statistics_fp32": 4 * (arch.q_dim**2 + arch.q_dim + I * I + I),
             "module_problems_fp32": f32_copies(3 * H * arch.q_dim) + f32_copies(4 * H * I),
             "variants_fp32": variants,
             "eea_expected_weights": eea,
             "solve_workspace_fp64": max(workspace(g.modules["attn"][0], "attn"), workspace(g.modules["mlp"][0], "mlp")),
         }
-        host = {"model_weights": w_model, "calibration_activations_x3": 3 * C * H * act,
-                "shard_serialisation": 2 * max(supernet_bytes(g, arch, dtype, pruner.bias)["per_layer"]),
-                **{k_: v for k_, v in dev.items() if k_ != "layer_weights"}}
+        host = {
+            "model_weights": w_model,
+            "calibration_activations_x3": 3 * C * H * act,
+            "shard_serialisation": 2 * max(supernet_bytes(g, arch, dtype, pruner.bias)["per_layer"]),
+            **{k_: v for k_, v in dev.items() if k_ != "layer_weights"},
+        }
         return dev, host
 
     build_dev, build_host = build_memory(grid)
@@ -150,10 +172,13 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
         "kl_chunk": KL_CHUNK * V * (3 * 4 + b),
         "batch_activations": data.batch_size * T * (2 * H + 2 * arch.q_dim + 2 * arch.kv_dim + 3 * I) * act,
     }
-    search_host = {"model_weights": w_model, "assembler_dense_layers": 0 if streaming else L * w_layer,
-                   "supernet_shard_cache": max(sn["per_layer"]),
-                   **{k_: v for k_, v in search_dev.items() if k_ != "pruned_model"},
-                   "teacher_topk_cache": teacher_pipeline}
+    search_host = {
+        "model_weights": w_model,
+        "assembler_dense_layers": 0 if streaming else L * w_layer,
+        "supernet_shard_cache": max(sn["per_layer"]),
+        **{k_: v for k_, v in search_dev.items() if k_ != "pruned_model"},
+        "teacher_topk_cache": teacher_pipeline,
+    }
 
     # --- FLOPs -------------------------------------------------------------------------------------
     dense_lin = L * lp["prunable"]
@@ -166,11 +191,16 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
 
     def build_flops(g):
         fwd = BUILD_LAYER_FORWARDS * C * fwd_dense
-        stats = L * 2.0 * C * (arch.q_dim ** 2 + I ** 2)
+        stats = L * 2.0 * C * (arch.q_dim**2 + I**2)
         solves = solve_flops(g, arch, pruner)
-        return {"layer_forwards": fwd, "statistics": stats, "solves_fp64": solves["total"], "solves_detail": solves,
-                "seconds": (fwd + stats) / (throughput.tflops * 1e12) + solves["total"] / (fp64 * 1e12),
-                "cpu_seconds": (fwd + stats + solves["total"]) / (throughput.cpu_tflops * 1e12)}
+        return {
+            "layer_forwards": fwd,
+            "statistics": stats,
+            "solves_fp64": solves["total"],
+            "solves_detail": solves,
+            "seconds": (fwd + stats) / (throughput.tflops * 1e12) + solves["total"] / (fp64 * 1e12),
+            "cpu_seconds": (fwd + stats + solves["total"]) / (throughput.cpu_tflops * 1e12),
+        }
 
     pruned_q = [h * arch.head_dim for h in kept_heads]
     fwd_pruned = forward_flops_per_token(arch, kept, pruned_q, T, with_head=True)
@@ -181,57 +211,111 @@ def plan(arch: ArchFacts, dtype: str, target_sparsity: float, supernet: GridSett
     search_iter = search.generations * gen_flops + surrogate
     builds = [build_flops(g) for g in it_grids]
     build_one = build_flops(grid)
-    main_total = grad_flops + teacher_flops + sum(bf["layer_forwards"] + bf["statistics"] for bf in builds) \
-        + len(it_grids) * search_iter
+    main_total = (
+        grad_flops + teacher_flops + sum(bf["layer_forwards"] + bf["statistics"] for bf in builds) + len(it_grids) * search_iter
+    )
     fp64_total = sum(bf["solves_fp64"] for bf in builds)
 
     def secs(f, f64=0.0):
-        return {"device": f / (throughput.tflops * 1e12) + f64 / (fp64 * 1e12),
-                "cpu": (f + f64) / (throughput.cpu_tflops * 1e12)}
+        return {"device": f / (throughput.tflops * 1e12) + f64 / (fp64 * 1e12), "cpu": (f + f64) / (throughput.cpu_tflops * 1e12)}
 
     return {
-        "model": model_name, "arch": asdict(arch), "dtype": dtype, "target_sparsity": target_sparsity,
-        "settings": {"supernet": asdict(supernet), "data": asdict(data), "search": asdict(search),
-                     "pruner": asdict(pruner), "throughput": asdict(throughput)},
-        "params": {"layer": lp, "model": mp, "kept_at_budget": kept,
-                   "kept_heads_centre": kept_heads[0],
-                   "kept_channels_centre": grid.modules["mlp"][0].keep[grid.modules["mlp"][0].centre]},
-        "supernet": {"levels": _levels_summary(grid), "bytes": sn["total"], "data_bytes": sn["data"],
-                     "header_bytes": sn["header"], "per_layer_bytes": sn["per_layer"][0], "attn_data_bytes": sn["attn_data"],
-                     "mlp_data_bytes": sn["mlp_data"],
-                     "tyr_layout_bytes": tyr_layout["all_projections"],
-                     "tyr_layout_out_proj_only_bytes": tyr_layout["output_projection_only"],
-                     "ratio": tyr_layout["all_projections"] / sn["total"],
-                     "tyr_reported_bytes": reported,
-                     "iterations": iterations, "iterations_total_bytes": sum(i["bytes"] for i in iterations),
-                     "paper_4_iterations_total_bytes": paper_total, "paper_intervals": list(paper.intervals)},
-        "tokens": {"calibration": C, "calibration_sequences": n_cal, "gradient": G, "gradient_sequences": n_grad,
-                   "seq_len": T, "stages": stage_tokens, "teacher": S, "teacher_sequences": n_teacher, "topk": k},
-        "teacher_cache_bytes": teacher, "teacher_cache_pipeline_bytes": teacher_pipeline,
+        "model": model_name,
+        "arch": asdict(arch),
+        "dtype": dtype,
+        "target_sparsity": target_sparsity,
+        "settings": {
+            "supernet": asdict(supernet),
+            "data": asdict(data),
+            "search": asdict(search),
+            "pruner": asdict(pruner),
+            "throughput": asdict(throughput),
+        },
+        "params": {
+            "layer": lp,
+            "model": mp,
+            "kept_at_budget": kept,
+            "kept_heads_centre": kept_heads[0],
+            "kept_channels_centre": grid.modules["mlp"][0].keep[grid.modules["mlp"][0].centre],
+        },
+        "supernet": {
+            "levels": _levels_summary(grid),
+            "bytes": sn["total"],
+            "data_bytes": sn["data"],
+            "header_bytes": sn["header"],
+            "per_layer_bytes": sn["per_layer"][0],
+            "attn_data_bytes": sn["attn_data"],
+            "mlp_data_bytes": sn["mlp_data"],
+            "tyr_layout_bytes": tyr_layout["all_projections"],
+            "tyr_layout_out_proj_only_bytes": tyr_layout["output_projection_only"],
+            "ratio": tyr_layout["all_projections"] / sn["total"],
+            "tyr_reported_bytes": reported,
+            "iterations": iterations,
+            "iterations_total_bytes": sum(i["bytes"] for i in iterations),
+            "paper_4_iterations_total_bytes": paper_total,
+            "paper_intervals": list(paper.intervals),
+        },
+        "tokens": {
+            "calibration": C,
+            "calibration_sequences": n_cal,
+            "gradient": G,
+            "gradient_sequences": n_grad,
+            "seq_len": T,
+            "stages": stage_tokens,
+            "teacher": S,
+            "teacher_sequences": n_teacher,
+            "topk": k,
+        },
+        "teacher_cache_bytes": teacher,
+        "teacher_cache_pipeline_bytes": teacher_pipeline,
         "teacher_cache_fresh_bytes": teacher_fresh,
         "search_set_tokens": n_search_set * T,
-        "disk": {"supernet_all_iterations": sum(i["bytes"] for i in iterations), "build_checkpoint": C * H * act,
-                 "teacher_cache_file": teacher_pipeline - n_search_set * T * 4},  # ids saved as int32
+        "disk": {
+            "supernet_all_iterations": sum(i["bytes"] for i in iterations),
+            "build_checkpoint": C * H * act,
+            "teacher_cache_file": teacher_pipeline - n_search_set * T * 4,
+        },  # ids saved as int32
         "memory": {
             "streaming": streaming,
-            "gradient": {"device": sum(grad_dev.values()), "host": sum(grad_host.values()),
-                         "device_parts": grad_dev, "host_parts": grad_host},
-            "build": {"device": sum(build_dev.values()), "host": sum(build_host.values()),
-                      "device_parts": build_dev, "host_parts": build_host},
-            "search": {"device": sum(search_dev.values()), "host": sum(search_host.values()),
-                       "device_parts": search_dev, "host_parts": search_host, "prefix_cache_on": prefix_on},
+            "gradient": {
+                "device": sum(grad_dev.values()),
+                "host": sum(grad_host.values()),
+                "device_parts": grad_dev,
+                "host_parts": grad_host,
+            },
+            "build": {
+                "device": sum(build_dev.values()),
+                "host": sum(build_host.values()),
+                "device_parts": build_dev,
+                "host_parts": build_host,
+            },
+            "search": {
+                "device": sum(search_dev.values()),
+                "host": sum(search_host.values()),
+                "device_parts": search_dev,
+                "host_parts": search_host,
+                "prefix_cache_on": prefix_on,
+            },
         },
         "flops": {
-            "gradient": grad_flops, "teacher": teacher_flops, "build": build_one,
+            "gradient": grad_flops,
+            "teacher": teacher_flops,
+            "build": build_one,
             "build_per_iteration": [{k_: v for k_, v in bf.items() if k_ != "solves_detail"} for bf in builds],
-            "forward_per_token_dense": fwd_dense, "forward_per_token_pruned": fwd_pruned,
-            "search_generation": gen_flops, "stage_candidates": cands, "search_iteration": search_iter,
-            "total": main_total + fp64_total, "total_fp64": fp64_total,
+            "forward_per_token_dense": fwd_dense,
+            "forward_per_token_pruned": fwd_pruned,
+            "search_generation": gen_flops,
+            "stage_candidates": cands,
+            "search_iteration": search_iter,
+            "total": main_total + fp64_total,
+            "total_fp64": fp64_total,
         },
         "time_seconds": {
-            "gradient": secs(grad_flops), "teacher": secs(teacher_flops),
+            "gradient": secs(grad_flops),
+            "teacher": secs(teacher_flops),
             "build": {"device": build_one["seconds"], "cpu": build_one["cpu_seconds"]},
-            "search_generation": secs(gen_flops), "search_iteration": secs(search_iter),
+            "search_generation": secs(gen_flops),
+            "search_iteration": secs(search_iter),
             "total": secs(main_total, fp64_total),
         },
         "warnings": warnings,

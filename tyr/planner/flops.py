@@ -67,8 +67,7 @@ def solve_flops(grid: SupernetGrid, arch: ArchFacts, pruner: PrunerSettings) -> 
     return tot
 
 
-def forward_flops_per_token(arch: ArchFacts, linear_params: float, q_dims: Sequence[int], seq_len: int,
-                            with_head: bool) -> float:
+def forward_flops_per_token(arch: ArchFacts, linear_params: float, q_dims: Sequence[int], seq_len: int, with_head: bool) -> float:
     """One forward, per token: 2 FLOPs per linear weight, plus causal attention (QKᵀ and AV, average
     context seq_len/2: 2·seq_len·q_dim per layer), plus the LM head if used."""
     f = 2.0 * linear_params + sum(2.0 * seq_len * q for q in q_dims)

@@ -37,14 +37,30 @@ class ArchFacts:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ArchFacts:
         known = {f for f in cls.__dataclass_fields__}
-        missing = [f for f in ("model_type", "num_layers", "hidden_size", "intermediate_size", "num_heads",
-                               "num_kv_heads", "head_dim", "vocab_size") if f not in d]
+        missing = [
+            f
+            for f in (
+                "model_type",
+                "num_layers",
+                "hidden_size",
+                "intermediate_size",
+                "num_heads",
+                "num_kv_heads",
+                "head_dim",
+                "vocab_size",
+            )
+            if f not in d
+        ]
         if missing:
             raise ValueError(f"arch block lacks {missing}")
         kw = {k: v for k, v in d.items() if k in known}
         ints = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size")
-        return cls(**{k: (int(v) if k in ints else bool(v) if k in ("tie_word_embeddings", "attention_bias") else str(v))
-                      for k, v in kw.items()})
+        return cls(
+            **{
+                k: (int(v) if k in ints else bool(v) if k in ("tie_word_embeddings", "attention_bias") else str(v))
+                for k, v in kw.items()
+            }
+        )
 
     @property
     def q_dim(self) -> int:
@@ -74,7 +90,9 @@ class ArchFacts:
             "k_proj": H * self.kv_dim + (self.kv_dim if b else 0),
             "v_proj": H * self.kv_dim + (self.kv_dim if b else 0),
             "o_proj": self.q_dim * H + (H if self.o_bias else 0),
-            "gate_proj": H * I, "up_proj": H * I, "down_proj": I * H,
+            "gate_proj": H * I,
+            "up_proj": H * I,
+            "down_proj": I * H,
         }
         p["attention"] = p["q_proj"] + p["k_proj"] + p["v_proj"] + p["o_proj"]
         p["mlp"] = p["gate_proj"] + p["up_proj"] + p["down_proj"]
@@ -87,9 +105,14 @@ class ArchFacts:
         """Whole-model counts (tied embeddings counted once), as tyr.modeling.params.parameter_counts."""
         lp = self.layer_params()
         L, H, V = self.num_layers, self.hidden_size, self.vocab_size
-        out = {"embeddings": V * H, "lm_head": 0 if self.tie_word_embeddings else V * H,
-               "norms": L * lp["norms"] + H, "attention": L * lp["attention"], "mlp": L * lp["mlp"],
-               "prunable": L * lp["prunable"]}
+        out = {
+            "embeddings": V * H,
+            "lm_head": 0 if self.tie_word_embeddings else V * H,
+            "norms": L * lp["norms"] + H,
+            "attention": L * lp["attention"],
+            "mlp": L * lp["mlp"],
+            "prunable": L * lp["prunable"],
+        }
         out["decoder"] = L * lp["total"]
         out["total"] = out["embeddings"] + out["lm_head"] + out["prunable"] + out["norms"]
         return out
@@ -105,7 +128,6 @@ class ArchFacts:
         fixed = self.num_kv_heads * (2 * H * hd + kvb) + (H if self.o_bias else 0)
         ch = 2 * H + H
         return [LayerShape(self.num_heads, head, self.intermediate_size, ch, fixed) for _ in range(self.num_layers)]
-
 
 
 @dataclass(frozen=True)

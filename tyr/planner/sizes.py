@@ -28,8 +28,9 @@ def dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[dtype]
 
 
-def safetensors_file_bytes(entries: Sequence[tuple[str, str, Sequence[int]]],
-                           metadata: Mapping[str, str] | None = None) -> dict[str, int]:
+def safetensors_file_bytes(
+    entries: Sequence[tuple[str, str, Sequence[int]]], metadata: Mapping[str, str] | None = None
+) -> dict[str, int]:
     """Size of a safetensors file holding tensors ``(name, dtype, shape)`` (dtype as ``F32``, ``BF16``,
     ``I32``...): 8-byte header length + JSON header padded with spaces to a multiple of 8 + data."""
     itemsize = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "F64": 8}
@@ -47,8 +48,9 @@ def safetensors_file_bytes(entries: Sequence[tuple[str, str, Sequence[int]]],
     return {"data": offset, "header": 8 + header, "total": 8 + header + offset}
 
 
-def shard_entries(grid: SupernetGrid, layer: int, arch: ArchFacts, dtype: str,
-                  bias: bool) -> list[tuple[str, str, tuple[int, ...]]]:
+def shard_entries(
+    grid: SupernetGrid, layer: int, arch: ArchFacts, dtype: str, bias: bool
+) -> list[tuple[str, str, tuple[int, ...]]]:
     """The tensors :meth:`SupernetStore.write_layer` stores for one layer: per module and level the kept
     unit indices (int32), the kept output-projection columns [hidden, kept * unit_width] (model dtype)
     and, with a bias-fitting pruner, a bias [hidden] for every level that removes something."""
@@ -71,14 +73,20 @@ def shard_metadata(layer: int) -> dict[str, str]:
 
 def supernet_bytes(grid: SupernetGrid, arch: ArchFacts, dtype: str, bias: bool = False) -> dict[str, Any]:
     """Exact shard bytes of tyr's supernet for ``grid`` (the manifest, a few hundred KB, not counted)."""
-    per_layer = [safetensors_file_bytes(shard_entries(grid, l, arch, dtype, bias), shard_metadata(l))
-                 for l in range(grid.num_layers)]
+    per_layer = [
+        safetensors_file_bytes(shard_entries(grid, l, arch, dtype, bias), shard_metadata(l)) for l in range(grid.num_layers)
+    ]
     b = dtype_bytes(dtype)
     attn = sum(arch.hidden_size * k * arch.head_dim * b + 4 * k for g in grid.modules["attn"] for k in g.keep)
     mlp = sum(arch.hidden_size * k * b + 4 * k for g in grid.modules["mlp"] for k in g.keep)
-    return {"total": sum(p["total"] for p in per_layer), "data": sum(p["data"] for p in per_layer),
-            "header": sum(p["header"] for p in per_layer), "per_layer": [p["total"] for p in per_layer],
-            "attn_data": attn, "mlp_data": mlp}
+    return {
+        "total": sum(p["total"] for p in per_layer),
+        "data": sum(p["data"] for p in per_layer),
+        "header": sum(p["header"] for p in per_layer),
+        "per_layer": [p["total"] for p in per_layer],
+        "attn_data": attn,
+        "mlp_data": mlp,
+    }
 
 
 def tyr_paper_layout_bytes(grid: SupernetGrid, arch: ArchFacts, dtype: str) -> dict[str, int]:
@@ -86,10 +94,12 @@ def tyr_paper_layout_bytes(grid: SupernetGrid, arch: ArchFacts, dtype: str) -> d
     stores full-size (zero-padded) tensors in the model dtype, either of all its module's
     projections (attention q,k,v,o; MLP gate,up,down) or only of the output projection."""
     lp, b = arch.layer_params(), dtype_bytes(dtype)
-    all_proj = sum(len(g.keep) * lp["attention"] for g in grid.modules["attn"]) + \
-        sum(len(g.keep) * lp["mlp"] for g in grid.modules["mlp"])
-    out_only = sum(len(g.keep) * lp["o_proj"] for g in grid.modules["attn"]) + \
-        sum(len(g.keep) * lp["down_proj"] for g in grid.modules["mlp"])
+    all_proj = sum(len(g.keep) * lp["attention"] for g in grid.modules["attn"]) + sum(
+        len(g.keep) * lp["mlp"] for g in grid.modules["mlp"]
+    )
+    out_only = sum(len(g.keep) * lp["o_proj"] for g in grid.modules["attn"]) + sum(
+        len(g.keep) * lp["down_proj"] for g in grid.modules["mlp"]
+    )
     return {"all_projections": all_proj * b, "output_projection_only": out_only * b}
 
 

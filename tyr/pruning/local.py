@@ -35,8 +35,9 @@ class LocalPruner:
     def needs_gradients(self) -> bool:
         return self.scorer.needs_gradients
 
-    def prune(self, problem: ModuleProblem, keep_counts: list[int], centre: int | None = None,
-              only: Iterable[int] | None = None) -> list[Variant | None]:
+    def prune(
+        self, problem: ModuleProblem, keep_counts: list[int], centre: int | None = None, only: Iterable[int] | None = None
+    ) -> list[Variant | None]:
         """One variant per requested number of kept units (nested kept sets). ``centre`` indexes the
         count that matters most (default: the middle one). With ``only``, the kept sets are chosen
         for all counts but only the variants at those indices are built (the others are None):

@@ -60,24 +60,36 @@ class ModuleProblem:
         return unit_sum(per_weight, how, self.n_units, self.unit_width)
 
 
-def attention_problem(adapter: DecoderAdapter, layer, index: int, stats: InputStats,
-                      taylor: dict | None = None) -> ModuleProblem:
+def attention_problem(adapter: DecoderAdapter, layer, index: int, stats: InputStats, taylor: dict | None = None) -> ModuleProblem:
     attn = adapter.attention(layer)
     geo = adapter.geometry(layer)
     return ModuleProblem(
-        "attn", index, geo.head_dim, geo.num_heads, attn.o_proj.weight.detach().float(),
+        "attn",
+        index,
+        geo.head_dim,
+        geo.num_heads,
+        attn.o_proj.weight.detach().float(),
         {"q_proj": (attn.q_proj.weight.detach().float(), "rows"), "o_proj": (attn.o_proj.weight.detach().float(), "cols")},
-        stats, taylor,
+        stats,
+        taylor,
     )
 
 
 def mlp_problem(adapter: DecoderAdapter, layer, index: int, stats: InputStats, taylor: dict | None = None) -> ModuleProblem:
     mlp = adapter.mlp(layer)
     return ModuleProblem(
-        "mlp", index, 1, mlp.gate_proj.out_features, mlp.down_proj.weight.detach().float(),
-        {"gate_proj": (mlp.gate_proj.weight.detach().float(), "rows"), "up_proj": (mlp.up_proj.weight.detach().float(), "rows"),
-         "down_proj": (mlp.down_proj.weight.detach().float(), "cols")},
-        stats, taylor,
+        "mlp",
+        index,
+        1,
+        mlp.gate_proj.out_features,
+        mlp.down_proj.weight.detach().float(),
+        {
+            "gate_proj": (mlp.gate_proj.weight.detach().float(), "rows"),
+            "up_proj": (mlp.up_proj.weight.detach().float(), "rows"),
+            "down_proj": (mlp.down_proj.weight.detach().float(), "cols"),
+        },
+        stats,
+        taylor,
     )
 
 

@@ -27,8 +27,9 @@ def relative_error(problem: ModuleProblem, keep: list[int], weight: torch.Tensor
     return max(num, 0.0) / max(problem.dense_energy(), 1e-30)
 
 
-def refit(problem: ModuleProblem, keep: list[int], bias: bool = False,
-          damp: float = 0.001) -> tuple[torch.Tensor, torch.Tensor | None]:
+def refit(
+    problem: ModuleProblem, keep: list[int], bias: bool = False, damp: float = 0.001
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Least-squares refit of the kept columns (and a bias if ``bias``) against the dense output."""
     W0 = problem.out_weight.double()
     cols = problem.columns(keep)

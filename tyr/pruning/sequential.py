@@ -24,9 +24,17 @@ Solve = Callable[[ModuleProblem], list[Variant]]
 Apply = Callable[[ModuleProblem, list[Variant]], AbstractContextManager[None]]
 
 
-def prune_layer(adapter: DecoderAdapter, l: int, layer: nn.Module, inputs: LayerInputs, taylor: dict | None,
-                solve_attn: Solve, apply_attn: Apply, solve_mlp: Solve,
-                apply_mlp: Apply) -> tuple[list[Variant], list[Variant], torch.Tensor]:
+def prune_layer(
+    adapter: DecoderAdapter,
+    l: int,
+    layer: nn.Module,
+    inputs: LayerInputs,
+    taylor: dict | None,
+    solve_attn: Solve,
+    apply_attn: Apply,
+    solve_mlp: Solve,
+    apply_mlp: Apply,
+) -> tuple[list[Variant], list[Variant], torch.Tensor]:
     """Variants of layer ``l``'s attention and MLP (``taylor``: the layer's per-unit Taylor
     statistics, or None) and the layer's outputs with both applied."""
     t = taylor if taylor is not None else {"attn": None, "mlp": None}

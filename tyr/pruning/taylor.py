@@ -13,8 +13,9 @@ ATTN_MEMBERS = {"q_proj": "rows", "o_proj": "cols"}
 MLP_MEMBERS = {"gate_proj": "rows", "up_proj": "rows", "down_proj": "cols"}
 
 
-def collect_taylor(model, input_ids: torch.Tensor, batch_size: int = 8,
-                   progress: bool = True) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+def collect_taylor(
+    model, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = True
+) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
     """``{layer: {"attn": {key: [heads]}, "mlp": {key: [channels]}}}`` (keys: scorers.taylor.TAYLOR_KEYS)."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
@@ -33,8 +34,9 @@ def collect_taylor(model, input_ids: torch.Tensor, batch_size: int = 8,
     return out
 
 
-def load_or_collect_taylor(model, input_ids: torch.Tensor, cache_file: str | None, batch_size: int = 8,
-                           progress: bool = True) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+def load_or_collect_taylor(
+    model, input_ids: torch.Tensor, cache_file: str | None, batch_size: int = 8, progress: bool = True
+) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
     """:func:`collect_taylor`, cached in a verified safetensors file (the caller keys it by model and
     tokens); a corrupt cache is logged and collected again."""
     import logging
@@ -50,6 +52,7 @@ def load_or_collect_taylor(model, input_ids: torch.Tensor, cache_file: str | Non
         return out
     out = collect_taylor(model, input_ids, batch_size, progress)
     if cache_file and dist.is_main():
-        write_verified(cache_file, {f"{li}.{kind}.{name}": t for li, d in out.items() for kind, dd in d.items()
-                                    for name, t in dd.items()})
+        write_verified(
+            cache_file, {f"{li}.{kind}.{name}": t for li, d in out.items() for kind, dd in d.items() for name, t in dd.items()}
+        )
     return out

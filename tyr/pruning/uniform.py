@@ -89,19 +89,45 @@ class UniformPrune(LayerCallback):
         t = self.taylor[li] if self.taylor is not None else None
         (va,), (vm,), out = prune_layer(adapter, li, layer, inputs, t, solve_attn, slice_attn, solve_mlp, slice_channels)
         after = layer_counts(adapter, layer)
-        rep = LayerReport(li, len(va.keep), before["heads"], len(vm.keep), before["channels"], va.rel_error, vm.rel_error,
-                          before["attention"] + before["mlp"], after["attention"] + after["mlp"], va.info, vm.info)
+        rep = LayerReport(
+            li,
+            len(va.keep),
+            before["heads"],
+            len(vm.keep),
+            before["channels"],
+            va.rel_error,
+            vm.rel_error,
+            before["attention"] + before["mlp"],
+            after["attention"] + after["mlp"],
+            va.info,
+            vm.info,
+        )
         self.reports.append(rep)
         if self.on_layer is not None:
             self.on_layer(asdict(rep))
-        log.debug("layer %d: heads %d/%d err %.4f, channels %d/%d err %.4f", li, rep.heads_kept, rep.heads,
-                  rep.attn_error, rep.channels_kept, rep.channels, rep.mlp_error)
+        log.debug(
+            "layer %d: heads %d/%d err %.4f, channels %d/%d err %.4f",
+            li,
+            rep.heads_kept,
+            rep.heads,
+            rep.attn_error,
+            rep.channels_kept,
+            rep.channels,
+            rep.mlp_error,
+        )
         return out
 
 
-def prune_uniform(model, pruner: LocalPruner, calib_ids: torch.Tensor, sparsity: float,
-                  taylor: dict | None = None, batch_size: int = 8, progress: bool = True,
-                  on_layer=None) -> dict:
+def prune_uniform(
+    model,
+    pruner: LocalPruner,
+    calib_ids: torch.Tensor,
+    sparsity: float,
+    taylor: dict | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    on_layer=None,
+) -> dict:
     """Prune ``model`` in place; returns a JSON-ready report (per-layer errors, budget achieved).
 
     A one-level path build (:func:`tyr.coarse_to_fine.build_path_supernet` computes the same at these

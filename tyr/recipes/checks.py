@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tyr.artifacts import SettingsError
 
-COMPARE = ("dense", "uniform", "uniform_reprune", "owl")
+COMPARE = ("dense", "uniform", "uniform_reprune", "owl", "searched_other")
 EEA = ("none", "expectation", "uniform", "path")
 
 
@@ -62,8 +62,10 @@ def check_model(cfg: DictConfig) -> None:
             check_folder(str(cfg.model.name), str(path))
         except FileNotFoundError as e:
             raise SettingsError(str(e)) from None
-    _need(str(cfg.model.get("dtype", "float32")) in ("float32", "bfloat16", "float16"),
-          f"model.dtype={cfg.model.dtype} must be float32, bfloat16 or float16")
+    _need(
+        str(cfg.model.get("dtype", "float32")) in ("float32", "bfloat16", "float16"),
+        f"model.dtype={cfg.model.dtype} must be float32, bfloat16 or float16",
+    )
 
 
 def check_token_set(node: DictConfig, where: str) -> None:
@@ -131,15 +133,20 @@ def check_search(cfg: DictConfig, tokens: bool = True) -> None:
     _need(int(s.offspring) >= 1, f"search.offspring={s.offspring} must be at least 1")
     _need(int(s.max_flips) >= 1, f"search.max_flips={s.max_flips} must be at least 1")
     _need(int(s.min_heads) >= 1 and int(s.min_channels) >= 1, "search.min_heads and search.min_channels must be >= 1")
-    _need(s.prescreen_keep is None or int(s.prescreen_keep) >= 1,
-          f"search.prescreen_keep={s.prescreen_keep} must be >= 1 or null")
+    _need(
+        s.prescreen_keep is None or int(s.prescreen_keep) >= 1, f"search.prescreen_keep={s.prescreen_keep} must be >= 1 or null"
+    )
     _need(int(s.surrogate_check) >= 0, f"search.surrogate_check={s.surrogate_check} must be >= 0")
     _need(int(s.topk) >= 1, f"search.topk={s.topk} must be at least 1")
     _need(str(s.eea) in EEA, f"search.eea={s.eea} must be one of {', '.join(EEA)}")
-    _need("choose_form" not in s or str(s.choose_form) in CHOOSE_FORMS,
-          f"search.choose_form={s.get('choose_form')} must be one of {', '.join(CHOOSE_FORMS)}")
-    _need(s.get("final_eea") is None or str(s.final_eea) in EEA,
-          f"search.final_eea={s.get('final_eea')} must be null or one of {', '.join(EEA)}")
+    _need(
+        "choose_form" not in s or str(s.choose_form) in CHOOSE_FORMS,
+        f"search.choose_form={s.get('choose_form')} must be one of {', '.join(CHOOSE_FORMS)}",
+    )
+    _need(
+        s.get("final_eea") is None or str(s.final_eea) in EEA,
+        f"search.final_eea={s.get('final_eea')} must be null or one of {', '.join(EEA)}",
+    )
     hold = float(s.get("holdout", 0.0))
     _need(0.0 <= hold < 1.0, f"search.holdout={hold} must be a fraction in [0, 1)")
     stages = [tuple(int(v) for v in st) for st in s.stages]
@@ -153,8 +160,11 @@ def check_search(cfg: DictConfig, tokens: bool = True) -> None:
         _need(n_hold < N, f"search.holdout={hold} leaves no search sequences out of data.search.num_sequences={N}")
         avail = (N - n_hold) * T
         big = [t for t, _ in stages if t > avail]
-        _need(not big, f"search.stages: {big[0] if big else 0} tokens per candidate, but the search sees only {avail} "
-                       f"tokens ({N - n_hold} sequences x {T}; data.search.num_sequences={N}, search.holdout={hold})")
+        _need(
+            not big,
+            f"search.stages: {big[0] if big else 0} tokens per candidate, but the search sees only {avail} "
+            f"tokens ({N - n_hold} sequences x {T}; data.search.num_sequences={N}, search.holdout={hold})",
+        )
 
 
 def check_supernet(cfg: DictConfig) -> None:
@@ -180,15 +190,22 @@ def check_build_dir(cfg: DictConfig, run_dir: Path) -> None:
     if not m.get("layers"):
         return
     needs_grad = _pruner(cfg).needs_gradients
-    new = {"model": model_identity(cfg), "eea": str(cfg.supernet.eea),
-           "config": {"pruner": OmegaConf.to_container(cfg.pruner, resolve=True),
-                      "calibration": OmegaConf.to_container(cfg.data.calibration, resolve=True),
-                      "gradient": OmegaConf.to_container(cfg.data.gradient, resolve=True) if needs_grad else None,
-                      "target_sparsity": float(cfg.target_sparsity)}}
+    new = {
+        "model": model_identity(cfg),
+        "eea": str(cfg.supernet.eea),
+        "config": {
+            "pruner": OmegaConf.to_container(cfg.pruner, resolve=True),
+            "calibration": OmegaConf.to_container(cfg.data.calibration, resolve=True),
+            "gradient": OmegaConf.to_container(cfg.data.gradient, resolve=True) if needs_grad else None,
+            "target_sparsity": float(cfg.target_sparsity),
+        },
+    }
     old = {"model": m.get("model"), "eea": m.get("eea"), "config": {k: (m.get("config") or {}).get(k) for k in new["config"]}}
     if describe_diff(old, new) != "no setting differs":
-        raise SettingsError(f"{manifest}: built with another configuration ({describe_diff(old, new)}); "
-                            "use another directory or delete it to rebuild")
+        raise SettingsError(
+            f"{manifest}: built with another configuration ({describe_diff(old, new)}); "
+            "use another directory or delete it to rebuild"
+        )
 
 
 def check_export(cfg: DictConfig) -> None:

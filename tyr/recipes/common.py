@@ -75,8 +75,10 @@ def recorded(fn):
 
             run_dir = Path(hc.runtime.output_dir)
             checks.restore_record()  # a failed rerun leaves the run's saved config as it was
-            write_json(run_dir / "failed.json", {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
-                                                 "overrides": list(hc.overrides.task)})
+            write_json(
+                run_dir / "failed.json",
+                {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "overrides": list(hc.overrides.task)},
+            )
             if hc.mode == RunMode.MULTIRUN:
                 log.error("job failed (recorded in %s): %s", run_dir / "failed.json", e)
                 return None
@@ -97,10 +99,15 @@ def load(cfg: DictConfig) -> LoadedModel:
         return load_model(cfg.model.name, instantiate(cfg.model.source), cfg.model.dtype)
     dist.init_from_env(str(rt.device))
     act_dir = Path(HydraConfig.get().runtime.output_dir) / "activations" / f"rank{dist.rank()}"
-    return load_model(cfg.model.name, instantiate(cfg.model.source), cfg.model.dtype, streaming=bool(rt.streaming),
-                      device=dist.local_device(str(rt.device)),
-                      activations_max_mb=None if rt.activations_max_mb is None else float(rt.activations_max_mb),
-                      activations_dir=str(act_dir))
+    return load_model(
+        cfg.model.name,
+        instantiate(cfg.model.source),
+        cfg.model.dtype,
+        streaming=bool(rt.streaming),
+        device=dist.local_device(str(rt.device)),
+        activations_max_mb=None if rt.activations_max_mb is None else float(rt.activations_max_mb),
+        activations_dir=str(act_dir),
+    )
 
 
 def load_in_memory(cfg: DictConfig) -> LoadedModel:

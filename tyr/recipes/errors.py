@@ -13,9 +13,19 @@ def user_errors() -> tuple[type, ...]:
     from tyr.supernet.store import SupernetError
     from tyr.tasks import TaskDataMissingError, UnknownTaskError
 
-    return (ModelNotFoundError, UnsupportedArchitectureError, SupernetError, TextTooShortError, SearchStateError,
-            DataSourceError, SettingsError, CorruptArtifactError, StaleArtifactError, TaskDataMissingError,
-            UnknownTaskError)
+    return (
+        ModelNotFoundError,
+        UnsupportedArchitectureError,
+        SupernetError,
+        TextTooShortError,
+        SearchStateError,
+        DataSourceError,
+        SettingsError,
+        CorruptArtifactError,
+        StaleArtifactError,
+        TaskDataMissingError,
+        UnknownTaskError,
+    )
 
 
 def user_message(e: Exception) -> str:

@@ -23,8 +23,14 @@ from tyr.settings import from_config
 from tyr.utils import setup_run
 
 
-def export_run(run_dir: Path, out: Path | None = None, verify: bool = True, layout: str = "padded",
-               overwrite: bool = False, streaming: bool = False) -> dict:
+def export_run(
+    run_dir: Path,
+    out: Path | None = None,
+    verify: bool = True,
+    layout: str = "padded",
+    overwrite: bool = False,
+    streaming: bool = False,
+) -> dict:
     """Export the searched allocation of a pipeline run (model and check data from the run's saved
     config); returns the export record. ``streaming``: read and write one decoder layer at a time
     (:func:`tyr.export.export_streamed`); the fresh-process check is then skipped."""
@@ -43,8 +49,14 @@ def export_run(run_dir: Path, out: Path | None = None, verify: bool = True, layo
 @recorded
 def main(cfg: DictConfig) -> None:
     setup_run(int(cfg.seed), int(cfg.threads))
-    rec = export_run(Path(cfg.run), Path(cfg.out) if cfg.out else None, bool(cfg.verify), str(cfg.layout), bool(cfg.overwrite),
-                     streaming=bool(cfg.streaming))
+    rec = export_run(
+        Path(cfg.run),
+        Path(cfg.out) if cfg.out else None,
+        bool(cfg.verify),
+        str(cfg.layout),
+        bool(cfg.overwrite),
+        streaming=bool(cfg.streaming),
+    )
     log.info("exported to %s (%.1f MB)", rec["out"], rec["bytes"] / 1e6)
     print(f"exported to {rec['out']} ({rec['bytes'] / 1e6:.1f} MB)" + (f"; verified: {rec['verify']}" if "verify" in rec else ""))
 

@@ -7,8 +7,8 @@ allocation.json → evaluate the searched model and the comparisons → results.
 
 Comparisons (``compare``): ``dense``; ``uniform`` and ``owl``, assembled from the first iteration's
 supernet; ``uniform_reprune``, the uniform widths pruned sequentially (the plain sparsegpt-loop
-baseline, same pruner and calibration); and, when the re-prune ran, the searched widths in the form
-that lost (``searched_supernet`` or ``searched_reprune``), so both are reported.
+baseline, same pruner and calibration); and ``searched_other``: when the re-prune ran, the searched
+widths in the form that lost (``searched_supernet`` or ``searched_reprune``), so both are reported.
 
 Under ``python -m torch.distributed.run --nproc_per_node=N -m tyr.recipes.pipeline ...`` the
 prepare, build and search stages are split over the ranks (docs/scale.md); rank 0 alone writes the
@@ -78,7 +78,7 @@ def main(cfg: DictConfig) -> None:
         del lm
         lm = load_in_memory(cfg)  # evaluating and exporting run the whole (pruned) model
 
-    forms = searched_forms(state, model)
+    forms = searched_forms(state, model, other="searched_other" in s.compare)
     rows = evaluate_dense(lm, s, keys, run_dir) if "dense" in s.compare else {}
     forms.update(comparison_forms(lm, model, pruner, prep, s, keys, state, run_dir))
     form_rows, searched_sparsity = evaluate_forms(lm, forms, chosen["source"], dense_counts, s, keys, run_dir)
@@ -93,15 +93,22 @@ def main(cfg: DictConfig) -> None:
         rows.update(recover_stage(lm, recovery, s, keys, run_dir, before=rows.get(f"{lm.name} searched {s.target_sparsity:.0%}")))
         timings["recover"] = time.time() - t0
 
-    summary = {"rows": rows, "iterations": state["iterations"], "timings": timings, "peak_rss_mb": peak_rss_mb(),
-               "wall_time_this_run": time.time() - t_start}
+    summary = {
+        "rows": rows,
+        "iterations": state["iterations"],
+        "timings": timings,
+        "peak_rss_mb": peak_rss_mb(),
+        "wall_time_this_run": time.time() - t_start,
+    }
     write_json(run_dir / "results.json", summary)
     table = results_table(rows)
     (run_dir / "results.md").write_text(table + "\n")
     print(table)
     for it in state["iterations"]:
-        print(f"iteration {it['iteration']}: interval {it['interval']:.4f}  KL {it['fitness']:.4f}  "
-              f"build {it['build_seconds']:.0f} s  search {it['search_seconds']:.0f} s")
+        print(
+            f"iteration {it['iteration']}: interval {it['interval']:.4f}  KL {it['fitness']:.4f}  "
+            f"build {it['build_seconds']:.0f} s  search {it['search_seconds']:.0f} s"
+        )
     print(f"wall time {time.time() - t_start:.0f} s; run directory {run_dir}")
 
 

@@ -38,19 +38,25 @@ def plan_from_config(cfg: DictConfig) -> dict:
         calib_tokens=int(cfg.calib_tokens) if cfg.calib_tokens is not None else _tokens(d.calibration),
         grad_tokens=(int(cfg.grad_tokens) if cfg.grad_tokens is not None else _tokens(d.gradient)) if needs_grad else 0,
         seq_len=int(cfg.seq_len) if cfg.seq_len is not None else int(d.calibration.seq_len),
-        search_set_tokens=_tokens(d.search), batch_size=int(cfg.batch_size),
+        search_set_tokens=_tokens(d.search),
+        batch_size=int(cfg.batch_size),
     )
     n = cfg.supernet
     search = search_settings(OmegaConf.to_container(cfg.search, resolve=True), int(cfg.batch_size))
     probes = len(cfg.pruner.scorer.get("components", ("fine", "coarse"))) if scorer == "HyWIA" else 0
     return plan(
-        arch, str(cfg.model.dtype), float(cfg.target_sparsity),
+        arch,
+        str(cfg.model.dtype),
+        float(cfg.target_sparsity),
         supernet=GridSettings(int(n.n_levels), float(n.interval), int(n.min_heads), int(n.min_channels), str(n.eea)),
-        data=data, search=search,
+        data=data,
+        search=search,
         pruner=PrunerSettings(str(cfg.pruner.reconstruction), bool(cfg.pruner.bias), probes),
-        throughput=Throughput(float(cfg.tflops), None if cfg.fp64_tflops is None else float(cfg.fp64_tflops),
-                              float(cfg.cpu_tflops)),
-        model_name=str(cfg.model.name), streaming=bool(cfg.runtime.streaming),
+        throughput=Throughput(
+            float(cfg.tflops), None if cfg.fp64_tflops is None else float(cfg.fp64_tflops), float(cfg.cpu_tflops)
+        ),
+        model_name=str(cfg.model.name),
+        streaming=bool(cfg.runtime.streaming),
     )
 
 

@@ -41,8 +41,12 @@ def export_checked(lm, out: Path, ids: torch.Tensor, allocation: dict) -> dict:
 
     t0 = time.time()
     export_model(lm.model, lm.tokenizer, out, allocation=allocation, overwrite=True)
-    record = {"out": str(out), "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
-              "verify": verify_export(out, lm.model, ids[:2, :128]), "seconds": time.time() - t0}
+    record = {
+        "out": str(out),
+        "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+        "verify": verify_export(out, lm.model, ids[:2, :128]),
+        "seconds": time.time() - t0,
+    }
     write_json(out.parent / "export.json", record)
     log.info("exported and verified %s (%.1f MB)", out, record["bytes"] / 1e6)
     return record
@@ -68,35 +72,61 @@ def main(cfg: DictConfig) -> None:
     taylor = taylor_for(cfg, lm, pruner)
     timings["gradients"] = time.time() - t0
     metrics = JsonlWriter(run_dir / "layers.jsonl", fresh=True)  # the prune restarts, it does not resume
-    report = prune_uniform(lm.model, pruner, calib, float(cfg.target_sparsity), taylor, int(cfg.batch_size),
-                           on_layer=lambda r: metrics.write(**r))
+    report = prune_uniform(
+        lm.model, pruner, calib, float(cfg.target_sparsity), taylor, int(cfg.batch_size), on_layer=lambda r: metrics.write(**r)
+    )
     timings["prune"] = report["seconds"]
     timings["prune_total"] = timings["gradients"] + timings["prune"]
     if "dense_fwd_bwd" in timings:
         timings["prune_total_over_dense_fwd_bwd"] = timings["prune_total"] / timings["dense_fwd_bwd"]
-    log.info("pruned to %.4f sparsity (target %.4f) in %.0f s", report["achieved_sparsity"], report["target_sparsity"],
-             timings["prune_total"])
+    log.info(
+        "pruned to %.4f sparsity (target %.4f) in %.0f s",
+        report["achieved_sparsity"],
+        report["target_sparsity"],
+        timings["prune_total"],
+    )
     res = evaluate_model(lm.model, lm.tokenizer, **eval_kwargs(cfg))
-    res.update(model=lm.name, revision=lm.revision, pruner=cfg.pruner.name, reconstruction=cfg.pruner.reconstruction,
-               target_sparsity=report["target_sparsity"], achieved_sparsity=report["achieved_sparsity"],
-               timings=timings, wall_time=time.time() - t_start, peak_rss_mb=peak_rss_mb(), config=to_container(cfg),
-               calibration_tokens=int(calib.numel()))
+    res.update(
+        model=lm.name,
+        revision=lm.revision,
+        pruner=cfg.pruner.name,
+        reconstruction=cfg.pruner.reconstruction,
+        target_sparsity=report["target_sparsity"],
+        achieved_sparsity=report["achieved_sparsity"],
+        timings=timings,
+        wall_time=time.time() - t_start,
+        peak_rss_mb=peak_rss_mb(),
+        config=to_container(cfg),
+        calibration_tokens=int(calib.numel()),
+    )
     write_json(run_dir / "results.json", res)
     write_json(run_dir / "prune_report.json", report)
     if cfg.export:  # after results.json: a failed check leaves the evaluation on disk
-        res["export"] = export_checked(lm, run_dir / "hf_model", calib, {
-            "recipe": "prune", "pruner": cfg.pruner.name, "reconstruction": cfg.pruner.reconstruction,
-            "target_sparsity": report["target_sparsity"], "achieved_sparsity": report["achieved_sparsity"]})
+        res["export"] = export_checked(
+            lm,
+            run_dir / "hf_model",
+            calib,
+            {
+                "recipe": "prune",
+                "pruner": cfg.pruner.name,
+                "reconstruction": cfg.pruner.reconstruction,
+                "target_sparsity": report["target_sparsity"],
+                "achieved_sparsity": report["achieved_sparsity"],
+            },
+        )
         write_json(run_dir / "results.json", res)
-    plot_fusion_weights(report["layers"], run_dir / "fusion_weights.png",
-                        f"HyWIA fusion weights, {lm.name} at {report['target_sparsity']:.0%}")
+    plot_fusion_weights(
+        report["layers"], run_dir / "fusion_weights.png", f"HyWIA fusion weights, {lm.name} at {report['target_sparsity']:.0%}"
+    )
     label = f"{lm.name} {cfg.pruner.name}/{cfg.pruner.reconstruction} {report['target_sparsity']:.0%}"
     table = results_table({label: res})
     (run_dir / "results.md").write_text(table + "\n")
     print(table)
-    print(f"achieved sparsity {report['achieved_sparsity']:.4f}; prune {timings['prune_total']:.0f} s"
-          + (f" = {timings['prune_total_over_dense_fwd_bwd']:.1f}x one dense fwd+bwd" if "dense_fwd_bwd" in timings else "")
-          + f"; results in {run_dir}")
+    print(
+        f"achieved sparsity {report['achieved_sparsity']:.4f}; prune {timings['prune_total']:.0f} s"
+        + (f" = {timings['prune_total_over_dense_fwd_bwd']:.1f}x one dense fwd+bwd" if "dense_fwd_bwd" in timings else "")
+        + f"; results in {run_dir}"
+    )
 
 
 if __name__ == "__main__":

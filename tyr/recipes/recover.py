@@ -71,8 +71,7 @@ def student_from_run(run_dir: Path, run_cfg: DictConfig, lm):
     if (run_dir / "allocation.json").exists():
         return searched_student(run_dir, lm, float(run_cfg.target_sparsity))
     if "pruner" not in run_cfg or "target_sparsity" not in run_cfg:
-        raise RecoveryError(f"run={run_dir} is neither a pipeline run (allocation.json) nor a prune run "
-                            "(tyr.recipes.prune)")
+        raise RecoveryError(f"run={run_dir} is neither a pipeline run (allocation.json) nor a prune run (tyr.recipes.prune)")
     path = run_dir / "pruned_model.safetensors"
     config_sha = hashlib.sha256((run_dir / ".hydra" / "config.yaml").read_bytes()).hexdigest()
     if not (path.exists() and read_meta(path).get("config_sha256") == config_sha):
@@ -87,13 +86,22 @@ def student_from_run(run_dir: Path, run_cfg: DictConfig, lm):
         taylor = taylor_for(run_cfg, lm, pruner)
         student = copy.deepcopy(lm.model)
         rows = dist.shard(calib.input_ids.shape[0])
-        prune_uniform(student, pruner, calib.input_ids[rows.start : rows.stop], float(run_cfg.target_sparsity), taylor,
-                      int(run_cfg.batch_size))
+        prune_uniform(
+            student,
+            pruner,
+            calib.input_ids[rows.start : rows.stop],
+            float(run_cfg.target_sparsity),
+            taylor,
+            int(run_cfg.batch_size),
+        )
         if dist.is_main():
             save_sliced(student, path, {"config_sha256": config_sha, "model": lm.name, "revision": lm.revision})
     dist.barrier()
-    return load_sliced(lm.model, path), {"kind": "uniform", "pruner": str(run_cfg.pruner.name),
-                                         "target_sparsity": float(run_cfg.target_sparsity)}
+    return load_sliced(lm.model, path), {
+        "kind": "uniform",
+        "pruner": str(run_cfg.pruner.name),
+        "target_sparsity": float(run_cfg.target_sparsity),
+    }
 
 
 @hydra.main(config_path="../../conf", config_name="recover", version_base="1.3")
@@ -111,8 +119,17 @@ def main(cfg: DictConfig) -> None:
     lm = load_model(run_cfg.model.name, instantiate(run_cfg.model.source), run_cfg.model.dtype)
     try:
         student, source = student_from_run(run_dir, run_cfg, lm)
-        res = recover_model(lm, student, source, s, run_dir / "recover", to_container(cfg.eval), str(cfg.paths.cache_dir),
-                            export=bool(cfg.export), stop_after=None if cfg.stop_after is None else int(cfg.stop_after))
+        res = recover_model(
+            lm,
+            student,
+            source,
+            s,
+            run_dir / "recover",
+            to_container(cfg.eval),
+            str(cfg.paths.cache_dir),
+            export=bool(cfg.export),
+            stop_after=None if cfg.stop_after is None else int(cfg.stop_after),
+        )
     except RecoveryError as e:
         print(f"tyr: {e}", file=sys.stderr)
         sys.exit(2)
@@ -121,10 +138,14 @@ def main(cfg: DictConfig) -> None:
         return
     b, a = res["before"]["perplexity"], res["after"]["perplexity"]
     for name in a:
-        print(f"{name} perplexity: {b[name]['ppl']:.2f} before -> {a[name]['ppl']:.2f} after "
-              f"({b[name]['windows']} windows of {b[name]['seq_len']})")
-    print(f"{res['recovery']['tokens']:,} tokens in {res['recovery']['seconds']:.0f} s of training; "
-          f"wall time {time.time() - t0:.0f} s; results in {res['dir']}")
+        print(
+            f"{name} perplexity: {b[name]['ppl']:.2f} before -> {a[name]['ppl']:.2f} after "
+            f"({b[name]['windows']} windows of {b[name]['seq_len']})"
+        )
+    print(
+        f"{res['recovery']['tokens']:,} tokens in {res['recovery']['seconds']:.0f} s of training; "
+        f"wall time {time.time() - t0:.0f} s; results in {res['dir']}"
+    )
 
 
 if __name__ == "__main__":

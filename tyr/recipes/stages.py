@@ -51,11 +51,14 @@ def eval_settings(cfg: DictConfig) -> dict:
 def records(cfg: DictConfig, model_id: dict, needs_gradients: bool) -> dict[str, StageRecord]:
     """The prepare and search records of a pipeline config."""
     # keys are the config paths, so a differing setting is named as the user writes it
-    prepare = StageRecord("prepare", {"model": model_id, "data.search": _c(cfg.data.search),
-                                      "search.topk": int(cfg.search.topk)})
-    build = {"model": model_id, "pruner": _c(cfg.pruner), "data.calibration": _c(cfg.data.calibration),
-             "data.gradient": _c(cfg.data.gradient) if needs_gradients else None,
-             "target_sparsity": float(cfg.target_sparsity)}
+    prepare = StageRecord("prepare", {"model": model_id, "data.search": _c(cfg.data.search), "search.topk": int(cfg.search.topk)})
+    build = {
+        "model": model_id,
+        "pruner": _c(cfg.pruner),
+        "data.calibration": _c(cfg.data.calibration),
+        "data.gradient": _c(cfg.data.gradient) if needs_gradients else None,
+        "target_sparsity": float(cfg.target_sparsity),
+    }
     search = {k: v for k, v in _c(cfg.search).items() if k not in ("name", "topk")}
     return {"prepare": prepare, "search": StageRecord("search", {"prepare": prepare.key, **build, "search": search})}
 
@@ -95,17 +98,18 @@ def check_run(cfg: DictConfig, run_dir: Path) -> None:
             changed = describe_diff(old[stage].settings, new[stage].settings)
             raise SettingsError(
                 f"{run_dir} holds a {stage} stage made with other settings ({changed}); "
-                f"rerun with redo={stage} to redo it and every stage after it, or choose another directory (name=...)")
+                f"rerun with redo={stage} to redo it and every stage after it, or choose another directory (name=...)"
+            )
 
 
 def run_keys(cfg: DictConfig, model_id: dict, needs_gradients: bool) -> RunKeys:
     """Every key of a pipeline config, made once: the prepare and search records, the evaluation
     settings of each result's key, and the configuration every supernet of the run records."""
     recs = records(cfg, model_id, needs_gradients)
-    supernet = {"pruner": _c(cfg.pruner), "calibration": _c(cfg.data.calibration),
-                "gradient": _c(cfg.data.gradient) if needs_gradients else None,
-                "target_sparsity": float(cfg.target_sparsity)}
-    return RunKeys(prepare=recs["prepare"], search=recs["search"], eval=eval_settings(cfg), supernet=supernet,
-                   config=_c(cfg))
-
-
+    supernet = {
+        "pruner": _c(cfg.pruner),
+        "calibration": _c(cfg.data.calibration),
+        "gradient": _c(cfg.data.gradient) if needs_gradients else None,
+        "target_sparsity": float(cfg.target_sparsity),
+    }
+    return RunKeys(prepare=recs["prepare"], search=recs["search"], eval=eval_settings(cfg), supernet=supernet, config=_c(cfg))

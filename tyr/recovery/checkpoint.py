@@ -50,8 +50,9 @@ def _set_rng_state(t: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save(root: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-         state: dict, keep: int = 2) -> Path:
+def save(
+    root: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, state: dict, keep: int = 2
+) -> Path:
     """Write checkpoint ``step`` under ``root`` and remove all but the newest ``keep``."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -63,8 +64,12 @@ def save(root: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer
     index = {id(p): i for i, p in enumerate(params.values())}
     order = [index[id(p)] for g in optimizer.param_groups for p in g["params"]]  # optimizer index -> our index
     names = list(params)
-    opt = {f"{names[order[i]]}::{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items()
-           for k, v in st.items() if torch.is_tensor(v)}
+    opt = {
+        f"{names[order[i]]}::{k}": v.detach().cpu().contiguous()
+        for i, st in sd["state"].items()
+        for k, v in st.items()
+        if torch.is_tensor(v)
+    }
     save_file(opt, str(tmp / FILES[1]))
     save_file(_rng_state(), str(tmp / FILES[2]))
     groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]

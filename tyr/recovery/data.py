@@ -62,8 +62,10 @@ def check_disjoint(sources: list[str], used: dict[str, str]) -> None:
             raise RecoveryError(f"recovery source {s!r} is evaluation text; use wikitext2_train or other training text")
         for role, u in used.items():
             if overlaps(s, u):
-                raise RecoveryError(f"recovery source {s!r} overlaps the {role} text {u!r}; pick documents "
-                                    "that calibration, search and evaluation do not use")
+                raise RecoveryError(
+                    f"recovery source {s!r} overlaps the {role} text {u!r}; pick documents "
+                    "that calibration, search and evaluation do not use"
+                )
 
 
 def schedule(n: int, weights: list[float]) -> list[int]:
@@ -78,8 +80,9 @@ def schedule(n: int, weights: list[float]) -> list[int]:
     return out
 
 
-def mix_windows(windows: list[torch.Tensor], weights: list[float], n: int, seed: int, names: list[str] | None = None
-                ) -> torch.Tensor:
+def mix_windows(
+    windows: list[torch.Tensor], weights: list[float], n: int, seed: int, names: list[str] | None = None
+) -> torch.Tensor:
     """``n`` windows [n, T] from ``windows`` (one [N_i, T] tensor per source): the sources take turns
     by :func:`schedule`, each giving its windows in a seeded random order. The mix of a smaller budget
     is the start of a larger one's (same seed), so budgets can be compared on nested text."""
@@ -93,7 +96,8 @@ def mix_windows(windows: list[torch.Tensor], weights: list[float], n: int, seed:
         detail = "; ".join(f"{nm} gets {c} windows but holds {h}" for nm, c, h in short)
         raise RecoveryBudgetError(
             f"recovery budget of {n * T:,} tokens ({n} windows of {T}) is larger than the text: {detail}. "
-            f"At these weights the sources hold about {have * T:,} tokens; lower recover.tokens or add sources.")
+            f"At these weights the sources hold about {have * T:,} tokens; lower recover.tokens or add sources."
+        )
     perms = [np.random.default_rng([seed, i]).permutation(len(w)) for i, w in enumerate(windows)]
     taken = [0] * len(windows)
     rows = []
@@ -103,9 +107,12 @@ def mix_windows(windows: list[torch.Tensor], weights: list[float], n: int, seed:
     return torch.stack(rows) if rows else torch.empty(0, windows[0].shape[1], dtype=windows[0].dtype)
 
 
-def recovery_windows(sources: list[tuple[str, float]], seq_len: int, n: int, seed: int, tokenizer, cache: str,
-                     tokenizer_name: str = "") -> torch.Tensor:
+def recovery_windows(
+    sources: list[tuple[str, float]], seq_len: int, n: int, seed: int, tokenizer, cache: str, tokenizer_name: str = ""
+) -> torch.Tensor:
     """The ``n`` training windows of the mix ``sources`` ((source, weight) pairs)."""
-    wins = [get_token_set(TokenSetSpec(s, seq_len, -1, sampling="contiguous"), tokenizer, cache, tokenizer_name).input_ids
-            for s, _ in sources]
+    wins = [
+        get_token_set(TokenSetSpec(s, seq_len, -1, sampling="contiguous"), tokenizer, cache, tokenizer_name).input_ids
+        for s, _ in sources
+    ]
     return mix_windows(wins, [w for _, w in sources], n, seed, [s for s, _ in sources])

@@ -34,8 +34,7 @@ def add_lora(model: nn.Module, s: LoraSettings):
     ``peft`` model. The modules are replaced in ``model`` itself, so ``model`` computes with them."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.target_modules),
-                     bias="none")
+    cfg = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.target_modules), bias="none")
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:  # e.g. no module of that name (every block pruned to nothing, a typo)
@@ -72,8 +71,11 @@ def _padding_masks(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
         ids = getattr(attn, "tyr_head_ids", None)
         if ids is None or -1 not in ids:
             continue
-        hd = attn.o_proj.in_features // len(ids) if not hasattr(attn.o_proj, "base_layer") \
+        hd = (
+            attn.o_proj.in_features // len(ids)
+            if not hasattr(attn.o_proj, "base_layer")
             else attn.o_proj.base_layer.in_features // len(ids)
+        )
         pad = torch.tensor([h < 0 for h in ids]).repeat_interleave(hd)
         for proj, axis in ((attn.q_proj, 0), (attn.o_proj, 1)):
             base = getattr(proj, "base_layer", proj)
@@ -83,8 +85,13 @@ def _padding_masks(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for p in params:
                 if not p.requires_grad:
                     continue
-                m = pad[:, None].expand(-1, p.shape[1]) if axis == 0 and p.dim() == 2 else pad if axis == 0 \
+                m = (
+                    pad[:, None].expand(-1, p.shape[1])
+                    if axis == 0 and p.dim() == 2
+                    else pad
+                    if axis == 0
                     else pad[None, :].expand(p.shape[0], -1)
+                )
                 out.append((p, m.to(p.device)))
     return out
 

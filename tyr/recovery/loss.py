@@ -34,8 +34,9 @@ def teacher_targets(teacher, input_ids: torch.Tensor, k: int, chunk: int = 1024)
     return TeacherTargets(*(torch.cat([p[i] for p in parts]) for i in range(3)))
 
 
-def distill_loss(student, input_ids: torch.Tensor, target: TeacherTargets, ce_weight: float = 0.0,
-                 chunk: int = 1024) -> dict[str, torch.Tensor]:
+def distill_loss(
+    student, input_ids: torch.Tensor, target: TeacherTargets, ce_weight: float = 0.0, chunk: int = 1024
+) -> dict[str, torch.Tensor]:
     """Summed (not averaged) losses over the positions of ``input_ids``: ``kl`` (top-k + tail),
     ``ce`` (next-token cross-entropy, computed only when ``ce_weight`` > 0) and ``loss`` =
     kl + ce_weight * ce. The student's log-probabilities are ``logits - logsumexp(logits)`` taken at

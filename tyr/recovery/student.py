@@ -49,8 +49,9 @@ def save_sliced(model, path: str | Path, meta: dict | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_model(model, str(tmp), metadata={"format": FORMAT, "structure": json.dumps(structure(model)),
-                                          "meta": json.dumps(meta or {})})
+    save_model(
+        model, str(tmp), metadata={"format": FORMAT, "structure": json.dumps(structure(model)), "meta": json.dumps(meta or {})}
+    )
     os.replace(tmp, path)
     return path
 

@@ -74,20 +74,28 @@ class RecoverySettings:
             (self.mode in MODES, f"recover.mode must be one of {MODES}, got {self.mode!r}"),
             (self.seq_len >= 2, f"recover.seq_len must be at least 2, got {self.seq_len}"),
             (self.batch_size >= 1 and 1 <= self.micro_batch_size, "recover.batch_size and micro_batch_size must be >= 1"),
-            (self.tokens >= self.batch_size * self.seq_len,
-             f"recover.tokens={self.tokens} is less than one step (batch_size x seq_len = {self.batch_size * self.seq_len})"),
+            (
+                self.tokens >= self.batch_size * self.seq_len,
+                f"recover.tokens={self.tokens} is less than one step (batch_size x seq_len = {self.batch_size * self.seq_len})",
+            ),
             (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "recover.lr must be > 0 and min_lr_ratio in [0, 1]"),
             (0 <= self.warmup < 1, f"recover.warmup is a fraction of the steps in [0, 1), got {self.warmup}"),
             (self.weight_decay >= 0 and self.max_grad_norm >= 0, "recover.weight_decay and max_grad_norm must be >= 0"),
             (self.topk >= 1 and self.ce_weight >= 0, "recover.topk must be >= 1 and ce_weight >= 0"),
             (len(self.sources) > 0 and all(w > 0 for _, w in self.sources), "recover.data needs sources with weights > 0"),
-            (self.checkpoint_every >= 1 and self.log_every >= 1 and self.keep_checkpoints >= 1,
-             "recover.checkpoint_every, log_every and keep_checkpoints must be >= 1"),
+            (
+                self.checkpoint_every >= 1 and self.log_every >= 1 and self.keep_checkpoints >= 1,
+                "recover.checkpoint_every, log_every and keep_checkpoints must be >= 1",
+            ),
         ]
         if self.mode == "lora":
-            checks += [(self.lora.rank >= 1 and self.lora.alpha > 0 and 0 <= self.lora.dropout < 1,
-                        "recover.lora: rank >= 1, alpha > 0, dropout in [0, 1)"),
-                       (len(self.lora.target_modules) > 0, "recover.lora.target_modules is empty")]
+            checks += [
+                (
+                    self.lora.rank >= 1 and self.lora.alpha > 0 and 0 <= self.lora.dropout < 1,
+                    "recover.lora: rank >= 1, alpha > 0, dropout in [0, 1)",
+                ),
+                (len(self.lora.target_modules) > 0, "recover.lora.target_modules is empty"),
+            ]
         for ok, msg in checks:
             if not ok:
                 raise RecoveryError(msg)
@@ -131,8 +139,15 @@ def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
         dist.all_reduce_(p.grad)
 
 
-def train(teacher, student, windows: torch.Tensor, s: RecoverySettings, out_dir: Path,
-          stop_after: int | None = None, progress: bool = True) -> tuple[torch.nn.Module, dict]:
+def train(
+    teacher,
+    student,
+    windows: torch.Tensor,
+    s: RecoverySettings,
+    out_dir: Path,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> tuple[torch.nn.Module, dict]:
     """Distil ``teacher`` into ``student`` on ``windows`` [s.windows, seq_len]; resumes from the newest
     checkpoint in ``out_dir/checkpoints``. Returns the trained student (LoRA merged: a plain model of
     the same structure) and a summary. ``stop_after``: return after that many steps of this call,
@@ -163,15 +178,21 @@ def train(teacher, student, windows: torch.Tensor, s: RecoverySettings, out_dir:
         start, seconds = int(st["step"]), float(st.get("seconds", 0.0))
         log.info("resuming recovery from %s (step %d of %d)", ckpt, start, s.steps)
     if dist.is_main():  # drop metrics of steps after the checkpoint (a killed run's tail)
-        keep = [l for l in metrics.read_text().splitlines() if json.loads(l).get("step", 0) <= start] \
-            if metrics.exists() else []
+        keep = [l for l in metrics.read_text().splitlines() if json.loads(l).get("step", 0) <= start] if metrics.exists() else []
         metrics.write_text("".join(l + "\n" for l in keep))
     writer = JsonlWriter(metrics)
     T, B = s.seq_len, s.batch_size
     positions = B * (T - 1)
     mine = dist.shard(B)
-    log.info("recovery (%s): %d steps x %d windows x %d tokens = %s tokens; %s trainable parameters", s.mode,
-             s.steps, B, T, f"{s.steps * B * T:,}", f"{n_train:,}")
+    log.info(
+        "recovery (%s): %d steps x %d windows x %d tokens = %s tokens; %s trainable parameters",
+        s.mode,
+        s.steps,
+        B,
+        T,
+        f"{s.steps * B * T:,}",
+        f"{n_train:,}",
+    )
     end = s.steps if stop_after is None else min(s.steps, start + stop_after)
     bar = tqdm(total=s.steps, initial=start, desc=f"recover {s.mode}", disable=None if progress and dist.is_main() else True)
     step = start
@@ -193,32 +214,59 @@ def train(teacher, student, windows: torch.Tensor, s: RecoverySettings, out_dir:
             plist = list(params.values())
             _all_reduce_grads(plist)
             dist.all_reduce_(sums)
-            norm = torch.nn.utils.clip_grad_norm_(plist, s.max_grad_norm) if s.max_grad_norm > 0 else \
-                torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in plist if p.grad is not None]))
+            norm = (
+                torch.nn.utils.clip_grad_norm_(plist, s.max_grad_norm)
+                if s.max_grad_norm > 0
+                else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in plist if p.grad is not None]))
+            )
             opt.step()
             opt.zero_grad(set_to_none=True)
             dt = time.time() - t0
             seconds += dt
             loss, kl, ce = (float(v) / positions for v in sums)
-            rec = {"step": step + 1, "tokens": (step + 1) * B * T, "loss": loss, "kl": kl, "ce": ce, "lr": lr,
-                   "grad_norm": float(norm), "tokens_per_s": B * T / dt, "seconds": seconds}
+            rec = {
+                "step": step + 1,
+                "tokens": (step + 1) * B * T,
+                "loss": loss,
+                "kl": kl,
+                "ce": ce,
+                "lr": lr,
+                "grad_norm": float(norm),
+                "tokens_per_s": B * T / dt,
+                "seconds": seconds,
+            }
             if dist.is_main():
                 writer.write(**rec)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{B * T / dt:.0f}")
             if bar.disable and ((step + 1) % s.log_every == 0 or step + 1 == s.steps):
-                log.info("recover step %d/%d: loss %.4f (KL %.4f) lr %.2e, %.0f tokens/s", step + 1, s.steps, loss, kl,
-                         lr, B * T / dt)
+                log.info(
+                    "recover step %d/%d: loss %.4f (KL %.4f) lr %.2e, %.0f tokens/s", step + 1, s.steps, loss, kl, lr, B * T / dt
+                )
             done = step + 1
             if done % s.checkpoint_every == 0 or done == end:
                 if dist.is_main():
-                    checkpoint.save(root, done, params, opt, {"tokens": done * B * T, "window": done * B,
-                                                              "seconds": seconds}, s.keep_checkpoints)
+                    checkpoint.save(
+                        root,
+                        done,
+                        params,
+                        opt,
+                        {"tokens": done * B * T, "window": done * B, "seconds": seconds},
+                        s.keep_checkpoints,
+                    )
                 dist.barrier()
     bar.close()
     finished = end == s.steps
-    summary = {"steps": s.steps, "steps_done": end, "finished": finished, "tokens": end * B * T, "seconds": seconds,
-               "trainable_params": n_train, "mode": s.mode, "world": dist.world()}
+    summary = {
+        "steps": s.steps,
+        "steps_done": end,
+        "finished": finished,
+        "tokens": end * B * T,
+        "seconds": seconds,
+        "trainable_params": n_train,
+        "mode": s.mode,
+        "world": dist.world(),
+    }
     student.eval()
     if peft_model is not None:
         student = merge_lora(peft_model)

@@ -118,11 +118,7 @@ def _scores(values: Sequence[float], n: int, what: str) -> np.ndarray:
 
 
 def _offspring(
-    space: SearchSpace,
-    parent: Allocation,
-    rng: np.random.Generator,
-    config: EvolutionConfig,
-    seen: dict[tuple[int, ...], None],
+    space: SearchSpace, parent: Allocation, rng: np.random.Generator, config: EvolutionConfig, seen: dict[tuple[int, ...], None]
 ) -> list[Allocation]:
     """Up to ``config.offspring`` children, none proposed before; every child is added to ``seen``."""
     children: list[Allocation] = []
@@ -138,7 +134,9 @@ def _offspring(
             if rejected > config.max_duplicate_retries:
                 log.warning(
                     "only %d distinct new children after %d duplicate redraws (wanted %d)",
-                    len(children), rejected - 1, config.offspring,
+                    len(children),
+                    rejected - 1,
+                    config.offspring,
                 )
                 break
             continue
@@ -271,8 +269,13 @@ def evolve(
             history.append(record)
             log.info(
                 "generation %d: parent %s -> best %s%s, %d children, evaluated %s, %.2fs",
-                record["generation"], _fmt(incoming_fitness), _fmt(parent_fitness), " (improved)" if improved else "",
-                n_children, record["evaluated"], record["time_s"],
+                record["generation"],
+                _fmt(incoming_fitness),
+                _fmt(parent_fitness),
+                " (improved)" if improved else "",
+                n_children,
+                record["evaluated"],
+                record["time_s"],
             )
             bar.update(1)
             if parent_fitness is not None:

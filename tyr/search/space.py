@@ -135,8 +135,7 @@ class SearchSpace:
         lo = sum(int(layer[-1]) for layers in self.costs.values() for layer in layers)
         if self.budget < lo:
             raise ValueError(
-                f"budget {self.budget} is below the minimum achievable cost {lo} "
-                "(every module at its most pruned level)"
+                f"budget {self.budget} is below the minimum achievable cost {lo} (every module at its most pruned level)"
             )
 
     # ---- shape helpers ----------------------------------------------------------------------------
@@ -225,9 +224,7 @@ def _validate_costs(costs: Any) -> None:
 # ---- mutation ---------------------------------------------------------------------------------------
 
 
-def _switch_moves(
-    space: SearchSpace, t: str, lv: np.ndarray, total: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _switch_moves(space: SearchSpace, t: str, lv: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Feasible level switches for type t: a boolean (L, L) matrix ok[i, j] (i pruned more, j less)
     and the cost change of each half-move."""
     a, n = space._arr[t], space._nlev[t]
@@ -245,9 +242,7 @@ def _type_weights(space: SearchSpace, type_weights: Mapping[str, float] | None) 
     if type_weights is None:
         return {t: 1.0 for t in space.types}
     if set(type_weights) != set(space.types):
-        raise ValueError(
-            f"type_weights must give a weight for exactly the types {list(space.types)}, got {list(type_weights)}"
-        )
+        raise ValueError(f"type_weights must give a weight for exactly the types {list(space.types)}, got {list(type_weights)}")
     w = {t: float(type_weights[t]) for t in space.types}
     if any(not np.isfinite(v) or v < 0 for v in w.values()):
         raise ValueError(f"type_weights must be finite and >= 0, got {w}")

@@ -51,8 +51,9 @@ def eea_weights(grid: ModuleGrid, mode: str) -> list[float]:
     raise ValueError(f"no mixing weights for EEA mode {mode!r}")
 
 
-def full_weight(problem: ModuleProblem, variants: list[Variant],
-                weights: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def full_weight(
+    problem: ModuleProblem, variants: list[Variant], weights: list[float]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Σ_e w_e · (variant e's output projection at full input width, zero columns where removed)."""
     W = torch.zeros_like(problem.out_weight)
     has_bias = any(v.out_bias is not None for v in variants)
@@ -111,8 +112,11 @@ def prune_levels(pruner: LocalPruner, problem: ModuleProblem, keep: list[int], c
         return pruner.prune(problem, keep, centre)
     mine = dist.shard(len(keep))
     part = pruner.prune(problem, keep, centre, only=mine)
-    local = [(i, Variant(v.keep, v.out_weight.cpu(), None if v.out_bias is None else v.out_bias.cpu(), v.rel_error, v.info))
-             for i, v in enumerate(part) if v is not None]
+    local = [
+        (i, Variant(v.keep, v.out_weight.cpu(), None if v.out_bias is None else v.out_bias.cpu(), v.rel_error, v.info))
+        for i, v in enumerate(part)
+        if v is not None
+    ]
     out: list[Variant | None] = [None] * len(keep)
     dev = problem.out_weight.device
     for items in dist.all_gather_object(local):
@@ -136,8 +140,10 @@ class _StoreCheckpoint:
         if ck is not None:
             log.info("resuming the supernet build at layer %d (%s)", ck[0], self.store.root)
         if dist.world() > 1 and len(set(dist.all_gather_object(0 if ck is None else ck[0]))) != 1:
-            raise SupernetError("the ranks' activation checkpoints disagree on the next layer; delete "
-                                f"{self.store.root}/activations*.safetensors to rebuild from the last common point")
+            raise SupernetError(
+                "the ranks' activation checkpoints disagree on the next layer; delete "
+                f"{self.store.root}/activations*.safetensors to rebuild from the last common point"
+            )
         return ck
 
     def save(self, next_layer: int, hidden: torch.Tensor) -> None:
@@ -148,8 +154,17 @@ class SupernetBuild(LayerCallback):
     """The driver callback of :func:`build_supernet`: every level of both modules of a layer, the
     next layer's inputs under the EEA mode, the layer's shard written by rank 0."""
 
-    def __init__(self, model, pruner: LocalPruner, grid: SupernetGrid, store: SupernetStore, eea: str,
-                 taylor: dict | None, path: dict[str, list[int]] | None, on_layer=None):
+    def __init__(
+        self,
+        model,
+        pruner: LocalPruner,
+        grid: SupernetGrid,
+        store: SupernetStore,
+        eea: str,
+        taylor: dict | None,
+        path: dict[str, list[int]] | None,
+        on_layer=None,
+    ):
         self.adapter, self.pruner, self.grid, self.store = get_adapter(model), pruner, grid, store
         self.eea, self.taylor, self.path, self.on_layer = eea, taylor, path, on_layer
         self.dtype = None
@@ -171,14 +186,26 @@ class SupernetBuild(LayerCallback):
             return lambda prob, variants: _maybe_swapped(parent, name, _mode_weight(prob, variants, g[kind], self.eea, level))
 
         t = self.taylor[li] if self.taylor is not None else None
-        self.va, self.vm, out = prune_layer(self.adapter, li, layer, inputs, t, solve("attn"), swap("attn", attn, "o_proj"),
-                                            solve("mlp"), swap("mlp", mlp, "down_proj"))
+        self.va, self.vm, out = prune_layer(
+            self.adapter,
+            li,
+            layer,
+            inputs,
+            t,
+            solve("attn"),
+            swap("attn", attn, "o_proj"),
+            solve("mlp"),
+            swap("mlp", mlp, "down_proj"),
+        )
         return out
 
     def on_layer_end(self, li, outputs):
         va, vm = self.va, self.vm
-        self.info = {"seconds": time.time() - self.t_layer, "attn": va[self.grid.modules["attn"][li].centre].info,
-                     "mlp": vm[self.grid.modules["mlp"][li].centre].info}
+        self.info = {
+            "seconds": time.time() - self.t_layer,
+            "attn": va[self.grid.modules["attn"][li].centre].info,
+            "mlp": vm[self.grid.modules["mlp"][li].centre].info,
+        }
         if dist.is_main():
             self.store.manifest["build_seconds_total"] = self.seconds_before + time.time() - self.t0  # survives a kill
             self.store.write_layer(li, {"attn": va, "mlp": vm}, self.dtype, self.info)
@@ -186,14 +213,30 @@ class SupernetBuild(LayerCallback):
 
     def on_layer_done(self, li):
         if self.on_layer is not None and dist.is_main():
-            self.on_layer({"layer": li, "attn_errors": [v.rel_error for v in self.va],
-                           "mlp_errors": [v.rel_error for v in self.vm], **self.info})
+            self.on_layer(
+                {
+                    "layer": li,
+                    "attn_errors": [v.rel_error for v in self.va],
+                    "mlp_errors": [v.rel_error for v in self.vm],
+                    **self.info,
+                }
+            )
         del self.va, self.vm
 
 
-def build_supernet(model, pruner: LocalPruner, calib_ids: torch.Tensor, grid: SupernetGrid, store: SupernetStore,
-                   eea: str = "expectation", taylor: dict | None = None, path: dict[str, list[int]] | None = None,
-                   batch_size: int = 8, progress: bool = True, on_layer=None) -> dict:
+def build_supernet(
+    model,
+    pruner: LocalPruner,
+    calib_ids: torch.Tensor,
+    grid: SupernetGrid,
+    store: SupernetStore,
+    eea: str = "expectation",
+    taylor: dict | None = None,
+    path: dict[str, list[int]] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    on_layer=None,
+) -> dict:
     """Build (or resume) the supernet in ``store``. The model's weights are not modified.
 
     The model may be streamed (:mod:`tyr.streaming`: one layer in memory at a time) and the run
@@ -213,14 +256,24 @@ def build_supernet(model, pruner: LocalPruner, calib_ids: torch.Tensor, grid: Su
     if len(dist.shard(calib_ids.shape[0])) == 0:
         raise ValueError(f"{calib_ids.shape[0]} calibration sequences cannot be split over {dist.world()} ranks")
     cb = SupernetBuild(model, pruner, grid, store, eea, taylor, path, on_layer)
-    run_layers(model, cb, calib_ids, batch_size=batch_size, shard=True, checkpoint=_StoreCheckpoint(store),
-               desc=f"supernet {store.root.parent.name} layer", progress=progress and dist.is_main(), progress_every=10.0)
+    run_layers(
+        model,
+        cb,
+        calib_ids,
+        batch_size=batch_size,
+        shard=True,
+        checkpoint=_StoreCheckpoint(store),
+        desc=f"supernet {store.root.parent.name} layer",
+        progress=progress and dist.is_main(),
+        progress_every=10.0,
+    )
     # Every rank must have written its last activation checkpoint before rank 0 marks the build complete
     # and deletes them all; otherwise a slower rank's final checkpoint outlives the build.
     dist.barrier()
     if dist.is_main():
-        store.mark_complete({"build_seconds_last_session": time.time() - t0,
-                             "build_seconds_total": cb.seconds_before + time.time() - t0})
+        store.mark_complete(
+            {"build_seconds_last_session": time.time() - t0, "build_seconds_total": cb.seconds_before + time.time() - t0}
+        )
     dist.barrier()
     store.reload()
     return store.manifest

@@ -43,8 +43,14 @@ class ModuleGrid:
 
     @classmethod
     def from_json(cls, d: dict) -> ModuleGrid:
-        return cls(d["kind"], int(d["n_units"]), float(d["unit_params"]), tuple(int(k) for k in d["keep"]), int(d["centre"]),
-                   float(d.get("fixed_params", 0.0)))
+        return cls(
+            d["kind"],
+            int(d["n_units"]),
+            float(d["unit_params"]),
+            tuple(int(k) for k in d["keep"]),
+            int(d["centre"]),
+            float(d.get("fixed_params", 0.0)),
+        )
 
 
 def module_levels(n_units: int, centre_keep: int, interval: float, n_levels: int, min_step: int) -> tuple[tuple[int, ...], int]:
@@ -102,8 +108,15 @@ class LayerShape:
     attn_fixed_params: float = 0.0
 
 
-def make_grid(shapes: list[LayerShape], target_sparsity: float, interval: float = 0.125, n_levels: int = 9,
-              min_heads: int = 1, min_channels: int = 32, centre: dict[str, list[int]] | None = None) -> SupernetGrid:
+def make_grid(
+    shapes: list[LayerShape],
+    target_sparsity: float,
+    interval: float = 0.125,
+    n_levels: int = 9,
+    min_heads: int = 1,
+    min_channels: int = 32,
+    centre: dict[str, list[int]] | None = None,
+) -> SupernetGrid:
     """Grid centred on ``target_sparsity`` of the prunable parameters (or on explicit ``centre`` keep
     counts). Heads are coarse, so the attention centre is the rounded uniform head count and the MLP
     centre takes up the rest of the budget."""

@@ -97,8 +97,11 @@ class SupernetStore:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **header,
             "config_hash": h,
-            "params": {"nominal_costs": costs, "dense_prunable": grid.dense_params(),
-                       "centre": grid.allocation_params(grid.centre_levels())},
+            "params": {
+                "nominal_costs": costs,
+                "dense_prunable": grid.dense_params(),
+                "centre": grid.allocation_params(grid.centre_levels()),
+            },
             "layers": {},
             "complete": False,
         }
@@ -112,13 +115,16 @@ class SupernetStore:
             raise SupernetError(f"{path}: schema version {m.get('schema_version')} is not {SCHEMA_VERSION}")
         for key in ("name", "revision"):
             if m["model"].get(key) != model.get(key):
-                raise SupernetError(f"{path}: built for model {m['model'].get('name')} @ {m['model'].get('revision')}, "
-                                    f"not {model.get('name')} @ {model.get('revision')}; use another directory")
+                raise SupernetError(
+                    f"{path}: built for model {m['model'].get('name')} @ {m['model'].get('revision')}, "
+                    f"not {model.get('name')} @ {model.get('revision')}; use another directory"
+                )
         if m.get("config_hash") != h:
             old = {k: m.get(k) for k in ("model", "eea", "grid", "config")}
             what = describe_diff(old, header) if header is not None else f"hash {m.get('config_hash')} != {h}"
-            raise SupernetError(f"{path}: built with another configuration ({what}); "
-                                "use another directory or delete it to rebuild")
+            raise SupernetError(
+                f"{path}: built with another configuration ({what}); use another directory or delete it to rebuild"
+            )
 
     @classmethod
     def open(cls, root: str | Path, expect_model: dict | None = None) -> SupernetStore:
@@ -130,8 +136,10 @@ class SupernetStore:
         if m.get("schema_version") != SCHEMA_VERSION:
             raise SupernetError(f"{path}: schema version {m.get('schema_version')} is not {SCHEMA_VERSION}")
         if expect_model is not None and any(m["model"].get(k) != expect_model.get(k) for k in ("name", "revision")):
-            raise SupernetError(f"{path}: built for model {m['model'].get('name')} @ {m['model'].get('revision')}, "
-                                f"not {expect_model.get('name')} @ {expect_model.get('revision')}")
+            raise SupernetError(
+                f"{path}: built for model {m['model'].get('name')} @ {m['model'].get('revision')}, "
+                f"not {expect_model.get('name')} @ {expect_model.get('revision')}"
+            )
         if not m.get("complete"):
             raise SupernetError(f"{path}: the build is not complete ({len(m['layers'])} layers done); rerun the build")
         return cls(Path(root), m)
@@ -178,8 +186,11 @@ class SupernetStore:
         save_file(tensors, str(tmp), metadata={"tyr": meta})
         os.replace(tmp, path)
         self.manifest["layers"][str(layer)] = {
-            "shard": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-            "errors": errors, "info": info or {},
+            "shard": path.name,
+            "sha256": sha256_file(path),
+            "bytes": path.stat().st_size,
+            "errors": errors,
+            "info": info or {},
         }
         self.save_manifest()
         self._verified.add(layer)
@@ -242,8 +253,10 @@ class SupernetStore:
             raise SupernetError(f"supernet shard missing: {path}")
         digest = sha256_file(path)
         if digest != entry["sha256"]:
-            raise SupernetError(f"supernet shard corrupt: {path} (sha256 {digest[:12]}… != manifest {entry['sha256'][:12]}…); "
-                                "delete the supernet to rebuild it (in a pipeline run: redo=search)")
+            raise SupernetError(
+                f"supernet shard corrupt: {path} (sha256 {digest[:12]}… != manifest {entry['sha256'][:12]}…); "
+                "delete the supernet to rebuild it (in a pipeline run: redo=search)"
+            )
         self._verified.add(layer)
 
     def verify(self) -> None:

@@ -29,6 +29,7 @@ class UnknownTaskError(ValueError):
 class TaskDataMissingError(RuntimeError):
     """An lm-eval built-in task whose data set cannot be loaded (offline and not cached)."""
 
+
 _LETTERS = "ABCDE"
 
 
@@ -145,8 +146,10 @@ def check_tasks(names: list[str]) -> None:
     tm = task_manager(builtin)
     unknown = [n for n in builtin if n not in tm.all_tasks]
     if unknown:
-        raise UnknownTaskError(f"unknown zero-shot task(s) {unknown}: neither a local task ({', '.join(TASKS)}) "
-                               "nor registered in lm-eval (`lm_eval ls tasks` lists those)")
+        raise UnknownTaskError(
+            f"unknown zero-shot task(s) {unknown}: neither a local task ({', '.join(TASKS)}) "
+            "nor registered in lm-eval (`lm_eval ls tasks` lists those)"
+        )
     for name in builtin:
         try:
             tm.load([name])
@@ -155,7 +158,8 @@ def check_tasks(names: list[str]) -> None:
             raise TaskDataMissingError(
                 f"zero-shot task {name!r} is lm-eval's built-in task and its data set could not be loaded ({why}); "
                 f"run once with Hub access to fill the datasets cache, or keep to the tasks whose data ships in "
-                f"data/: {', '.join(TASKS)}") from None
+                f"data/: {', '.join(TASKS)}"
+            ) from None
 
 
 def write_tasks(out_dir: str | Path, names: list[str] | None = None) -> Path:

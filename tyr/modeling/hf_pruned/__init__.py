@@ -11,12 +11,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tyr.modeling.hf_pruned.configuration_tyr_family import (
-    TyrGemma3TextConfig,
-    TyrMistralConfig,
-    TyrQwen2Config,
-    TyrQwen3Config,
-)
+from tyr.modeling.hf_pruned.configuration_tyr_family import TyrGemma3TextConfig, TyrMistralConfig, TyrQwen2Config, TyrQwen3Config
 from tyr.modeling.hf_pruned.configuration_tyr_llama import TyrLlamaConfig
 from tyr.modeling.hf_pruned.modeling_tyr_family import (
     TyrGemma3ForCausalLM,
@@ -24,12 +19,7 @@ from tyr.modeling.hf_pruned.modeling_tyr_family import (
     TyrQwen2ForCausalLM,
     TyrQwen3ForCausalLM,
 )
-from tyr.modeling.hf_pruned.modeling_tyr_llama import (
-    TyrEmptyAttention,
-    TyrEmptyMLP,
-    TyrLlamaForCausalLM,
-    TyrLlamaModel,
-)
+from tyr.modeling.hf_pruned.modeling_tyr_llama import TyrEmptyAttention, TyrEmptyMLP, TyrLlamaForCausalLM, TyrLlamaModel
 
 # model_type of the exported architecture -> (config class, causal-LM class)
 ARCHITECTURES = {

@@ -81,8 +81,6 @@ except ImportError as _exc:
     raise TyrTransformersVersionError(_hint) from None
 
 
-
-
 def fill_layer_defaults(cfg) -> None:
     """Unset per-layer lists mean "dense": every layer has the global sizes (shared by every tyr_* config)."""
     n = cfg.num_hidden_layers
@@ -107,8 +105,15 @@ def check_layer_lists(cfg) -> None:
     if cfg.head_dim is None or cfg.head_dim <= 0:
         raise ValueError("a tyr config needs an explicit positive head_dim")
     n = cfg.num_hidden_layers
-    for name in ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size", "layer_o_bias", "layer_down_bias",
-                 "layer_kv_of_head", "layer_head_ids"):
+    for name in (
+        "layer_num_heads",
+        "layer_num_kv_heads",
+        "layer_intermediate_size",
+        "layer_o_bias",
+        "layer_down_bias",
+        "layer_kv_of_head",
+        "layer_head_ids",
+    ):
         value = getattr(cfg, name, None)
         if value is not None and len(value) != n:
             raise ValueError(f"{name} has {len(value)} entries, expected num_hidden_layers={n}")

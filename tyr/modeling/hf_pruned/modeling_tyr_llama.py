@@ -287,5 +287,11 @@ class TyrLlamaForCausalLM(TyrLlamaPreTrainedModel, LlamaForCausalLM):
     forward = guard_transformers_version(LlamaForCausalLM.forward)
 
 
-__all__ = ["CACHE_KWARG", "prepare_cache", "TyrLlamaForCausalLM", "TyrLlamaModel", "TyrLlamaPreTrainedModel",
-           "TyrTransformersVersionError"]
+__all__ = [
+    "CACHE_KWARG",
+    "prepare_cache",
+    "TyrLlamaForCausalLM",
+    "TyrLlamaModel",
+    "TyrLlamaPreTrainedModel",
+    "TyrTransformersVersionError",
+]

@@ -15,5 +15,17 @@ from tyr.pruning.scorers.magnitude import Magnitude
 from tyr.pruning.scorers.obs import OBS
 from tyr.pruning.scorers.taylor import TAYLOR_KEYS, TaylorElement1, TaylorElement2, TaylorVector, taylor_reductions
 
-__all__ = ["Scorer", "nested_top", "Magnitude", "TaylorVector", "TaylorElement1", "TaylorElement2", "TAYLOR_KEYS",
-           "taylor_reductions", "WandaSP", "FLAP", "HyWIA", "OBS"]
+__all__ = [
+    "Scorer",
+    "nested_top",
+    "Magnitude",
+    "TaylorVector",
+    "TaylorElement1",
+    "TaylorElement2",
+    "TAYLOR_KEYS",
+    "taylor_reductions",
+    "WandaSP",
+    "FLAP",
+    "HyWIA",
+    "OBS",
+]

@@ -45,15 +45,17 @@ class HyWIA(Scorer):
         for name in self.names:
             if name == "compensated":
                 units = list(range(p.n_units))
-                raw = torch.tensor(obs_costs(p, p.out_weight.double(), damped_inverse(p.stats.H, self.damp), units),
-                                   dtype=torch.float64)
+                raw = torch.tensor(
+                    obs_costs(p, p.out_weight.double(), damped_inverse(p.stats.H, self.damp), units), dtype=torch.float64
+                )
             else:
                 raw = p.taylor["element2" if name == "fine" else "vector2"].double()
             out[name] = raw / raw.sum().clamp_min(1e-30)
         return out
 
-    def weights(self, p: ModuleProblem, probe: int,
-                comps: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, list[float]]:
+    def weights(
+        self, p: ModuleProblem, probe: int, comps: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, list[float]]:
         errs = []
         for comp in (comps or self.components(p)).values():
             keep = nested_top(comp, [probe])[0]

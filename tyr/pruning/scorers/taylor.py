@@ -16,8 +16,12 @@ from tyr.pruning.scorers.base import Scorer
 TAYLOR_KEYS = ("element1", "vector1", "element2", "vector2")
 
 
-def taylor_reductions(problem_members: dict[str, tuple[torch.Tensor, str]], grads: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                      n_units: int, unit_width: int) -> dict[str, torch.Tensor]:
+def taylor_reductions(
+    problem_members: dict[str, tuple[torch.Tensor, str]],
+    grads: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    n_units: int,
+    unit_width: int,
+) -> dict[str, torch.Tensor]:
     """Per-unit Taylor scores of one module from its members' weights, gradient means and Fisher."""
     device = next(iter(problem_members.values()))[0].device
     out = {k: torch.zeros(n_units, dtype=torch.float64, device=device) for k in TAYLOR_KEYS}
