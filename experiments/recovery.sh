@@ -7,6 +7,9 @@
 # experiments/results/recovery_ppl_vs_tokens.png (python -m experiments.recovery_report).
 # Every stage is keyed by its settings: rerunning skips what is done and resumes an interrupted training.
 # Usage: bash experiments/recovery.sh [extra overrides for the recover recipe, e.g. recover.bf16=true]
+#   SPARSITIES="0.5 0.25" (the table's rows) and PARTS="table searched tokens" (the uniform table, the
+#   searched model's recoveries, the perplexity-against-tokens runs) choose what runs, so the hours can
+#   be spread over several sittings; what is done is skipped anyway.
 # Cost: measured on a loaded machine (1 thread, other jobs running) at 36 tokens/s with bf16 autocast for
 # both modes (docs/RESULTS.md); on 2 idle cores expect a few times that, so the default 200K tokens per
 # recovery is roughly the 30 minutes (not measured). Each full evaluation takes about 25 min; the
@@ -17,8 +20,11 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/recovery}
 TOKENS_LORA=${TOKENS_LORA:-200000}
 TOKENS_FULL=${TOKENS_FULL:-200000}
+SPARSITIES=${SPARSITIES:-0.5 0.25}
+PARTS=${PARTS:-table searched tokens}
 FULL_EVAL="eval=default eval.ppl_windows=32 eval.limit=500 recover.bf16=true"
-for sp in 0.5 0.25; do
+want() { [[ " $PARTS " == *" $1 "* ]]; }
+want table && for sp in $SPARSITIES; do
   run="$OUT/prune-s$sp"
   $PY -m tyr.recipes.prune model=smollm2-135m target_sparsity=$sp eval=quick data.calibration.num_sequences=32 \
     "hydra.run.dir=$run"
@@ -27,10 +33,12 @@ for sp in 0.5 0.25; do
 done
 # searched + recovered against uniform + recovered: the demo pipeline (it recovers with the small default
 # budget), then its searched model with the same budgets as the uniform one
-$PY -m tyr.recipes.pipeline +experiment=demo "paths.output_dir=$OUT"
-$PY -m tyr.recipes.recover "run=$OUT/pipeline/smollm2-135m/demo-s0.5" recover=lora recover.tokens=$TOKENS_LORA $FULL_EVAL "$@"
-$PY -m tyr.recipes.recover "run=$OUT/pipeline/smollm2-135m/demo-s0.5" recover=full recover.tokens=$TOKENS_FULL $FULL_EVAL "$@"
-for tokens in 100000 300000 1000000; do   # perplexity against tokens (50 %, LoRA, quick protocol, no tasks)
+if want searched; then
+  $PY -m tyr.recipes.pipeline +experiment=demo "paths.output_dir=$OUT"
+  $PY -m tyr.recipes.recover "run=$OUT/pipeline/smollm2-135m/demo-s0.5" recover=lora recover.tokens=$TOKENS_LORA $FULL_EVAL "$@"
+  $PY -m tyr.recipes.recover "run=$OUT/pipeline/smollm2-135m/demo-s0.5" recover=full recover.tokens=$TOKENS_FULL $FULL_EVAL "$@"
+fi
+want tokens && for tokens in 100000 300000 1000000; do   # perplexity against tokens (50 %, LoRA, quick protocol, no tasks)
   $PY -m tyr.recipes.recover "run=$OUT/prune-s0.5" recover=lora recover.tokens=$tokens recover.bf16=true eval=quick eval.tasks=[] \
     export=false "$@"
 done
