@@ -17,19 +17,27 @@ from pathlib import Path
 
 import matplotlib
 
+from experiments import search_vs_uniform as sv
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 def scores(res: dict) -> dict:
-    ppl, zs = res["perplexity"], res.get("zero_shot") or {}
-    return {
-        "wikitext2": ppl.get("wikitext2", {}).get("ppl"),
-        "ptb": ppl.get("ptb", {}).get("ppl"),
-        "avg": zs.get("average"),
-        "ppl_windows": ppl.get("wikitext2", {}).get("windows"),
-        "task_limit": zs.get("limit"),
-    }
+    """Perplexities with their standard errors and the zero-shot average with its own
+    (:func:`experiments.search_vs_uniform.scores`), plus the protocol's size."""
+    s = sv.scores(res)
+    return {**s, "ppl_windows": s.get("wikitext2_windows"), "task_limit": (res.get("zero_shot") or {}).get("limit")}
+
+
+def ratios(before: dict, after: dict) -> dict:
+    """after / before perplexity per set, paired over the same windows, with its 95 % interval."""
+    out = {}
+    for name in ("wikitext2", "ptb"):
+        r = sv.paired_ratio(after["perplexity"].get(name, {}), before["perplexity"].get(name, {}))
+        if r is not None:
+            out[name] = r
+    return out
 
 
 def collect(root: Path) -> list[dict]:
@@ -46,6 +54,7 @@ def collect(root: Path) -> list[dict]:
                 "seconds": round(r["recovery"]["seconds"]),
                 "before": scores(r["before"]),
                 "after": scores(r["after"]),
+                "after_over_before": ratios(r["before"], r["after"]),
                 "dir": str(f.parent),
             }
         )
@@ -60,7 +69,13 @@ def table(runs: list[dict]) -> dict:
         if r["kind"] == "searched":
             row = row.setdefault("searched", {})
         row["before"] = r["before"]
-        row[f"after_{r['mode']}"] = {**r["after"], "tokens": r["tokens"], "seconds": r["seconds"], "dir": r["dir"]}
+        row[f"after_{r['mode']}"] = {
+            **r["after"],
+            "after_over_before": r["after_over_before"],
+            "tokens": r["tokens"],
+            "seconds": r["seconds"],
+            "dir": r["dir"],
+        }
         if r["mode"] == "lora":
             row.update(tokens=r["tokens"], seconds=r["seconds"])
     return out
