@@ -127,7 +127,13 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch):
         "owl",
     }
     assert any(k.endswith("+ recovery (lora, 512 tokens)") for k in res["rows"])  # the recovery stage (tyr.recipes.recover)
-    # the searched and the re-pruned forms hold the same widths, so the same budget
+    # the budget is the real target (half the dense prunable parameters) and every iteration keeps to it
+    state = json.loads((run / "search_state.json").read_text())
+    prunable_dense = alloc["budget"]["prunable_dense"]
+    assert all(it["budget"] == round(0.5 * prunable_dense) >= it["cost"] for it in state["iterations"])
+    # uniform_reprune is the prune recipe's model: every layer at the target within one MLP channel
+    uni = json.loads((run / "results_uniform_reprune.json").read_text())
+    assert abs(uni["budget"]["sparsity"] - 0.5) <= 4 * 3 * 64 / prunable_dense
     assert json.loads((run / f"results_{other}.json").read_text())["budget"]["prunable_kept"] == alloc["budget"]["prunable_kept"]
     assert (run / "hf_model" / "config.json").exists()
     assert json.loads((run / "export.json").read_text())["verify"]["max_abs_logit_diff"] <= 1e-4

@@ -314,3 +314,49 @@ def test_real_sparsity_is_at_least_the_nominal_target(tiny, calib, taylor, tmp_p
         assert real <= grid.allocation_params(a.to_json())  # conservative accounting
         assert 1 - real / dense >= 0.5 - 0.02
         a = mutate(space, a, rng)
+
+
+def test_real_costs_are_the_parameters_of_the_assembled_model(tiny, calib, taylor, tmp_path):
+    """The real cost table counts what slicing keeps: for random allocations (key / value groups
+    emptied among them), the table's sum is the assembled model's prunable parameter count."""
+    from tyr.modeling.params import parameter_counts
+    from tyr.search.budget import allocation_cost
+    from tyr.supernet.costs import real_costs
+
+    store, grid = _build(tiny, calib, taylor, tmp_path / "r")
+    costs = real_costs(store, tiny.model)
+    model = copy.deepcopy(tiny.model)
+    asm = Assembler(model, store)
+    rng = np.random.default_rng(0)
+    emptied = 0
+    for _ in range(12):
+        levels = {k: [int(rng.integers(len(g.keep))) for g in grid.modules[k]] for k in ("attn", "mlp")}
+        asm.assemble(levels)
+        assert allocation_cost(costs, levels) == parameter_counts(model)["prunable"], levels
+        emptied += allocation_cost(costs, levels) < grid.allocation_params(levels)
+    assert emptied > 0  # some allocations drop a key / value head, where the nominal count is wrong
+
+
+def test_fit_to_budget_fits_and_leaves_no_level_that_fits():
+    from tyr.search.budget import allocation_cost, fit_to_budget
+
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        n_layers, n_levels = int(rng.integers(1, 6)), int(rng.integers(2, 6))
+        costs, errors = {}, {}
+        for k in ("attn", "mlp"):
+            costs[k] = [sorted(rng.choice(1000, size=n_levels, replace=False).tolist(), reverse=True) for _ in range(n_layers)]
+            errors[k] = [sorted(rng.random(n_levels).tolist()) for _ in range(n_layers)]
+        start = {k: [int(rng.integers(n_levels)) for _ in range(n_layers)] for k in costs}
+        floor = allocation_cost(costs, {k: [n_levels - 1] * n_layers for k in costs})
+        budget = int(rng.integers(floor, allocation_cost(costs, {k: [0] * n_layers for k in costs}) + 1))
+        out = fit_to_budget(costs, errors, start, budget)
+        total = allocation_cost(costs, out)
+        assert total <= budget, trial
+        for k in costs:  # maximal: no module can take one level back within the budget
+            for l, lvl in enumerate(out[k]):
+                assert lvl == 0 or total - costs[k][l][lvl] + costs[k][l][lvl - 1] > budget, (trial, k, l)
+        if allocation_cost(costs, start) <= budget:  # a start that fits is only given levels back
+            assert all(o <= s for k in costs for o, s in zip(out[k], start[k])), trial
+    with pytest.raises(ValueError, match="fits the budget"):
+        fit_to_budget({"attn": [[10, 5]]}, {"attn": [[0.0, 1.0]]}, {"attn": [0]}, 4)

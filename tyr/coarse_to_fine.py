@@ -33,6 +33,7 @@ from tyr.search import Allocation, EvolutionConfig, SearchSpace, evolve, mutate
 from tyr.search.settings import SearchSettings
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet
+from tyr.supernet.costs import search_costs
 from tyr.supernet.grid import KINDS, SupernetGrid, layer_shapes, make_grid
 from tyr.supernet.store import SupernetStore
 from tyr.utils import JsonlWriter, Progress, write_json
@@ -186,8 +187,9 @@ def run_search(
         t_build = time.time() - t_it
         store = SupernetStore.open(store.root, expect_model=model_id)
         asm = Assembler(model, store)
-        space = SearchSpace.from_costs(grid.costs(), budget=grid.allocation_params(grid.centre_levels()))
-        start = Allocation(grid.centre_levels())
+        costs, budget, start_levels = search_costs(model, store, target_sparsity, settings.budget)
+        space = SearchSpace.from_costs(costs, budget=budget)
+        start = Allocation(start_levels)
         fitness = KLFitness(
             model, asm, teacher, settings.batch_size, settings.prefix_cache, settings.prefix_cache_max_mb, sequences=searched_rows
         )

@@ -5,8 +5,8 @@
   (``searched_supernet`` or ``searched_reprune``), when the re-prune ran;
 
 - ``uniform``: every module at the first iteration's centre level;
-- ``uniform_reprune``: the uniform widths pruned sequentially along themselves (the sparsegpt-loop
-  baseline, same pruner and calibration; ``uniform_reprune/supernet/``, resumable like any supernet);
+- ``uniform_reprune`` is not a form of a supernet: the prune recipe's model, evaluated last
+  (:func:`tyr.pipeline.evaluate.evaluate_uniform_prune`);
 - ``owl``: outlier-weighted layer sparsities (``owl.json``, keyed by the search key) at the nearest
   levels of the first iteration's grid.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tyr.allocation import nearest_levels, outlier_ratios, owl_sparsities
 from tyr.artifacts import read_json_checked
-from tyr.coarse_to_fine import build_path_supernet, final_allocation, keep_counts, search_forms
+from tyr.coarse_to_fine import final_allocation, search_forms
 from tyr.models import LoadedModel
 from tyr.pipeline.prepare import Prepared
 from tyr.pipeline.settings import PipelineSettings, RunKeys
@@ -75,20 +75,6 @@ def comparison_forms(
     out = {}
     if "uniform" in s.compare:
         out["uniform"] = Form(first, first.grid.centre_levels())
-    if "uniform_reprune" in s.compare:
-        keep = keep_counts(first.grid, first.grid.centre_levels())
-        store = build_path_supernet(
-            lm.model,
-            model,
-            pruner,
-            prep.calib,
-            prep.taylor,
-            keep,
-            Path(run_dir) / "uniform_reprune" / "supernet",
-            s.search,
-            {**keys.supernet, "reprune_of": "uniform"},
-        )
-        out["uniform_reprune"] = Form(store, store.grid.centre_levels())
     if "owl" in s.compare:
         out["owl"] = Form(first, owl_levels(lm.model, prep.calib, first.grid, s, keys.search.key, run_dir))
     return out

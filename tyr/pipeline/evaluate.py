@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from tyr.artifacts import describe_diff, read_json_checked, settings_key
@@ -15,8 +16,10 @@ from tyr.modeling.params import parameter_counts
 from tyr.models import LoadedModel
 from tyr.pipeline.compare import Form, first_store
 from tyr.pipeline.layout import form_key
+from tyr.pipeline.prepare import Prepared
 from tyr.pipeline.settings import PipelineSettings, RunKeys
 from tyr.plots import plot_allocation, plot_search_history
+from tyr.pruning.uniform import prune_uniform
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.store import SupernetStore
 from tyr.utils import write_json
@@ -72,9 +75,13 @@ def results_key(eval_settings: dict, form: dict) -> tuple[str, dict]:
     return settings_key(settings), settings
 
 
-def evaluated(out: Path, lm: LoadedModel, s: PipelineSettings, keys: RunKeys, form: dict, **record) -> dict:
+def evaluated(
+    out: Path, lm: LoadedModel, s: PipelineSettings, keys: RunKeys, form: dict, make: Callable[[], dict] | None = None, **record
+) -> dict:
     """The model as it is now, evaluated once: ``out`` is read back on a rerun only if it was made
-    with the same evaluation settings for the same model form (its key); otherwise re-evaluated."""
+    with the same evaluation settings for the same model form (its key); otherwise re-evaluated.
+    ``make``, if given, is called first when the model must be evaluated (it makes the model form;
+    the fields it returns join the record)."""
     key, settings = results_key(keys.eval, form)
     if out.exists():
         old = read_json_checked(out)
@@ -85,10 +92,40 @@ def evaluated(out: Path, lm: LoadedModel, s: PipelineSettings, keys: RunKeys, fo
             out.name,
             describe_diff(old.get("settings") or {}, settings),
         )
+    if make is not None:
+        record = {**record, **make()}
     res = evaluate_model(lm.model, lm.tokenizer, **s.eval.kwargs(s.token_cache, s.model))
     res.update(model=lm.name, **record, config=keys.config, key=key, settings=settings)
     write_json(out, res)
     return res
+
+
+def evaluate_uniform_prune(lm: LoadedModel, pruner, prep: Prepared, s: PipelineSettings, keys: RunKeys, run_dir: Path) -> dict:
+    """``uniform_reprune``: the prune recipe's model, the best uniform model of the run's pruner and
+    calibration. Every layer is pruned sequentially to the target, its MLP sized after its attention,
+    so each layer's real sparsity is the target (:func:`tyr.pruning.uniform.prune_uniform`). The
+    model is pruned in place, so this is the last use of the dense model; a rerun with the same key
+    reads the results back without pruning."""
+    dense = parameter_counts(lm.model)
+
+    def prune() -> dict:
+        rep = prune_uniform(lm.model, pruner, prep.calib, s.target_sparsity, prep.taylor, batch_size=s.batch_size)
+        counts = parameter_counts(lm.model)
+        return {
+            "budget": {
+                "prunable_kept": counts["prunable"],
+                "prunable_dense": dense["prunable"],
+                "sparsity": 1 - counts["prunable"] / dense["prunable"],
+                "total_params": counts["total"],
+                "dense_total_params": dense["total"],
+            },
+            "kept": {"attn": [r["heads_kept"] for r in rep["layers"]], "mlp": [r["channels_kept"] for r in rep["layers"]]},
+        }
+
+    form = {"uniform_prune": keys.supernet, "prepare": keys.prepare.key}
+    out = Path(run_dir) / "results_uniform_reprune.json"
+    row = evaluated(out, lm, s, keys, form, prune, allocation="uniform_reprune")
+    return {f"{lm.name} uniform_reprune {s.target_sparsity:.0%}": row}
 
 
 def evaluate_dense(lm: LoadedModel, s: PipelineSettings, keys: RunKeys, run_dir: Path) -> dict:

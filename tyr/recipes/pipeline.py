@@ -6,8 +6,9 @@ prepare (token sets, Taylor statistics, teacher top-k cache) → build + search 
 allocation.json → evaluate the searched model and the comparisons → results.json, results.md, plots.
 
 Comparisons (``compare``): ``dense``; ``uniform`` and ``owl``, assembled from the first iteration's
-supernet; ``uniform_reprune``, the uniform widths pruned sequentially (the plain sparsegpt-loop
-baseline, same pruner and calibration); and ``searched_other``: when the re-prune ran, the searched
+supernet; ``uniform_reprune``, the prune recipe's model (every layer pruned sequentially to the
+target, the plain sparsegpt-loop baseline, same pruner and calibration; evaluated last, as it prunes
+the loaded model in place); and ``searched_other``: when the re-prune ran, the searched
 widths in the form that lost (``searched_supernet`` or ``searched_reprune``), so both are reported.
 
 Under ``python -m torch.distributed.run --nproc_per_node=N -m tyr.recipes.pipeline ...`` the
@@ -33,7 +34,7 @@ from tyr.coarse_to_fine import final_allocation
 from tyr.evaluation import results_table
 from tyr.modeling.params import parameter_counts
 from tyr.pipeline.compare import comparison_forms, searched_forms
-from tyr.pipeline.evaluate import evaluate_dense, evaluate_forms, plot_run
+from tyr.pipeline.evaluate import evaluate_dense, evaluate_forms, evaluate_uniform_prune, plot_run
 from tyr.pipeline.export import export_key, export_stage
 from tyr.pipeline.layout import apply_redo
 from tyr.pipeline.prepare import prepare
@@ -92,6 +93,13 @@ def main(cfg: DictConfig) -> None:
         t0 = time.time()
         rows.update(recover_stage(lm, recovery, s, keys, run_dir, before=rows.get(f"{lm.name} searched {s.target_sparsity:.0%}")))
         timings["recover"] = time.time() - t0
+    if "uniform_reprune" in s.compare:  # prunes lm.model in place: the dense model's last use
+        pruned = [k for k in rows if "recovery" not in k]
+        rows = {
+            **{k: rows[k] for k in pruned},
+            **evaluate_uniform_prune(lm, pruner, prep, s, keys, run_dir),
+            **{k: v for k, v in rows.items() if k not in pruned},
+        }
 
     summary = {
         "rows": rows,

@@ -27,6 +27,12 @@ class SearchSettings:
     # pruned model), ``supernet``, or ``heldout`` (the lower KL on the held-out teacher sequences). ``reprune``
     # since session 6: across forms, C4 KL ranks opposite to WikiText-2 / PTB (docs/RESULTS.md, issue #14)
     choose_form: str = "reprune"  # one of CHOOSE_FORMS
+    # what the budget counts (one of BUDGETS): ``real``, the parameters the sliced model keeps (key / value
+    # heads whose query group is pruned away are dropped; tyr.supernet.costs), the budget being the target
+    # sparsity of the dense prunable parameters and the start fitted to it (tyr.search.budget); ``nominal``,
+    # the grid's count (key / value heads a fixed cost), the budget being the grid centre's. ``real`` since
+    # session 7: ``nominal`` left SmolLM2-135M's 50 % models 1.3M parameters under the target
+    budget: str = "real"
     generations: int = 50
     offspring: int = 128
     stages: list[tuple[int, int]] = field(default_factory=lambda: [(2048, 16), (16384, 4), (131072, 1)])  # (tokens, survivors)
@@ -43,6 +49,7 @@ class SearchSettings:
 
 
 CHOOSE_FORMS = ("reprune", "supernet", "heldout")
+BUDGETS = ("real", "nominal")
 CONFIG_FIELDS = tuple(f.name for f in fields(SearchSettings) if f.name != "batch_size")
 
 

@@ -270,6 +270,13 @@ class SupernetStore:
             self._cache = {layer: load_file(str(self.shard_path(layer)))}  # one shard in memory at a time
         return self._cache[layer]
 
+    def kept_sets(self, layer: int, kind: str) -> list[list[int]]:
+        """The kept units of every level of module (``layer``, ``kind``), read without the weights."""
+        if layer not in self._verified:
+            self.verify_layer(layer)
+        with safe_open(str(self.shard_path(layer)), "pt") as f:
+            return [f.get_tensor(f"{kind}.{lvl}.keep").tolist() for lvl in range(len(self.grid.modules[kind][layer].keep))]
+
     def variant(self, layer: int, kind: str, level: int) -> StoredVariant:
         t = self._tensors(layer)
         key = f"{kind}.{level}"
