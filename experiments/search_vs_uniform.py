@@ -1,5 +1,5 @@
 """Issue #14's table: the exported (searched) model against the best uniform model of the same pruner and
-calibration (``uniform_reprune``: the uniform widths pruned sequentially), per sparsity.
+calibration (``uniform_reprune``: the prune recipe's model, every layer pruned sequentially to the target), per sparsity.
 
     .venv/bin/python -m experiments.search_vs_uniform RUN [RUN ...] [--out experiments/results/search_vs_uniform.json]
 
