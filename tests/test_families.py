@@ -176,7 +176,7 @@ def test_pipeline_family(name, dtype, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "pipeline" / name / "hywia_comp-s0.5-fast"
     alloc = json.loads((run / "allocation.json").read_text())
-    assert abs(alloc["budget"]["nominal_sparsity"] - 0.5) < 0.02
+    assert abs(alloc["budget"]["sparsity"] - 0.5) < 0.02  # real parameters (search.budget=real)
     assert json.loads((run / "search_state.json").read_text())["reprune"]["chosen"] in ("reprune", "supernet")
     v = json.loads((run / "export.json").read_text())["verify"]
     assert v["model_class"] == EXPORTED[name] and not v["tyr_imported"] and v["config_widths_match"]

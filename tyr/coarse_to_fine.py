@@ -33,7 +33,7 @@ from tyr.search import Allocation, EvolutionConfig, SearchSpace, evolve, mutate
 from tyr.search.settings import SearchSettings
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet
-from tyr.supernet.costs import search_costs
+from tyr.supernet.costs import refill, search_costs
 from tyr.supernet.grid import KINDS, SupernetGrid, layer_shapes, make_grid
 from tyr.supernet.store import SupernetStore
 from tyr.utils import JsonlWriter, Progress, write_json
@@ -262,15 +262,17 @@ def run_search(
         prescreen = (lambda allocs, errors=errors: surrogate_scores(errors, allocs)) if settings.prescreen_keep else None
         result = evolve(space, fitness, evo, start=start, state=resume, on_generation=on_generation, prescreen=prescreen)
         bar.close()
-        best = result.best.to_json()
+        # level switches with uneven real costs may leave the best under the budget: give the rest back
+        best, given_back = refill(costs, errors, result.best.to_json(), budget, settings.budget)
         iteration = {
             "iteration": it,
             "interval": interval,
             "levels": best,
             "keep": keep_counts(grid, best),
-            "fitness": result.best_fitness,
+            "fitness": result.best_fitness,  # the evolution's best, before the levels given back
+            "levels_given_back": given_back,
             "budget": space.budget,
-            "cost": space.cost(result.best),
+            "cost": space.cost(Allocation(best)),
             "supernet": _rel(store.root, run_dir),
             "build_seconds": store.manifest.get("build_seconds_total", t_build),
             "search_seconds": searched_before + time.time() - t_search,
