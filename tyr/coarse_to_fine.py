@@ -187,13 +187,13 @@ def run_search(
         t_build = time.time() - t_it
         store = SupernetStore.open(store.root, expect_model=model_id)
         asm = Assembler(model, store)
-        costs, budget, start_levels = search_costs(model, store, target_sparsity, settings.budget)
+        errors = store.errors()
+        costs, budget, start_levels = search_costs(model, store, errors, target_sparsity, settings.budget)
         space = SearchSpace.from_costs(costs, budget=budget)
         start = Allocation(start_levels)
         fitness = KLFitness(
             model, asm, teacher, settings.batch_size, settings.prefix_cache, settings.prefix_cache_max_mb, sequences=searched_rows
         )
-        errors = store.errors()
         evo = EvolutionConfig(
             generations=settings.generations,
             offspring=settings.offspring,

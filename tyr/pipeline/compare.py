@@ -68,7 +68,7 @@ def owl_levels(model, calib, grid: SupernetGrid, s: PipelineSettings, search_key
 
 
 def comparison_forms(
-    lm: LoadedModel, model: dict, pruner, prep: Prepared, s: PipelineSettings, keys: RunKeys, state: dict, run_dir: Path
+    lm: LoadedModel, model: dict, prep: Prepared, s: PipelineSettings, keys: RunKeys, state: dict, run_dir: Path
 ) -> dict[str, Form]:
     """The forms of ``s.compare`` (but ``dense``, which is the model itself), in the order listed above."""
     first = first_store(state, model)

@@ -29,6 +29,18 @@ log = logging.getLogger("tyr")
 ALLOCATION_FILE = "allocation.json"
 
 
+def real_budget(model, dense_counts: dict) -> dict:
+    """The parameters ``model`` (pruned) keeps against the dense model's ``dense_counts``."""
+    counts = parameter_counts(model)
+    return {
+        "prunable_kept": counts["prunable"],
+        "prunable_dense": dense_counts["prunable"],
+        "sparsity": 1 - counts["prunable"] / dense_counts["prunable"],
+        "total_params": counts["total"],
+        "dense_total_params": dense_counts["total"],
+    }
+
+
 def allocation_summary(model, store: SupernetStore, levels: dict, dense_counts: dict, fitness=None) -> dict:
     """A searched (or comparison) allocation as the pipeline records it (``allocation.json``): level,
     sparsity and kept units per module, nominal and real budget. Not an export's
@@ -49,7 +61,6 @@ def allocation_summary(model, store: SupernetStore, levels: dict, dense_counts: 
                     "kept_units": store.variant(l, kind, lvl).keep,
                 }
             )
-    counts = parameter_counts(model)
     nominal = grid.allocation_params(levels)
     return {
         "levels": levels,
@@ -59,11 +70,7 @@ def allocation_summary(model, store: SupernetStore, levels: dict, dense_counts: 
             "nominal_kept": nominal,
             "nominal_dense": grid.dense_params(),
             "nominal_sparsity": 1 - nominal / grid.dense_params(),
-            "prunable_kept": counts["prunable"],
-            "prunable_dense": dense_counts["prunable"],
-            "sparsity": 1 - counts["prunable"] / dense_counts["prunable"],
-            "total_params": counts["total"],
-            "dense_total_params": dense_counts["total"],
+            **real_budget(model, dense_counts),
         },
         "manifest": str(store.root / "manifest.json"),
         "config_hash": store.manifest["config_hash"],
@@ -100,25 +107,19 @@ def evaluated(
     return res
 
 
-def evaluate_uniform_prune(lm: LoadedModel, pruner, prep: Prepared, s: PipelineSettings, keys: RunKeys, run_dir: Path) -> dict:
+def evaluate_uniform_prune(
+    lm: LoadedModel, pruner, prep: Prepared, dense_counts: dict, s: PipelineSettings, keys: RunKeys, run_dir: Path
+) -> dict:
     """``uniform_reprune``: the prune recipe's model, the best uniform model of the run's pruner and
     calibration. Every layer is pruned sequentially to the target, its MLP sized after its attention,
     so each layer's real sparsity is the target (:func:`tyr.pruning.uniform.prune_uniform`). The
     model is pruned in place, so this is the last use of the dense model; a rerun with the same key
     reads the results back without pruning."""
-    dense = parameter_counts(lm.model)
 
     def prune() -> dict:
         rep = prune_uniform(lm.model, pruner, prep.calib, s.target_sparsity, prep.taylor, batch_size=s.batch_size)
-        counts = parameter_counts(lm.model)
         return {
-            "budget": {
-                "prunable_kept": counts["prunable"],
-                "prunable_dense": dense["prunable"],
-                "sparsity": 1 - counts["prunable"] / dense["prunable"],
-                "total_params": counts["total"],
-                "dense_total_params": dense["total"],
-            },
+            "budget": real_budget(lm.model, dense_counts),
             "kept": {"attn": [r["heads_kept"] for r in rep["layers"]], "mlp": [r["channels_kept"] for r in rep["layers"]]},
         }
 

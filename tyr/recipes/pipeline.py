@@ -81,7 +81,7 @@ def main(cfg: DictConfig) -> None:
 
     forms = searched_forms(state, model, other="searched_other" in s.compare)
     rows = evaluate_dense(lm, s, keys, run_dir) if "dense" in s.compare else {}
-    forms.update(comparison_forms(lm, model, pruner, prep, s, keys, state, run_dir))
+    forms.update(comparison_forms(lm, model, prep, s, keys, state, run_dir))
     form_rows, searched_sparsity = evaluate_forms(lm, forms, chosen["source"], dense_counts, s, keys, run_dir)
     rows.update(form_rows)
     plot_run(run_dir, state, model, searched_sparsity, f"{lm.name} at {s.target_sparsity:.0%}: searched vs uniform")
@@ -97,7 +97,7 @@ def main(cfg: DictConfig) -> None:
         pruned = [k for k in rows if "recovery" not in k]
         rows = {
             **{k: rows[k] for k in pruned},
-            **evaluate_uniform_prune(lm, pruner, prep, s, keys, run_dir),
+            **evaluate_uniform_prune(lm, pruner, prep, dense_counts, s, keys, run_dir),
             **{k: v for k, v in rows.items() if k not in pruned},
         }
 

@@ -40,17 +40,18 @@ def real_costs(store: SupernetStore, model) -> dict[str, list[list[int]]]:
     return costs
 
 
-def search_costs(model, store: SupernetStore, target_sparsity: float, budget: str) -> tuple[dict, int, dict]:
+def search_costs(model, store: SupernetStore, errors: dict, target_sparsity: float, budget: str) -> tuple[dict, int, dict]:
     """The search space's cost table, its budget and the start allocation. ``real``: the parameters the
-    sliced model keeps (:func:`tyr.supernet.costs.real_costs`) under the target's share of the dense ones,
-    from the grid centre fitted to that budget; ``nominal``: the grid's counts, the centre and its cost."""
+    sliced model keeps (:func:`real_costs`) under the target's share of the dense ones, from the grid
+    centre fitted to that budget by ``errors`` (``store.errors()``); ``nominal``: the grid's counts, the
+    centre and its cost."""
     grid = store.grid
     centre = grid.centre_levels()
     if budget == "nominal":
         return grid.costs(), grid.allocation_params(centre), centre
     costs = real_costs(store, model)
     target = int(round((1.0 - target_sparsity) * grid.dense_params()))
-    start = fit_to_budget(costs, store.errors(), centre, target)
+    start = fit_to_budget(costs, errors, centre, target)
     log.info(
         "budget %s parameters (real); the grid centre keeps %s, the fitted start %s",
         f"{target:,}",
