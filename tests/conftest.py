@@ -15,6 +15,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+# Token sets small enough for a tiny model's pipeline to run in seconds (the pipeline tests share them).
+TINY_DATA = [
+    "data.calibration.num_sequences=8",
+    "data.calibration.seq_len=64",
+    "data.gradient.num_sequences=4",
+    "data.gradient.seq_len=64",
+    "data.search.num_sequences=8",
+    "data.search.seq_len=64",
+]
 
 torch.set_num_threads(int(os.environ.get("TYR_THREADS", "0") or 0) or torch.get_num_threads())
 

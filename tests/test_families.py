@@ -24,6 +24,8 @@ from tyr.export import pruned_config, to_export_model
 from tyr.modeling.adapter import get_adapter
 from tyr.modeling.slicing import slice_attention, slice_mlp
 
+from conftest import TINY_DATA
+
 FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3"]
 EXPORTED = {
     "tiny-llama": "TyrLlamaForCausalLM",
@@ -135,12 +137,7 @@ PIPELINE_ARGS = [
     "eval.tasks=[]",
     "eval.ppl_windows=1",
     "compare=[dense]",
-    "data.calibration.num_sequences=8",
-    "data.calibration.seq_len=64",
-    "data.gradient.num_sequences=4",
-    "data.gradient.seq_len=64",
-    "data.search.num_sequences=8",
-    "data.search.seq_len=64",
+    *TINY_DATA,
     "search.min_channels=8",
     "search.generations=2",
     "search.offspring=4",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, TINY_DATA
 
 SEED = 16
 RNG = random.Random(SEED)
@@ -30,12 +30,7 @@ BASE = [
     "model=tiny-llama",
     "eval=smoke",
     "eval.tasks=[]",
-    "data.calibration.num_sequences=8",
-    "data.calibration.seq_len=64",
-    "data.gradient.num_sequences=4",
-    "data.gradient.seq_len=64",
-    "data.search.num_sequences=8",
-    "data.search.seq_len=64",
+    *TINY_DATA,
     "search.min_channels=8",
     f"search.generations={GENERATIONS}",
     "search.offspring=4",

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, TINY_DATA
 
 
 def run_recipe(module: str, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -91,12 +91,7 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch):
     args = [
         "model=tiny-llama",
         "eval=smoke",
-        "data.calibration.num_sequences=8",
-        "data.calibration.seq_len=64",
-        "data.gradient.num_sequences=4",
-        "data.gradient.seq_len=64",
-        "data.search.num_sequences=8",
-        "data.search.seq_len=64",
+        *TINY_DATA,
         "search.min_channels=8",
         "search.generations=2",
         "search.offspring=4",
