@@ -47,26 +47,46 @@ def owl_levels(model, calib: torch.Tensor, grid, target: float, batch_size: int)
     return nearest_levels(grid, owl_sparsities(outlier_ratios(model, calib, batch_size=batch_size), target))
 
 
-def allocations(state: dict, run: Path, seed: int = 0, owl: dict | None = None) -> list[dict]:
+def allocations(
+    state: dict, model, real: bool, seed: int = 0, owl: dict | None = None, uniform_keep: dict | None = None
+) -> list[dict]:
     """The study's allocations, interleaved so that a partial run already spans the range:
-    ``{"name", "supernet" (folder), "levels"}``."""
+    ``{"name", "supernet" (folder), "levels"}`` (or ``"keep"``: kept units per layer, sequential form only).
+
+    Every allocation is at the run's budget (the one stored with its first iteration), counted as the
+    run's search counted it (``real``: ``search.budget=real``). With ``real`` the uniform and OWL
+    allocations are fitted to the real budget (:func:`tyr.search.budget.fit_to_budget`, as the search's start is) and the
+    perturbations switch levels under the real costs (:func:`tyr.supernet.costs.real_costs`), so every
+    model has the searched model's size. ``uniform_keep`` (the run's ``uniform_reprune`` widths, the
+    prune recipe's model) adds that model as ``uniform_recipe``."""
     from tyr.search import Allocation, SearchSpace, mutate
+    from tyr.search.budget import fit_to_budget
+    from tyr.supernet.costs import real_costs
     from tyr.supernet.store import SupernetStore
 
     first, last = state["iterations"][0], state["iterations"][-1]
     s0, s1 = SupernetStore.open(first["supernet"]), SupernetStore.open(last["supernet"])
+    budget = int(first.get("budget") or s0.grid.allocation_params(s0.grid.centre_levels()))
+    costs = {id(s): (real_costs(s, model) if real else s.grid.costs()) for s in (s0, s1)}
+
+    def on_budget(store, levels):
+        return fit_to_budget(costs[id(store)], store.errors(), levels, budget) if real else levels
+
+    uniform = on_budget(s0, s0.grid.centre_levels())
     base = [
-        {"name": "uniform", "supernet": first["supernet"], "levels": s0.grid.centre_levels()},
+        {"name": "uniform", "supernet": first["supernet"], "levels": uniform},
         {"name": "searched", "supernet": last["supernet"], "levels": last["levels"]},
     ]
+    if uniform_keep is not None:
+        base.append({"name": "uniform_recipe", "supernet": first["supernet"], "keep": uniform_keep})
     if owl is not None:
-        base.append({"name": "owl", "supernet": first["supernet"], "levels": owl})
+        base.append({"name": "owl", "supernet": first["supernet"], "levels": on_budget(s0, owl)})
     if len(state["iterations"]) > 1:
         base.append({"name": "searched_iter0", "supernet": first["supernet"], "levels": first["levels"]})
     rng = np.random.default_rng(seed)
 
     def walk(store, levels, d):
-        space = SearchSpace.from_costs(store.grid.costs(), budget=store.grid.allocation_params(store.grid.centre_levels()))
+        space = SearchSpace.from_costs(costs[id(store)], budget=budget)
         a = Allocation(levels)
         for _ in range(d):
             a = mutate(space, a, rng, max_flips=1)
@@ -80,9 +100,7 @@ def allocations(state: dict, run: Path, seed: int = 0, owl: dict | None = None) 
                 pert.append({"name": f"searched+{d}#{rep}", "supernet": last["supernet"], "levels": walk(s1, last["levels"], d)})
             if i < len(PERTURB_UNIFORM):
                 d = PERTURB_UNIFORM[i]
-                pert.append(
-                    {"name": f"uniform+{d}#{rep}", "supernet": first["supernet"], "levels": walk(s0, s0.grid.centre_levels(), d)}
-                )
+                pert.append({"name": f"uniform+{d}#{rep}", "supernet": first["supernet"], "levels": walk(s0, uniform, d)})
     return base + pert
 
 
@@ -127,13 +145,16 @@ def run(args) -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    from tyr.artifacts import read_json_checked
     from tyr.coarse_to_fine import build_path_supernet, keep_counts, resolved
     from tyr.data import TokenSetSpec, get_token_set
     from tyr.fitness import TeacherCache
     from tyr.models import load_model
     from tyr.recipes.common import taylor_for, token_cache
+    from tyr.search.budget import allocation_cost
     from tyr.search.settings import search_settings
     from tyr.supernet.assemble import Assembler
+    from tyr.supernet.costs import real_costs
     from tyr.supernet.store import SupernetStore
 
     if args.threads:
@@ -177,16 +198,20 @@ def run(args) -> None:
             model, calib, SupernetStore.open(state["iterations"][0]["supernet"]).grid, float(cfg.target_sparsity), bs
         )
     checked = False
-    for alloc in allocations(state, run_dir, args.seed, owl)[: args.limit]:
+    uniform_file = run_dir / "results_uniform_reprune.json"
+    uniform_keep = read_json_checked(uniform_file).get("kept") if uniform_file.exists() else None
+    for alloc in allocations(state, model, cfg.search.get("budget", "nominal") == "real", args.seed, owl, uniform_keep)[
+        : args.limit
+    ]:
         store = SupernetStore.open(alloc["supernet"], expect_model=model_id)
         for form in ("supernet", "sequential"):
-            if (alloc["name"], form) in done:
+            if (alloc["name"], form) in done or (form == "supernet" and "levels" not in alloc):
                 continue
             t0 = time.time()
             if form == "supernet":
                 use, levels = store, alloc["levels"]
             else:
-                keep = keep_counts(store.grid, alloc["levels"])
+                keep = alloc.get("keep") or keep_counts(store.grid, alloc["levels"])
                 use = build_path_supernet(
                     model, model_id, pruner, calib, taylor, keep, work / alloc["name"], settings, {"fidelity_of": alloc["name"]}
                 )
@@ -204,12 +229,12 @@ def run(args) -> None:
                 rec["fit_all_search_code"] = full_kl(model, use, levels, teacher, bs, (0, N - n_hold))
                 checked = True
                 print(f"fit_all {rec['fit_all']:.6f} vs the search's full_kl {rec['fit_all_search_code']:.6f}", flush=True)
-            params = store.grid.allocation_params(alloc["levels"])
             rec = {
                 "name": alloc["name"],
                 "form": form,
-                "levels": alloc["levels"],
-                "nominal_params": params,
+                "levels": alloc.get("levels"),
+                "keep": keep_counts(use.grid, levels),
+                "real_params": allocation_cost(real_costs(use, model), levels),
                 "run": str(run_dir),
                 "windows": args.windows,
                 "wall_seconds": time.time() - t0,

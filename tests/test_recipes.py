@@ -87,7 +87,7 @@ def test_build_recipe_reruns_resume(tmp_path):
     assert p.returncode != 0 and "manifest.json" in p.stderr and "another configuration" in p.stdout + p.stderr
 
 
-def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch):
+def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch, tiny):
     args = [
         "model=tiny-llama",
         "eval=smoke",
@@ -157,6 +157,28 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch):
         rx.export_run(run, overwrite=True)
     assert {f.name: f.read_bytes() for f in (run / "hf_model").iterdir()} == shipped
     assert not [f.name for f in run.iterdir() if f.name.startswith(".hf_model")]
+    # the fidelity study's allocations (experiments/fidelity.py) all have the searched model's real size:
+    # each fits the budget, and the ones fitted to it (uniform, OWL) leave less than one level's step free
+    from experiments.fidelity import allocations
+    from tyr.coarse_to_fine import resolved
+    from tyr.search.budget import allocation_cost
+    from tyr.supernet.costs import real_costs
+    from tyr.supernet.store import SupernetStore
+
+    state = resolved(state, run)
+    owl = {k: [1] * len(v) for k, v in state["iterations"][0]["levels"].items()}  # any levels: fitted
+    allocs = allocations(state, tiny.model, True, owl=owl, uniform_keep=uni["kept"])
+    assert {a["name"] for a in allocs} >= {"uniform", "searched", "owl", "uniform_recipe", "searched+32#1", "uniform+16#1"}
+    budget = state["iterations"][0]["budget"]
+    for a in allocs:
+        if "levels" not in a:
+            continue
+        costs = real_costs(SupernetStore.open(a["supernet"]), tiny.model)
+        cost = allocation_cost(costs, a["levels"])
+        assert cost <= budget, a["name"]
+        if a["name"] in ("uniform", "owl"):
+            step = max(c[i] - c[i + 1] for k in costs for c in costs[k] for i in range(len(c) - 1))
+            assert budget - cost < step, a["name"]
 
 
 def test_multirun_records_a_failed_job_and_goes_on(tmp_path):
