@@ -4,14 +4,17 @@
 # over 32 windows of 2048 tokens, the five zero-shot tasks over 500 documents each.
 # Resumable (every pipeline stage is keyed by its settings); about 1 h per sparsity on 2 idle cores.
 # Usage: bash experiments/search_vs_uniform.sh [extra pipeline overrides, e.g. search.stages=...]
+#   TAG names the runs (<TAG>-s<sparsity>) and the results file; SPARSITIES="0.5 0.25 0.375" sets which
+#   rows run and in what order (the table is written from the runs that have finished).
 # Writes experiments/results/search_vs_uniform.json (python -m experiments.search_vs_uniform).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/search_vs_uniform}
 TAG=${TAG:-default}
+SPARSITIES=${SPARSITIES:-0.25 0.375 0.5}
 runs=()
-for sp in 0.25 0.375 0.5; do
+for sp in $SPARSITIES; do
   $PY -m tyr.recipes.pipeline model=smollm2-135m target_sparsity=$sp data.calibration.num_sequences=32 \
     eval=default eval.ppl_windows=32 eval.limit=500 'compare=[uniform_reprune]' recover=none \
     "paths.output_dir=$OUT" "name=$TAG-s$sp" "$@"
