@@ -9,7 +9,8 @@
 # Usage: bash experiments/recovery.sh [extra overrides for the recover recipe, e.g. recover.bf16=true]
 #   SPARSITIES="0.5 0.25" (the table's rows) and PARTS="table searched tokens" (the uniform table, the
 #   searched model's recoveries, the perplexity-against-tokens runs) choose what runs, so the hours can
-#   be spread over several sittings; what is done is skipped anyway.
+#   be spread over several sittings; what is done is skipped anyway. CURVE="50000 100000 ..." sets the token
+#   budgets of the perplexity-against-tokens runs.
 # Cost: measured on a loaded machine (1 thread, other jobs running) at 36 tokens/s with bf16 autocast for
 # both modes (docs/RESULTS.md); on 2 idle cores expect a few times that, so the default 200K tokens per
 # recovery is roughly the 30 minutes (not measured). Each full evaluation takes about 25 min; the
@@ -22,6 +23,7 @@ TOKENS_LORA=${TOKENS_LORA:-200000}
 TOKENS_FULL=${TOKENS_FULL:-200000}
 SPARSITIES=${SPARSITIES:-0.5 0.25}
 PARTS=${PARTS:-table searched tokens}
+CURVE=${CURVE:-100000 300000 1000000}   # the token budgets of the perplexity-against-tokens runs
 FULL_EVAL="eval=default eval.ppl_windows=32 eval.limit=500 recover.bf16=true"
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 want table && for sp in $SPARSITIES; do
@@ -38,7 +40,7 @@ if want searched; then
   $PY -m tyr.recipes.recover "run=$OUT/pipeline/smollm2-135m/demo-s0.5" recover=lora recover.tokens=$TOKENS_LORA $FULL_EVAL "$@"
   $PY -m tyr.recipes.recover "run=$OUT/pipeline/smollm2-135m/demo-s0.5" recover=full recover.tokens=$TOKENS_FULL $FULL_EVAL "$@"
 fi
-want tokens && for tokens in 100000 300000 1000000; do   # perplexity against tokens (50 %, LoRA, quick protocol, no tasks)
+want tokens && for tokens in $CURVE; do   # perplexity against tokens (50 %, LoRA, quick protocol, no tasks)
   $PY -m tyr.recipes.recover "run=$OUT/prune-s0.5" recover=lora recover.tokens=$tokens recover.bf16=true eval=quick eval.tasks=[] \
     export=false "$@"
 done
