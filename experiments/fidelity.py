@@ -67,12 +67,13 @@ def allocations(
     first, last = state["iterations"][0], state["iterations"][-1]
     s0, s1 = SupernetStore.open(first["supernet"]), SupernetStore.open(last["supernet"])
     budget = int(first.get("budget") or s0.grid.allocation_params(s0.grid.centre_levels()))
-    costs = {id(s): (real_costs(s, model) if real else s.grid.costs()) for s in (s0, s1)}
+    costs0, costs1 = ((real_costs(s, model) if real else s.grid.costs()) for s in (s0, s1))
+    errors0 = s0.errors() if real else None
 
-    def on_budget(store, levels):
-        return fit_to_budget(costs[id(store)], store.errors(), levels, budget) if real else levels
+    def on_budget(levels):  # a first-iteration allocation moved to the budget (real costs only)
+        return fit_to_budget(costs0, errors0, levels, budget) if real else levels
 
-    uniform = on_budget(s0, s0.grid.centre_levels())
+    uniform = on_budget(s0.grid.centre_levels())
     base = [
         {"name": "uniform", "supernet": first["supernet"], "levels": uniform},
         {"name": "searched", "supernet": last["supernet"], "levels": last["levels"]},
@@ -80,13 +81,13 @@ def allocations(
     if uniform_keep is not None:
         base.append({"name": "uniform_recipe", "supernet": first["supernet"], "keep": uniform_keep})
     if owl is not None:
-        base.append({"name": "owl", "supernet": first["supernet"], "levels": on_budget(s0, owl)})
+        base.append({"name": "owl", "supernet": first["supernet"], "levels": on_budget(owl)})
     if len(state["iterations"]) > 1:
         base.append({"name": "searched_iter0", "supernet": first["supernet"], "levels": first["levels"]})
     rng = np.random.default_rng(seed)
 
-    def walk(store, levels, d):
-        space = SearchSpace.from_costs(costs[id(store)], budget=budget)
+    def walk(costs, levels, d):
+        space = SearchSpace.from_costs(costs, budget=budget)
         a = Allocation(levels)
         for _ in range(d):
             a = mutate(space, a, rng, max_flips=1)
@@ -97,10 +98,12 @@ def allocations(
         for i in range(max(len(PERTURB_SEARCHED), len(PERTURB_UNIFORM))):
             if i < len(PERTURB_SEARCHED):
                 d = PERTURB_SEARCHED[i]
-                pert.append({"name": f"searched+{d}#{rep}", "supernet": last["supernet"], "levels": walk(s1, last["levels"], d)})
+                pert.append(
+                    {"name": f"searched+{d}#{rep}", "supernet": last["supernet"], "levels": walk(costs1, last["levels"], d)}
+                )
             if i < len(PERTURB_UNIFORM):
                 d = PERTURB_UNIFORM[i]
-                pert.append({"name": f"uniform+{d}#{rep}", "supernet": first["supernet"], "levels": walk(s0, uniform, d)})
+                pert.append({"name": f"uniform+{d}#{rep}", "supernet": first["supernet"], "levels": walk(costs0, uniform, d)})
     return base + pert
 
 

@@ -5,7 +5,7 @@
 # Resumable (every pipeline stage is keyed by its settings); about 1 h per sparsity on 2 idle cores.
 # Usage: bash experiments/search_vs_uniform.sh [extra pipeline overrides, e.g. search.stages=...]
 #   TAG names the runs (<TAG>-s<sparsity>) and the results file; SPARSITIES="0.5 0.25 0.375" sets which
-#   rows run and in what order (the table is written from the runs that have finished).
+#   rows run and in what order (the table is written from those runs once all of them have run).
 # Writes experiments/results/search_vs_uniform.json (python -m experiments.search_vs_uniform).
 set -euo pipefail
 cd "$(dirname "$0")/.."
