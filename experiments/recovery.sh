@@ -11,10 +11,9 @@
 #   searched model's recoveries, the perplexity-against-tokens runs) choose what runs, so the hours can
 #   be spread over several sittings; what is done is skipped anyway. CURVE="50000 100000 ..." sets the token
 #   budgets of the perplexity-against-tokens runs.
-# Cost: measured on a loaded machine (1 thread, other jobs running) at 36 tokens/s with bf16 autocast for
-# both modes (docs/RESULTS.md); on 2 idle cores expect a few times that, so the default 200K tokens per
-# recovery is roughly the issue's 30 minutes (not measured). Each full evaluation takes about 25 min; the
-# whole script several hours.
+# Cost on 2 idle cores with bf16 autocast (docs/RESULTS.md): about 250 tokens/s (LoRA) and 230 (full), so
+# the default 200K tokens per recovery train in 13-16 min and the 1M-token curve point in about 67 min.
+# Each full evaluation takes about 25 min; the whole script several hours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
