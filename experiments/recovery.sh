@@ -10,7 +10,7 @@
 #   SPARSITIES="0.5 0.25" (the table's rows) and PARTS="table searched tokens" (the uniform table, the
 #   searched model's recoveries, the perplexity-against-tokens runs) choose what runs, so the hours can
 #   be spread over several sittings; what is done is skipped anyway. CURVE="50000 100000 ..." sets the token
-#   budgets of the perplexity-against-tokens runs.
+#   budgets of the perplexity-against-tokens runs; SEARCHED_RUN=<pipeline run dir> picks the searched model.
 # Cost on 2 idle cores with bf16 autocast (docs/RESULTS.md): about 250 tokens/s (LoRA) and 230 (full), so
 # the default 200K tokens per recovery train in 13-16 min and the 1M-token curve point in about 67 min.
 # Each full evaluation takes about 25 min; the whole script several hours.
@@ -32,15 +32,19 @@ want table && for sp in $SPARSITIES; do
   $PY -m tyr.recipes.recover "run=$run" recover=lora recover.tokens=$TOKENS_LORA $FULL_EVAL "$@"
   $PY -m tyr.recipes.recover "run=$run" recover=full recover.tokens=$TOKENS_FULL $FULL_EVAL "$@"
 done
-# searched + recovered against uniform + recovered: the demo pipeline (it recovers with the small default
-# budget), then its searched model with the same budgets as the uniform one
+# searched + recovered against uniform + recovered: the searched model of SEARCHED_RUN (a finished pipeline
+# run, e.g. one of experiments/search_vs_uniform.sh) or else of the demo pipeline, with the same budgets as
+# the uniform one
+roots=("$OUT")
 if want searched; then
-  $PY -m tyr.recipes.pipeline +experiment=demo "paths.output_dir=$OUT"
-  $PY -m tyr.recipes.recover "run=$OUT/pipeline/smollm2-135m/demo-s0.5" recover=lora recover.tokens=$TOKENS_LORA $FULL_EVAL "$@"
-  $PY -m tyr.recipes.recover "run=$OUT/pipeline/smollm2-135m/demo-s0.5" recover=full recover.tokens=$TOKENS_FULL $FULL_EVAL "$@"
+  searched=${SEARCHED_RUN:-$OUT/pipeline/smollm2-135m/demo-s0.5}
+  [ -n "${SEARCHED_RUN:-}" ] || $PY -m tyr.recipes.pipeline +experiment=demo "paths.output_dir=$OUT"
+  [ -n "${SEARCHED_RUN:-}" ] && roots+=("$SEARCHED_RUN")
+  $PY -m tyr.recipes.recover "run=$searched" recover=lora recover.tokens=$TOKENS_LORA $FULL_EVAL "$@"
+  $PY -m tyr.recipes.recover "run=$searched" recover=full recover.tokens=$TOKENS_FULL $FULL_EVAL "$@"
 fi
 want tokens && for tokens in $CURVE; do   # perplexity against tokens (50 %, LoRA, quick protocol, no tasks)
   $PY -m tyr.recipes.recover "run=$OUT/prune-s0.5" recover=lora recover.tokens=$tokens recover.bf16=true eval=quick eval.tasks=[] \
     export=false "$@"
 done
-$PY -m experiments.recovery_report "$OUT"
+$PY -m experiments.recovery_report "${roots[@]}"

@@ -1,8 +1,8 @@
 """Collect recovery runs into experiments/results/recovery.json and a perplexity-against-tokens plot.
 
-    python -m experiments.recovery_report runs/recovery [--out experiments/results]
+    python -m experiments.recovery_report runs/recovery [MORE_ROOTS ...] [--out experiments/results]
 
-Reads every ``<run>/recover/<mode>-<key>/results-<protocol>.json`` (tyr.recipes.recover) below ROOT. The
+Reads every ``<run>/recover/<mode>-<key>/results-<protocol>.json`` (tyr.recipes.recover) below each ROOT. The
 table (issue 15's schema; searched models of pipeline runs under "searched") takes, per sparsity and mode,
 the run evaluated with the most perplexity windows (ties: the most tokens); each ``after_<mode>`` entry
 also holds its own ``tokens`` and ``seconds``, and the top-level ``tokens`` / ``seconds`` are LoRA's.
@@ -106,13 +106,13 @@ def _series(runs: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("root", type=Path)
+    ap.add_argument("roots", type=Path, nargs="+", help="directories searched for recovery results")
     ap.add_argument("--out", type=Path, default=Path("experiments/results"))
     ap.add_argument("--name", default="recovery", help="file names: NAME.json, NAME_runs.json, NAME_ppl_vs_tokens.png")
     a = ap.parse_args()
-    runs = collect(a.root)
+    runs = [r for root in a.roots for r in collect(root)]
     if not runs:
-        raise SystemExit(f"no recovery results under {a.root}")
+        raise SystemExit(f"no recovery results under {' '.join(map(str, a.roots))}")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{a.name}.json").write_text(json.dumps(table(runs), indent=2) + "\n")
     (a.out / f"{a.name}_runs.json").write_text(json.dumps(runs, indent=2) + "\n")
