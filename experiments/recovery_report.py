@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -85,14 +86,21 @@ def plot(runs: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for (sp, mode, w), pts in sorted(_series(runs).items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{float(sp):.0%} {mode} ({w} windows)")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{float(sp):.0%} {mode} ({w} windows of 2048)")
     ax.set_xscale("log")
-    ax.set_xlabel("recovery tokens")
+    top = max(t for pts in _series(runs).values() for t, _ in pts)
+    ticks = [_BEFORE_X] + [10.0**k for k in range(5, int(math.log10(top)) + 1)]
+    ax.set_xticks(ticks, ["0 (before)"] + [f"{t / 1e6:g}M" if t >= 1e6 else f"{t / 1e3:g}K" for t in ticks[1:]])
+    ax.minorticks_off()
+    ax.set_xlabel("recovery tokens (log scale)")
     ax.set_ylabel("WikiText-2 perplexity")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+_BEFORE_X = 1e4  # where the log-scale x axis draws 0 tokens (before recovery)
 
 
 def _series(runs: list[dict]) -> dict:
@@ -101,7 +109,7 @@ def _series(runs: list[dict]) -> dict:
         key = (r["sparsity"], f"{r['kind']} {r['mode']}", r["after"]["ppl_windows"])
         s.setdefault(key, [(0, r["before"]["wikitext2"])])  # 0 tokens: before recovery (drawn at the left edge)
         s[key].append((r["tokens"], r["after"]["wikitext2"]))
-    return {k: [(max(t, 1e4), p) for t, p in sorted(set(v))] for k, v in s.items()}
+    return {k: [(max(t, _BEFORE_X), p) for t, p in sorted(set(v))] for k, v in s.items()}
 
 
 def main() -> None:
