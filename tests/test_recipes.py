@@ -235,6 +235,25 @@ def test_missing_weights_is_one_clear_message_not_a_traceback(tmp_path):
     assert "Traceback" not in p.stderr + p.stdout
 
 
+def test_pipeline_recovery_budget_beyond_the_text_fails_before_the_search(tmp_path):
+    """The recovery stage comes last, but its budget is checked against its text as soon as the
+    tokenizer is loaded: one line, exit 2, nothing built."""
+    p = run_recipe(
+        "tyr.recipes.pipeline",
+        "model=tiny-llama",
+        "eval=smoke",
+        *TINY_DATA,
+        "search.stages=[[64,2],[256,1]]",
+        f"paths.output_dir={tmp_path}",
+        "recover.tokens=100000000",
+        "recover.seq_len=64",
+        "recover.data=[{source:ptb_valid,weight:1.0}]",
+    )
+    assert p.returncode == 2 and "larger than the text" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr + p.stdout
+    assert not list(tmp_path.rglob("*.safetensors"))  # no statistics, supernet or model written
+
+
 def test_summarize_merges_roots_dedups_dense_and_writes_report(tmp_path):
     """Two sweep roots (a uniform prune job and a pipeline run, each with a dense row of the same
     protocol): one dense row, the searched row first at its sparsity, the allocation plot, a report page."""

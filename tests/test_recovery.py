@@ -128,9 +128,12 @@ def test_lora_on_sliced_layers_merges_to_the_same_forward(teacher, windows):
         assert n_masked == 2  # layer 0's padding head: q_proj lora_B rows, o_proj lora_A columns
         with torch.no_grad():
             unmerged = student(windows[:2]).logits
+    q = a.attention(L[0]).q_proj  # the merge, by the LoRA formula: W + (alpha / r) B A
+    expected = (q.base_layer.weight + (8.0 / 4) * q.lora_B["default"].weight @ q.lora_A["default"].weight).detach().clone()
     merged = merge_lora(peft_model)
     with torch.no_grad():
         after = merged(windows[:2]).logits
+    torch.testing.assert_close(a.attention(L[0]).q_proj.weight, expected, atol=1e-6, rtol=1e-5)
     assert (unmerged - teacher(windows[:2]).logits).abs().max() > 1e-2
     torch.testing.assert_close(after, unmerged, atol=1e-4, rtol=1e-4)
     attn = get_adapter(merged).attention(get_adapter(merged).layers(merged)[0])
@@ -271,6 +274,13 @@ def test_recipe_recovers_a_prune_run_and_exports(tmp_path):
         "recover.checkpoint_every=2",
         "recover.data=[{source:ptb_valid,weight:1.0}]",
     ]
+    # a budget beyond the text fails once the tokenizer is loaded: before the pruned model is rebuilt
+    # (pruned_model.safetensors) and before a recovery directory is made (recover/ holds the recipe's log)
+    p = run_recipe("tyr.recipes.recover", *args, "recover.tokens=100000000")
+    assert p.returncode == 2 and "larger than the text" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not (prune / "pruned_model.safetensors").exists() and not list((prune / "recover").glob("lora-*"))
+    p = run_recipe("tyr.recipes.recover", f"run={prune}", "eval=smoke", "recover=none")
+    assert p.returncode == 2 and "recover=none leaves nothing to do" in p.stderr and "Traceback" not in p.stderr
     p = run_recipe("tyr.recipes.recover", *args)
     assert p.returncode == 0, p.stderr[-3000:]
     (out,) = (prune / "recover").glob("lora-*")

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
+
+COLLECTIVE_TIMEOUT = timedelta(hours=12)  # how long a rank waits at a collective for the others
 
 
 def _dist():
@@ -40,7 +43,9 @@ def init_from_env(device: str | torch.device = "cpu") -> bool:
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    d.init_process_group(backend=backend)
+    # rank 0 alone evaluates (a 70B model's "before" evaluation takes hours) while the others wait at
+    # their next collective: the default 30-minute timeout would end them
+    d.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
     log.info("distributed: rank %d of %d (%s)", d.get_rank(), d.get_world_size(), backend)
     return True
 

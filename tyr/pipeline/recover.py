@@ -77,6 +77,9 @@ def recover_model(
     if done.exists():
         log.info("recovery already done and evaluated with these settings: %s", done)
         return read_json(done)
+    windows = recovery_windows(  # first: a budget larger than the text fails before the evaluation
+        list(s.sources), s.seq_len, s.windows, s.seed, lm.tokenizer, str(Path(cache_dir) / "tokens"), lm.name
+    )
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
         described = {k: v for k, v in source.items() if k != "allocation"}
@@ -86,9 +89,6 @@ def recover_model(
             root / f"results_before-{student_id[:12]}-{protocol}.json", student, lm, eval_config, cache_dir, stage="before"
         )
     t0 = time.time()
-    windows = recovery_windows(
-        list(s.sources), s.seq_len, s.windows, s.seed, lm.tokenizer, str(Path(cache_dir) / "tokens"), lm.name
-    )
     student, summary = train(lm.model, student, windows, s, out, stop_after=stop_after)
     student.to("cpu")
     lm.model.to("cpu")

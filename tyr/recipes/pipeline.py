@@ -44,6 +44,7 @@ from tyr.pipeline.settings import pipeline_settings
 from tyr.recipes import stages
 from tyr.recipes.common import load, load_in_memory, recorded, start, to_container
 from tyr.recipes.recover import check as check_recovery
+from tyr.recipes.recover import check_budget as check_recovery_budget
 from tyr.utils import peak_rss_mb, write_json
 
 
@@ -58,6 +59,8 @@ def main(cfg: DictConfig) -> None:
     s = pipeline_settings(to_container(cfg))
     keys = stages.run_keys(cfg, stages.model_identity(cfg), pruner.needs_gradients)
     lm = load(cfg)
+    if recovery is not None:  # the budget against the recovery text needs the tokenizer: now, not after the search
+        check_recovery_budget(recovery, lm, s.cache_dir)
     dist.barrier()  # every rank sees the files as rank 0 left them after a redo
     dense_counts = parameter_counts(lm.model)
     timings = read_json_checked(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}

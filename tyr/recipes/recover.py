@@ -27,7 +27,7 @@ from tyr.data import TokenSetSpec, get_token_set
 from tyr.models import load_model
 from tyr.pipeline.recover import recover_model, searched_student
 from tyr.recipes.common import log, recorded, start, to_container, token_cache
-from tyr.recovery.data import RecoveryError, check_disjoint
+from tyr.recovery.data import RecoveryError, check_disjoint, recovery_windows
 from tyr.recovery.student import load_sliced, read_meta, save_sliced
 from tyr.recovery.trainer import RecoverySettings
 from tyr.settings import from_config
@@ -60,6 +60,16 @@ def check(cfg: DictConfig, data: DictConfig | None = None) -> RecoverySettings |
         check_disjoint([src for src, _ in s.sources], used_text(data if data is not None else cfg.get("data"), cfg.eval))
         return s
     except (RecoveryError, ValueError) as e:  # a bad or unknown value, or overlapping text
+        print(f"tyr: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_budget(s: RecoverySettings, lm, cache_dir: str) -> None:
+    """The token budget against the recovery text, as soon as the tokenizer is loaded (before any
+    pruning, search or evaluation): a budget larger than the text is one line on stderr, exit 2."""
+    try:
+        recovery_windows(list(s.sources), s.seq_len, s.windows, s.seed, lm.tokenizer, str(Path(cache_dir) / "tokens"), lm.name)
+    except RecoveryError as e:
         print(f"tyr: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -113,10 +123,14 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     run_cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     s = check(cfg, run_cfg.get("data"))
+    if s is None:
+        print("tyr: recover=none leaves nothing to do; choose recover=lora or recover=full", file=sys.stderr)
+        sys.exit(2)
     start(cfg)
     dist.init_from_env(s.device)
     t0 = time.time()
     lm = load_model(run_cfg.model.name, instantiate(run_cfg.model.source), run_cfg.model.dtype)
+    check_budget(s, lm, str(cfg.paths.cache_dir))
     try:
         student, source = student_from_run(run_dir, run_cfg, lm)
         res = recover_model(
