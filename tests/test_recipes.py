@@ -122,6 +122,9 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch, tiny):
         "owl",
     }
     assert any(k.endswith("+ recovery (lora, 512 tokens)") for k in res["rows"])  # the recovery stage (tyr.recipes.recover)
+    (recovered,) = (run / "recover").glob("lora-*/hf_model")  # the recovered model ships as its own folder, named
+    assert res["exported"] == {"searched": str(run / "hf_model"), "searched + recovery": str(recovered)}
+    assert f"exported (searched + recovery): {recovered}" in p.stdout
     # the budget is the real target (half the dense prunable parameters) and every iteration keeps to it
     state = json.loads((run / "search_state.json").read_text())
     prunable_dense = alloc["budget"]["prunable_dense"]

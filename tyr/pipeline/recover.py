@@ -128,15 +128,13 @@ def recover_model(
 
 def recover_stage(
     lm: LoadedModel, recovery: RecoverySettings, s: PipelineSettings, keys: RunKeys, run_dir: Path, before: dict | None = None
-) -> dict:
+) -> tuple[dict, str | None]:
     """The pipeline's recovery stage: the searched model of ``run_dir`` recovered from the dense
-    ``lm``; returns the result row to add to the pipeline's table."""
+    ``lm``; returns the result row to add to the pipeline's table and the recovered model's exported
+    folder (None without export)."""
     student, source = searched_student(run_dir, lm, s.target_sparsity)
     res = recover_model(
         lm, student, source, recovery, Path(run_dir) / "recover", keys.config["eval"], s.cache_dir, export=s.export, before=before
     )
-    return {
-        f"{lm.name} searched {s.target_sparsity:.0%} + recovery ({recovery.mode}, {res['recovery']['tokens']:,} tokens)": res[
-            "after"
-        ]
-    }
+    row = f"{lm.name} searched {s.target_sparsity:.0%} + recovery ({recovery.mode}, {res['recovery']['tokens']:,} tokens)"
+    return {row: res["after"]}, res.get("hf_model")

@@ -35,7 +35,7 @@ from tyr.evaluation import results_table
 from tyr.modeling.params import parameter_counts
 from tyr.pipeline.compare import comparison_forms, searched_forms
 from tyr.pipeline.evaluate import evaluate_dense, evaluate_forms, evaluate_uniform_prune, plot_run
-from tyr.pipeline.export import export_key, export_stage
+from tyr.pipeline.export import EXPORT_DIR, export_key, export_stage
 from tyr.pipeline.layout import apply_redo
 from tyr.pipeline.prepare import prepare
 from tyr.pipeline.recover import recover_stage
@@ -88,13 +88,19 @@ def main(cfg: DictConfig) -> None:
     form_rows, searched_sparsity = evaluate_forms(lm, forms, chosen["source"], dense_counts, s, keys, run_dir)
     rows.update(form_rows)
     plot_run(run_dir, state, model, searched_sparsity, f"{lm.name} at {s.target_sparsity:.0%}: searched vs uniform")
+    exported = {}  # what to ship: the searched model's folder, and the recovered one's when recovery ran
     if s.export:
+        exported["searched"] = str(run_dir / EXPORT_DIR)
         t0 = time.time()
         if export_stage(lm, s, export_key(keys, chosen, forms["searched"].store, run_dir), run_dir) is not None:
             timings["export"] = time.time() - t0
     if recovery is not None:  # the searched model distilled from the dense one
         t0 = time.time()
-        rows.update(recover_stage(lm, recovery, s, keys, run_dir, before=rows.get(f"{lm.name} searched {s.target_sparsity:.0%}")))
+        before = rows.get(f"{lm.name} searched {s.target_sparsity:.0%}")
+        row, folder = recover_stage(lm, recovery, s, keys, run_dir, before=before)
+        rows.update(row)
+        if folder is not None:
+            exported["searched + recovery"] = folder
         timings["recover"] = time.time() - t0
     if "uniform_reprune" in s.compare:  # prunes lm.model in place: the dense model's last use
         pruned = [k for k in rows if "recovery" not in k]
@@ -108,6 +114,7 @@ def main(cfg: DictConfig) -> None:
         "rows": rows,
         "iterations": state["iterations"],
         "timings": timings,
+        "exported": exported,
         "peak_rss_mb": peak_rss_mb(),
         "wall_time_this_run": time.time() - t_start,
     }
@@ -120,6 +127,8 @@ def main(cfg: DictConfig) -> None:
             f"iteration {it['iteration']}: interval {it['interval']:.4f}  KL {it['fitness']:.4f}  "
             f"build {it['build_seconds']:.0f} s  search {it['search_seconds']:.0f} s"
         )
+    for what, folder in exported.items():
+        print(f"exported ({what}): {folder}")
     print(f"wall time {time.time() - t_start:.0f} s; run directory {run_dir}")
 
 
