@@ -141,6 +141,23 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch, tiny):
     before = (run / "results_searched.json").read_text()
     p = run_recipe("tyr.recipes.pipeline", *args)
     assert p.returncode == 0 and (run / "results_searched.json").read_text() == before
+    # the recover recipe on this run takes the pipeline's evaluation of its searched model as "before"
+    # when the protocol is the same (batching aside), and evaluates again when it is not
+    from tyr.recipes.recover import pipeline_before
+
+    searched = json.loads(before)
+    p = run_recipe(
+        "tyr.recipes.recover", f"run={run}", "eval=smoke", *[a for a in args if a.startswith("recover.")], "recover.tokens=1024"
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "the pipeline's own evaluation of its searched model" in p.stdout + p.stderr
+    (rec,) = [
+        d for d in (run / "recover").glob("lora-*") if json.loads((d / "results.json").read_text())["recovery"]["tokens"] == 1024
+    ]
+    assert json.loads((rec / "results.json").read_text())["before"]["perplexity"] == searched["perplexity"]
+    smoke = searched["config"]["eval"]
+    assert pipeline_before(run, {**smoke, "batch_size": 3}) is not None
+    assert pipeline_before(run, {**smoke, "ppl_windows": smoke["ppl_windows"] + 1}) is None
     # without searched_other in compare, the form that did not ship is not a row
     p = run_recipe("tyr.recipes.pipeline", *args, "compare=[dense,uniform_reprune]")
     assert p.returncode == 0, p.stderr[-3000:]

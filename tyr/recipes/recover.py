@@ -31,6 +31,7 @@ from tyr.recovery.data import RecoveryError, check_disjoint, recovery_windows
 from tyr.recovery.student import load_sliced, read_meta, save_sliced
 from tyr.recovery.trainer import RecoverySettings
 from tyr.settings import from_config
+from tyr.utils import read_json
 
 
 def settings_from(r: DictConfig) -> RecoverySettings:
@@ -72,6 +73,23 @@ def check_budget(s: RecoverySettings, lm, cache_dir: str) -> None:
     except RecoveryError as e:
         print(f"tyr: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def pipeline_before(run_dir: Path, eval_config: dict) -> dict | None:
+    """A pipeline run's own evaluation of its searched model (``results_searched.json``), when it used
+    this evaluation protocol (batching aside): the "before" row, so it is not evaluated again."""
+    from tyr.pipeline.layout import EVAL_SPEED_KEYS
+
+    path = run_dir / "results_searched.json"
+    if not path.exists():
+        return None
+    res = read_json(path)
+
+    def protocol(e: dict) -> dict:
+        return {k: v for k, v in e.items() if k not in EVAL_SPEED_KEYS}
+
+    saved = (res.get("config") or {}).get("eval")
+    return res if isinstance(saved, dict) and protocol(saved) == protocol(eval_config) else None
 
 
 def student_from_run(run_dir: Path, run_cfg: DictConfig, lm):
@@ -133,6 +151,9 @@ def main(cfg: DictConfig) -> None:
     check_budget(s, lm, str(cfg.paths.cache_dir))
     try:
         student, source = student_from_run(run_dir, run_cfg, lm)
+        before = pipeline_before(run_dir, to_container(cfg.eval)) if source["kind"] == "searched" else None
+        if before is not None:
+            log.info("before recovery: the pipeline's own evaluation of its searched model (results_searched.json)")
         res = recover_model(
             lm,
             student,
@@ -142,6 +163,7 @@ def main(cfg: DictConfig) -> None:
             to_container(cfg.eval),
             str(cfg.paths.cache_dir),
             export=bool(cfg.export),
+            before=before,
             stop_after=None if cfg.stop_after is None else int(cfg.stop_after),
         )
     except RecoveryError as e:
