@@ -1,5 +1,6 @@
 """Recovery (tyr.recovery, tyr.recipes.recover) on tiny-llama: the loss against a brute-force formula,
-LoRA merged against unmerged, the loss going down, bit-identical resume, the budget and
+LoRA merged against unmerged and against W + (alpha/r) B A, the loss going down, bit-identical resume,
+micro-batch accumulation against one batch, the learning rate against hand values, the budget and
 disjointness errors, and the recipe end to end (prune run -> recover -> export checked)."""
 
 from __future__ import annotations
@@ -307,3 +308,32 @@ def test_recipe_recovers_a_prune_run_and_exports(tmp_path):
         assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, (bad, p.stderr[-2000:])
     p = run_recipe("tyr.recipes.recover", "--help")
     assert p.returncode == 0 and "Examples" in p.stdout and "recover: full, lora" in p.stdout
+
+
+def test_micro_batches_accumulate_to_the_full_batch(teacher, windows, tmp_path):
+    """Two steps on batches of 4 windows, taken as micro-batches of 4, 2 and 1: the same weights (float64,
+    so only a dropped or double-counted micro-batch could tell them apart)."""
+    outs = []
+    for micro in (4, 2, 1):
+        s = settings(mode="full", tokens=2 * 4 * 32, micro_batch_size=micro, warmup=0.0, ce_weight=0.5)
+        student, t = pruned(teacher).double(), copy.deepcopy(teacher).double()
+        out, summary = train(t, student, windows, s, tmp_path / f"micro{micro}", progress=False)
+        assert summary["steps"] == 2
+        outs.append({k: v.clone() for k, v in out.state_dict().items()})
+    moved = [k for k in outs[0] if not torch.equal(outs[0][k], pruned(teacher).double().state_dict()[k])]
+    assert len(moved) > 10  # the steps changed the weights
+    for other in outs[1:]:
+        for k in outs[0]:
+            torch.testing.assert_close(other[k], outs[0][k], atol=1e-10, rtol=1e-9)
+
+
+def test_learning_rate_warms_up_then_decays_by_the_cosine():
+    """Hand values: 10 steps, 20 % warm-up (2 steps), lr 1e-2, floor 0.1 x lr."""
+    from tyr.recovery.trainer import learning_rate
+
+    s = settings(tokens=10 * 4 * 32, lr=1e-2, warmup=0.2, min_lr_ratio=0.1)
+    got = [learning_rate(s, k) for k in range(10)]
+    assert got[0] == pytest.approx(0.5e-2) and got[1] == pytest.approx(1e-2) and got[2] == pytest.approx(1e-2)
+    # the cosine over the remaining 8 steps: halfway (step 6) is halfway between lr and the floor
+    assert got[6] == pytest.approx(1e-3 + 0.5 * 9e-3)
+    assert all(a > b for a, b in zip(got[2:], got[3:])) and got[-1] > 1e-3
