@@ -163,6 +163,14 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch, tiny):
     assert p.returncode == 0, p.stderr[-3000:]
     rows = json.loads((run / "results.json").read_text())["rows"]
     assert {k.split()[1] for k in rows if "recovery" not in k} == {"dense", "searched", "uniform_reprune"}
+    # another task limit redoes the zero-shot part only: the perplexity windows are read back
+    p = run_recipe("tyr.recipes.pipeline", *args, "compare=[dense,uniform_reprune]", "eval.limit=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "results_searched.json was evaluated with other settings" in p.stdout + p.stderr
+    assert "re-evaluating all but its perplexity" in p.stdout + p.stderr
+    again = json.loads((run / "results_searched.json").read_text())
+    assert again["perplexity"] == searched["perplexity"] and again["zero_shot"]["limit"] == 2
+    assert set(again["zero_shot"]["samples"].values()) == {2} and searched["zero_shot"]["limit"] == 4
     # an export whose check fails leaves the verified folder as it was, and no staging folder behind
     import tyr.pipeline.export as px
     import tyr.recipes.export as rx

@@ -82,6 +82,23 @@ def results_key(eval_settings: dict, form: dict) -> tuple[str, dict]:
     return settings_key(settings), settings
 
 
+# the evaluation settings each part of a result depends on (the rest only change how fast)
+PART_SETTINGS = {"perplexity": ("perplexity", "seq_len", "ppl_windows"), "zero_shot": ("tasks", "limit")}
+
+
+def reusable_parts(old_settings: dict, settings: dict, old: dict) -> dict:
+    """The parts (perplexity, zero-shot) of an earlier result ``old`` of the same model form whose own
+    evaluation settings are unchanged: a new task list does not redo the perplexity windows."""
+    if old_settings.get("form") != settings["form"]:
+        return {}
+    a, b = old_settings.get("eval") or {}, settings["eval"]
+    return {
+        part: old[part]
+        for part, names in PART_SETTINGS.items()
+        if part in old and all(n in a and n in b and a[n] == b[n] for n in names)
+    }
+
+
 def evaluated(
     out: Path, lm: LoadedModel, s: PipelineSettings, keys: RunKeys, form: dict, make: Callable[[], dict] | None = None, **record
 ) -> dict:
@@ -90,18 +107,27 @@ def evaluated(
     ``make``, if given, is called first when the model must be evaluated (it makes the model form;
     the fields it returns join the record)."""
     key, settings = results_key(keys.eval, form)
+    kwargs = s.eval.kwargs(s.token_cache, s.model)
+    kept: dict = {}  # parts of an earlier evaluation of the same form that these settings leave unchanged
     if out.exists():
         old = read_json_checked(out)
         if old.get("key") == key:
             return old
+        kept = reusable_parts(old.get("settings") or {}, settings, old)
         log.info(
-            "%s was evaluated with other settings (%s); re-evaluating",
+            "%s was evaluated with other settings (%s); re-evaluating%s",
             out.name,
             describe_diff(old.get("settings") or {}, settings),
+            f" all but its {' and '.join(kept)}" if kept else "",
         )
     if make is not None:
         record = {**record, **make()}
-    res = evaluate_model(lm.model, lm.tokenizer, **s.eval.kwargs(s.token_cache, s.model))
+    if "perplexity" in kept:
+        kwargs["perplexity_sources"] = []
+    if "zero_shot" in kept:
+        kwargs["tasks"] = []
+    res = evaluate_model(lm.model, lm.tokenizer, **kwargs)
+    res.update(kept)
     res.update(model=lm.name, **record, config=keys.config, key=key, settings=settings)
     write_json(out, res)
     return res
