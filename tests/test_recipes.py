@@ -125,6 +125,8 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch, tiny):
     (recovered,) = (run / "recover").glob("lora-*/hf_model")  # the recovered model ships as its own folder, named
     assert res["exported"] == {"searched": str(run / "hf_model"), "searched + recovery": str(recovered)}
     assert f"exported (searched + recovery): {recovered}" in p.stdout
+    verify = json.loads((recovered.parent / "results.json").read_text())["verify"]  # checked in a fresh process
+    assert verify["max_abs_logit_diff"] <= 1e-4 and verify["generate_cache_equals_no_cache"]
     # the budget is the real target (half the dense prunable parameters) and every iteration keeps to it
     state = json.loads((run / "search_state.json").read_text())
     prunable_dense = alloc["budget"]["prunable_dense"]
