@@ -89,7 +89,7 @@ def plot(runs: list[dict], path: Path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{float(sp):.0%} {mode} ({w} windows of 2048)")
     ax.set_xscale("log")
     top = max(t for pts in _series(runs).values() for t, _ in pts)
-    ticks = [_BEFORE_X] + [10.0**k for k in range(5, int(math.log10(top)) + 1)]
+    ticks = [_BEFORE_X] + [10.0**k for k in range(5, math.floor(math.log10(top * 1.05)) + 1)]  # 999,424 tokens: "1M"
     ax.set_xticks(ticks, ["0 (before)"] + [f"{t / 1e6:g}M" if t >= 1e6 else f"{t / 1e3:g}K" for t in ticks[1:]])
     ax.minorticks_off()
     ax.set_xlabel("recovery tokens (log scale)")
