@@ -39,6 +39,11 @@ CHECKED = ("prepare", "search")  # refused on a change; evaluate / export are re
 EVAL_SPEED_KEYS = ("batch_size", "logits_mb", "ppl_batch_size")  # evaluation settings left out of every key
 
 
+def eval_protocol(eval_config: dict) -> dict:
+    """An evaluation config without the settings that change only how fast it runs: what results are keyed by."""
+    return {k: v for k, v in eval_config.items() if k not in EVAL_SPEED_KEYS}
+
+
 def record_path(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / "stages" / f"{stage}.json"
 

@@ -41,6 +41,12 @@ def searched_student(run_dir: Path, lm: LoadedModel, target_sparsity: float):
     return student, {"kind": "searched", "target_sparsity": float(target_sparsity), "allocation": alloc}
 
 
+def training_windows(s: RecoverySettings, lm: LoadedModel, cache_dir: str):
+    """The recovery text of ``s`` as its [s.windows, seq_len] training windows; a budget larger than the
+    text raises :class:`tyr.recovery.data.RecoveryBudgetError`."""
+    return recovery_windows(list(s.sources), s.seq_len, s.windows, s.seed, lm.tokenizer, str(Path(cache_dir) / "tokens"), lm.name)
+
+
 def _evaluated(path: Path, model, lm: LoadedModel, eval_config: dict, cache_dir: str, **record) -> dict:
     """Evaluate once per evaluation protocol: ``path`` is reused when it was written with the same one."""
     if path.exists() and read_json(path).get("eval") == eval_config:
@@ -77,9 +83,7 @@ def recover_model(
     if done.exists():
         log.info("recovery already done and evaluated with these settings: %s", done)
         return read_json(done)
-    windows = recovery_windows(  # first: a budget larger than the text fails before the evaluation
-        list(s.sources), s.seq_len, s.windows, s.seed, lm.tokenizer, str(Path(cache_dir) / "tokens"), lm.name
-    )
+    windows = training_windows(s, lm, cache_dir)  # first: a budget beyond the text fails before the evaluation
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
         described = {k: v for k, v in source.items() if k != "allocation"}

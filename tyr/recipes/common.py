@@ -40,12 +40,12 @@ def finished_result(run_dir: Path, cfg: DictConfig, name: str = "results.json") 
     saved = result.get("config")
     if not isinstance(saved, dict):
         return None
-    from tyr.pipeline.layout import EVAL_SPEED_KEYS
+    from tyr.pipeline.layout import eval_protocol
 
     def strip(c: dict) -> dict:
         c = {k: v for k, v in c.items() if k not in ("threads", "paths")}
         if isinstance(c.get("eval"), dict):
-            c["eval"] = {k: v for k, v in c["eval"].items() if k not in EVAL_SPEED_KEYS}
+            c["eval"] = eval_protocol(c["eval"])
         return c
 
     return result if strip(saved) == strip(to_container(cfg)) else None

@@ -23,15 +23,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tyr import dist
+from tyr.artifacts import read_json_checked
 from tyr.data import TokenSetSpec, get_token_set
 from tyr.models import load_model
-from tyr.pipeline.recover import recover_model, searched_student
+from tyr.pipeline.layout import eval_protocol
+from tyr.pipeline.recover import recover_model, searched_student, training_windows
 from tyr.recipes.common import log, recorded, start, to_container, token_cache
-from tyr.recovery.data import RecoveryError, check_disjoint, recovery_windows
+from tyr.recovery.data import RecoveryError, check_disjoint
 from tyr.recovery.student import load_sliced, read_meta, save_sliced
 from tyr.recovery.trainer import RecoverySettings
 from tyr.settings import from_config
-from tyr.utils import read_json
 
 
 def settings_from(r: DictConfig) -> RecoverySettings:
@@ -69,7 +70,7 @@ def check_budget(s: RecoverySettings, lm, cache_dir: str) -> None:
     """The token budget against the recovery text, as soon as the tokenizer is loaded (before any
     pruning, search or evaluation): a budget larger than the text is one line on stderr, exit 2."""
     try:
-        recovery_windows(list(s.sources), s.seq_len, s.windows, s.seed, lm.tokenizer, str(Path(cache_dir) / "tokens"), lm.name)
+        training_windows(s, lm, cache_dir)
     except RecoveryError as e:
         print(f"tyr: {e}", file=sys.stderr)
         sys.exit(2)
@@ -77,19 +78,13 @@ def check_budget(s: RecoverySettings, lm, cache_dir: str) -> None:
 
 def pipeline_before(run_dir: Path, eval_config: dict) -> dict | None:
     """A pipeline run's own evaluation of its searched model (``results_searched.json``), when it used
-    this evaluation protocol (batching aside): the "before" row, so it is not evaluated again."""
-    from tyr.pipeline.layout import EVAL_SPEED_KEYS
-
+    this evaluation protocol (batching aside; the result's own key records it): the "before" row, so it
+    is not evaluated again."""
     path = run_dir / "results_searched.json"
     if not path.exists():
         return None
-    res = read_json(path)
-
-    def protocol(e: dict) -> dict:
-        return {k: v for k, v in e.items() if k not in EVAL_SPEED_KEYS}
-
-    saved = (res.get("config") or {}).get("eval")
-    return res if isinstance(saved, dict) and protocol(saved) == protocol(eval_config) else None
+    res = read_json_checked(path)
+    return res if (res.get("settings") or {}).get("eval") == eval_protocol(eval_config) else None
 
 
 def student_from_run(run_dir: Path, run_cfg: DictConfig, lm):

@@ -23,7 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from tyr.artifacts import SettingsError, StageRecord, describe_diff
-from tyr.pipeline.layout import CHECKED, EVAL_SPEED_KEYS, STAGES, has_artifacts, record_path
+from tyr.pipeline.layout import CHECKED, STAGES, eval_protocol, has_artifacts, record_path
 from tyr.pipeline.settings import RunKeys
 
 
@@ -45,7 +45,7 @@ def model_identity(cfg: DictConfig) -> dict:
 
 
 def eval_settings(cfg: DictConfig) -> dict:
-    return {k: v for k, v in _c(cfg.eval).items() if k not in EVAL_SPEED_KEYS}
+    return eval_protocol(_c(cfg.eval))
 
 
 def records(cfg: DictConfig, model_id: dict, needs_gradients: bool) -> dict[str, StageRecord]:
