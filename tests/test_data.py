@@ -108,3 +108,53 @@ def test_mixed_source_draws_from_each_text_in_turn(tiny, tmp_path):
         check_spec(TokenSetSpec("ptb_valid+c4[0:50]", 32, 4, sampling="contiguous"), "data.search")
     with pytest.raises(DataSourceError, match="unknown text source"):
         check_spec(TokenSetSpec("ptb_valid+nonsense", 32, 4), "data.search")
+
+
+class _BosTokenizer:
+    """The tiny model's tokenizer, made to open every text with a BOS by default (as Gemma-3's and
+    Llama's do); ``add_special_tokens=False`` gives the plain ids."""
+
+    def __init__(self, inner, bos: int):
+        self.inner, self.bos = inner, bos
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = list(self.inner(text, add_special_tokens=False)["input_ids"])
+        return {"input_ids": ([self.bos] if add_special_tokens else []) + ids}
+
+    def get_vocab(self):
+        return self.inner.get_vocab()
+
+
+def test_windows_open_with_the_tokenizers_bos(tiny, tmp_path):
+    """A tokenizer that adds a BOS by default gets it at the start of every window, followed by the next
+    seq_len - 1 tokens of the text (contiguous: in order, none skipped); a tokenizer that adds nothing keeps
+    the plain windows and the cache key it had before the rule."""
+    from tyr.data import token_set_key, window_prefix
+
+    bos = 1
+    tok = _BosTokenizer(tiny.tokenizer, bos)
+    assert window_prefix(tok) == (bos,) and window_prefix(tiny.tokenizer) == ()
+    ids = tokenize_text(load_text("ptb_test"), tiny.tokenizer)
+    spec = TokenSetSpec("ptb_test", 64, -1, sampling="contiguous")
+    ts = get_token_set(spec, tok, tmp_path)
+    n = len(ids) // 63
+    assert ts.input_ids.shape == (n, 64)
+    assert (ts.input_ids[:, 0] == bos).all()
+    assert torch.equal(ts.input_ids[:, 1:].reshape(-1), torch.as_tensor(ids[: n * 63]))
+    assert ts.metadata["prefix"] == "1"
+    # random windows: each is a BOS and a whole 63-token window of the text (found by brute force)
+    whole = {tuple(ids[i : i + 63].tolist()) for i in range(0, len(ids) - 62, 63)}
+    rnd = get_token_set(TokenSetSpec("ptb_test", 64, 9, seed=4), tok, tmp_path).input_ids
+    assert (rnd[:, 0] == bos).all() and all(tuple(w[1:].tolist()) in whole for w in rnd)
+    mixed = get_token_set(TokenSetSpec("ptb_valid+c4[0:50]", 64, 4, seed=1), tok, tmp_path)
+    assert (mixed.input_ids[:, 0] == bos).all() and mixed.metadata["prefix"] == "1"
+    # the key: a BOS tokenizer's set is not the plain one; the plain key is the pre-rule formula
+    assert token_set_key(spec, tok) != token_set_key(spec, tiny.tokenizer)
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from tyr.data import TOKENSET_SCHEMA, tokenizer_id
+
+    blob = json.dumps({**asdict(spec), "tokenizer": tokenizer_id(tiny.tokenizer), "schema": TOKENSET_SCHEMA}, sort_keys=True)
+    assert token_set_key(spec, tiny.tokenizer) == hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tyr.artifacts import StageRecord
-from tyr.data import TokenSetSpec, get_token_set, tokenizer_id
+from tyr.data import TokenSetSpec, get_token_set, token_set_key
 from tyr.fitness import TeacherCache
 from tyr.models import LoadedModel
 from tyr.pipeline.layout import begin
@@ -39,7 +39,7 @@ def taylor_for(lm: LoadedModel, needs_gradients: bool, gradient: TokenSetSpec, c
     from tyr.pruning.taylor import load_or_collect_taylor
 
     ids = get_token_set(gradient, lm.tokenizer, str(Path(cache_dir) / "tokens"), lm.name).input_ids
-    key = hashlib.sha256(f"{lm.name}|{lm.revision}|{gradient.key(tokenizer_id(lm.tokenizer))}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{lm.name}|{lm.revision}|{token_set_key(gradient, lm.tokenizer)}".encode()).hexdigest()[:16]
     cache = Path(cache_dir) / "taylor" / f"{lm.name}-{key}.safetensors"
     return load_or_collect_taylor(lm.model, ids, str(cache), batch_size)
 
