@@ -1,9 +1,11 @@
-"""Zero-shot time and peak memory of one task with fixed batches against the logits budget.
+"""Zero-shot time and peak memory of one task: tyr's loglikelihood against lm-eval's own HFLM loop.
 
-    python experiments/zero_shot_batching.py --task boolq --batch-size 16 --logits-mb none
-    python experiments/zero_shot_batching.py --task boolq --batch-size 16 --logits-mb 256
+    python experiments/zero_shot_batching.py --task boolq --impl tyr
+    python experiments/zero_shot_batching.py --task boolq --impl lm-eval --batch-size 4
 
-One configuration per process, so the peak RSS (VmHWM) is that configuration's own.
+tyr projects onto the vocabulary only at the continuation's positions; lm-eval's HFLM projects and
+log-softmaxes every position of a padded batch. One configuration per process, so the peak RSS
+(VmHWM) is that configuration's own.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 
 import torch
 
+import tyr.evaluation
 from tyr.evaluation import zero_shot
 from tyr.models import cache_dir
 from tyr.utils import peak_rss_mb
@@ -23,7 +26,7 @@ def main() -> None:
     ap.add_argument("--task", default="boolq")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--logits-mb", default="256", help="MB of logits per batch, or 'none' for fixed batches")
+    ap.add_argument("--impl", choices=["tyr", "lm-eval"], default="tyr")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -31,10 +34,16 @@ def main() -> None:
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
-    budget = None if args.logits_mb.lower() == "none" else float(args.logits_mb)
-    r = zero_shot(model, tok, [args.task], limit=args.limit, batch_size=args.batch_size, logits_mb=budget)
+    if args.impl == "lm-eval":
+        from lm_eval.models.huggingface import HFLM
+
+        def plain(model, tokenizer, max_batch, logits_mb):
+            return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=max_batch, device="cpu")
+
+        tyr.evaluation._budget_hflm = plain
+    r = zero_shot(model, tok, [args.task], limit=args.limit, batch_size=args.batch_size)
     print(
-        f"{args.task} batch_size={args.batch_size} logits_mb={budget}: score {r.scores[args.task]:.4f}, "
+        f"{args.task} impl={args.impl} batch_size={args.batch_size}: score {r.scores[args.task]:.4f}, "
         f"{r.seconds:.1f} s, peak RSS {peak_rss_mb():.0f} MB"
     )
 

@@ -43,22 +43,60 @@ def test_local_lm_eval_task_on_tiny_model(tiny):
     assert 0.0 <= r.average <= 1.0
 
 
-def test_logits_budget_caps_batches_and_keeps_scores(tiny):
-    """With a logits budget, every forward's batch × padded length fits the budget (long BoolQ passages
-    go in small batches, short ARC requests in larger ones) and the scores equal fixed batches'."""
+def test_loglikelihoods_equal_lm_eval_hflm(tiny):
+    """tyr's loglikelihood (projection at the continuation's positions only) against lm-eval's own HFLM
+    loop on the same requests: multi-token continuations, contexts of many lengths, contexts cut from
+    the left at max_length, and one-token answers sharing their input; every batch stays within the
+    token cap and computes each distinct input once."""
+    from lm_eval.models.huggingface import HFLM
+
+    from tyr.evaluation import continuation_loglikelihoods
     from tyr.layerwise.engine import hooks
 
-    vocab = tiny.model.get_output_embeddings().weight.shape[0]
-    budget_tokens = 600
+    texts = [
+        ("Question: what colour is the sky?\nAnswer:", " blue"),
+        ("Question: what colour is the sky?\nAnswer:", " a deep shade of green, mostly"),
+        ("The cat sat on the", " mat."),
+        ("A", " long continuation of several words that goes on"),
+        (" ".join(["word"] * 60), " and more words at the end"),  # cut from the left at max_length
+        ("Paris is the capital of", " France"),
+        ("Is Paris the capital of France? Answer:", " yes"),  # one-token answers: one shared input
+        ("Is Paris the capital of France? Answer:", " no"),
+    ]
+    ref = HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=3, max_length=40, device="cpu")
+    reqs = [((c, x), *ref._encode_pair(c, x)) for c, x in texts]
+    assert len(reqs[4][1]) + len(reqs[4][2]) > 41
+    want = HFLM._loglikelihood_tokens(ref, reqs, disable_tqdm=True)
     shapes = []
     with hooks([(tiny.model.get_input_embeddings(), "forward_pre", lambda m, a: shapes.append(tuple(a[0].shape)))]):
-        r = zero_shot(
-            tiny.model, tiny.tokenizer, ["arc_easy", "boolq"], limit=8, batch_size=8, logits_mb=budget_tokens * 4 * vocab / 2**20
-        )
-    fixed = zero_shot(tiny.model, tiny.tokenizer, ["arc_easy", "boolq"], limit=8, batch_size=8, logits_mb=None)
-    assert r.metrics == fixed.metrics
-    assert shapes and all(b * t <= budget_tokens or b == 1 for b, t in shapes)
-    assert max(b for b, _ in shapes) > min(b for b, _ in shapes)  # the batch size follows the length
+        got = continuation_loglikelihoods(tiny.model, reqs, max_length=40, max_batch=4, batch_tokens=100)
+    for (lg, gg), (lw, gw) in zip(got, want):
+        assert abs(lg - lw) < 1e-4 * max(1.0, abs(lw)) and gg == gw
+    assert all(b * t <= 100 or b == 1 for b, t in shapes) and max(b for b, _ in shapes) > 1
+    assert sum(b for b, _ in shapes) == len(texts) - 1
+
+
+def test_zero_shot_scores_equal_lm_eval_hflm(tiny):
+    """The five-task path end to end: tyr's zero-shot metrics on real documents equal those of lm-eval's
+    HFLM with its own loglikelihood loop."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from tyr.tasks import task_manager, write_tasks
+
+    tasks = ["arc_easy", "boolq"]
+    r = zero_shot(tiny.model, tiny.tokenizer, tasks, limit=8, batch_size=8)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tm = task_manager(tasks, include_path=[str(write_tasks(tmp, tasks))])
+        lm = HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=8, device="cpu")
+        names = [f"tyr_{t}" for t in tasks]
+        out = simple_evaluate(model=lm, tasks=names, num_fewshot=0, limit=8, task_manager=tm, bootstrap_iters=0)
+    for t in tasks:
+        res = out["results"][f"tyr_{t}"]
+        ref = {k.split(",")[0]: float(v) for k, v in res.items() if k.endswith(",none") and "stderr" not in k}
+        assert r.metrics[t] == ref
 
 
 def test_task_files_normalise_all_documents(tmp_path):

@@ -81,38 +81,85 @@ def _request_tokens(req) -> int:
     return len(req[1]) + len(req[2])
 
 
+LL_BATCH_TOKENS = 4096  # most padded tokens per loglikelihood batch (the decoder's activations, not logits)
+
+
+@torch.inference_mode()
+def continuation_loglikelihoods(
+    model, requests: list, max_length: int, max_batch: int = 16, batch_tokens: int = LL_BATCH_TOKENS, desc: str = ""
+) -> list[tuple[float, bool]]:
+    """lm-eval's loglikelihood of each request ``(key, context_enc, continuation_enc)``: the summed
+    log-probability of the continuation after the context, and whether greedy decoding gives it.
+
+    Same inputs as lm-eval's HFLM (context + continuation, left-truncated to ``max_length`` + 1 tokens,
+    the last one dropped; right-padded batches, longest first), but the vocabulary projection and
+    log-softmax run only at the continuation's positions. HFLM projects and log-softmaxes every
+    position of the padded batch, which with a 262K vocabulary (Gemma-3) costs more than the decoder."""
+    adapter = get_adapter(model)
+    base, head = adapter.base_model(model), adapter.lm_head(model)
+    inps = [tuple((ctx + cont)[-(max_length + 1) :][:-1]) for _, ctx, cont in requests]
+    # requests with the same input (the choices of a one-token answer: " yes" / " no") share one row
+    rows: dict[tuple, list[int]] = {}
+    for j, inp in enumerate(inps):
+        rows.setdefault(inp, []).append(j)
+    unique = sorted(rows, key=len, reverse=True)
+    out: list = [None] * len(requests)
+    bar = tqdm(total=len(requests), desc=desc or "loglikelihood", leave=False, disable=None)
+    i = 0
+    while i < len(unique):
+        batch = unique[i : i + max(1, min(max_batch, batch_tokens // max(1, len(unique[i]))))]
+        x = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
+        for r, inp in enumerate(batch):
+            x[r, : len(inp)] = torch.as_tensor(inp)
+        hidden = base(input_ids=x).last_hidden_state
+        # every request's continuation positions, projected together (one pass over the head's weight)
+        owners = [(r, j) for r, inp in enumerate(batch) for j in rows[inp]]
+        conts = [torch.as_tensor(requests[j][2], dtype=torch.long) for _, j in owners]
+        h = torch.cat([hidden[r, len(batch[r]) - len(c) : len(batch[r])] for (r, _), c in zip(owners, conts)])
+        t = torch.cat(conts)
+        ll, hit = torch.empty(len(t), dtype=torch.float64), torch.empty(len(t), dtype=torch.bool)
+        for k in range(0, len(t), 1024):
+            logp = F.log_softmax(head(h[k : k + 1024]).float(), dim=-1)
+            ll[k : k + 1024] = logp.gather(1, t[k : k + 1024, None]).squeeze(1).double()
+            hit[k : k + 1024] = logp.argmax(-1) == t[k : k + 1024]
+        start = 0
+        for (_, j), c in zip(owners, conts):
+            out[j] = (float(ll[start : start + len(c)].sum()), bool(hit[start : start + len(c)].all()))
+            start += len(c)
+        bar.update(len(owners))
+        i += len(batch)
+    bar.close()
+    return out
+
+
 def _budget_hflm(model, tokenizer, max_batch: int, logits_mb: float | None):
-    """lm-eval's HFLM whose loglikelihood batches hold at most ``logits_mb`` MB of float32 logits.
+    """lm-eval's HFLM with tyr's loglikelihood (:func:`continuation_loglikelihoods`), and whose batches
+    for generation hold at most ``logits_mb`` MB of float32 logits (None: fixed ``max_batch``).
 
     lm-eval log-softmaxes a whole batch at once (batch × padded length × vocab floats, several copies),
-    so a fixed batch of long requests (BoolQ passages) with a large vocabulary costs gigabytes; a batch
-    of short ones (ARC) costs little. Requests come sorted longest first, so each batch is cut to the
-    budget at its first (longest) request. On SmolLM2 (49K vocab, 100 BoolQ documents, 1 thread),
-    fixed batches of 16 peaked at 5.9 GB and took 99 s; a 256 MB budget 2.0 GB and 54 s, same score."""
+    so a fixed batch of long requests with a large vocabulary costs gigabytes. Loglikelihood batches
+    (multiple choice, rolling perplexity) no longer materialise those logits; on SmolLM2 (49K vocab,
+    100 BoolQ documents, 1 thread) lm-eval's own loop in fixed batches of 16 peaked at 5.9 GB."""
     from lm_eval.models.huggingface import HFLM
 
-    if logits_mb is None:
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=max_batch, device="cpu")
     vocab = int(model.get_output_embeddings().weight.shape[0])
-    budget_tokens = max(1, int(logits_mb * 2**20 // (4 * vocab)))
+    budget_tokens = max(1, int(logits_mb * 2**20 // (4 * vocab))) if logits_mb is not None else None
 
     def fit(length: int) -> int:
-        return max(1, min(max_batch, budget_tokens // max(1, length)))
+        return max_batch if budget_tokens is None else max(1, min(max_batch, budget_tokens // max(1, length)))
 
-    class BudgetHFLM(HFLM):
-        _batch_end = _batch_n = 0  # the batch that started last: where it ends, its size
+    class TyrHFLM(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            res = continuation_loglikelihoods(self.model, requests, self.max_length, max_batch, desc="loglikelihood requests")
+            for (key, _, _), answer in zip(requests, res):
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, answer)
+            return res
 
-        def _batch_scheduler(self, pos, requests):
-            # lm-eval asks at every position; answer with the size of the batch that started last
-            if pos == 0 or pos >= self._batch_end:
-                self._batch_n = fit(_request_tokens(requests[pos]))
-                self._batch_end = pos + self._batch_n
-            return self._batch_n
-
-        def _detect_batch_size(self, requests=None, pos=0):  # rolling / generation requests
+        def _detect_batch_size(self, requests=None, pos=0):  # generation requests
             return fit(_request_tokens(requests[pos]) if requests else self.max_length)
 
-    return BudgetHFLM(pretrained=model, tokenizer=tokenizer, batch_size="auto", max_batch_size=max_batch, device="cpu")
+    return TyrHFLM(pretrained=model, tokenizer=tokenizer, batch_size="auto", max_batch_size=max_batch, device="cpu")
 
 
 # lm-eval warnings about what tyr does on purpose (an in-memory model, num_fewshot=0) and per-call chatter.
