@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from tyr.modeling.adapter import get_adapter
+from tyr.utils import Progress
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,15 @@ def perplexity(model, input_ids: torch.Tensor, batch_size: int = 1, desc: str = 
     adapter = get_adapter(model)
     base, head = adapter.base_model(model), adapter.lm_head(model)
     window_nll, t0 = [], time.time()
-    for i in tqdm(range(0, input_ids.shape[0], batch_size), desc=desc, leave=False, disable=None):
+    bar = Progress(input_ids.shape[0], desc)
+    for i in range(0, input_ids.shape[0], batch_size):
         x = input_ids[i : i + batch_size]
         hidden = base(input_ids=x).last_hidden_state
         window_nll += [
             float(token_nll(hidden[j : j + 1, :-1], head, x[j : j + 1, 1:])) / (x.shape[1] - 1) for j in range(x.shape[0])
         ]
+        bar.update(x.shape[0])
+    bar.close()
     n = len(window_nll)
     nll = sum(window_nll) / n  # every window has the same number of scored tokens
     # standard error of the mean NLL over windows (windows as the samples), and of ppl by the delta method
@@ -104,7 +107,7 @@ def continuation_loglikelihoods(
         rows.setdefault(inp, []).append(j)
     unique = sorted(rows, key=len, reverse=True)
     out: list = [None] * len(requests)
-    bar = tqdm(total=len(requests), desc=desc or "loglikelihood", leave=False, disable=None)
+    bar = Progress(len(requests), desc or "loglikelihood")
     i = 0
     while i < len(unique):
         batch = unique[i : i + max(1, min(max_batch, batch_tokens // max(1, len(unique[i]))))]
@@ -150,7 +153,7 @@ def _budget_hflm(model, tokenizer, max_batch: int, logits_mb: float | None):
 
     class TyrHFLM(HFLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
-            res = continuation_loglikelihoods(self.model, requests, self.max_length, max_batch, desc="loglikelihood requests")
+            res = continuation_loglikelihoods(self.model, requests, self.max_length, max_batch, desc="zero-shot requests")
             for (key, _, _), answer in zip(requests, res):
                 if key is not None:
                     self.cache_hook.add_partial("loglikelihood", key, answer)
