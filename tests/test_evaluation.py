@@ -139,3 +139,22 @@ def test_lm_eval_task_without_its_data_offline_is_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("tyr: eval.tasks: zero-shot task 'winogrande'"), p.stderr[-2000:]
     assert "allenai/winogrande" in lines[0] and "Traceback" not in p.stdout
     assert not (tmp_path / "results.json").exists()
+
+
+def test_rolling_loglikelihood_equals_lm_eval_hflm(tiny):
+    """Rolling log-likelihood (perplexity tasks such as wikitext): lm-eval cuts the text into windows of
+    max_length and asks the loglikelihood loop for whole windows; tyr's loop gives HFLM's numbers."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from tyr.data import load_text
+    from tyr.evaluation import _budget_hflm
+
+    text = load_text("ptb_test")[:3000]
+    reqs = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)]
+    ref = HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=2, max_length=64, device="cpu")
+    ours = _budget_hflm(tiny.model, tiny.tokenizer, 2, 256)
+    ours._max_length = 64
+    want, got = ref.loglikelihood_rolling(reqs, disable_tqdm=True), ours.loglikelihood_rolling(reqs, disable_tqdm=True)
+    assert type(ours) is not HFLM and ours.max_length == 64
+    assert abs(got[0] - want[0]) < 1e-5 * abs(want[0]) and want[0] < 0
