@@ -18,7 +18,10 @@ from tyr.utils import Progress
 log = logging.getLogger(__name__)
 
 
-def token_nll(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+HEAD_CHUNK = 1024  # positions per vocabulary projection: [1024, V] float32 logits at most (1 GB at V = 262K)
+
+
+def token_nll(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
     """Summed negative log-likelihood (float64 scalar) of ``targets`` [B, T] under ``lm_head(hidden)``.
 
     The vocabulary projection is done in chunks of positions so that a 262K-vocabulary head never
@@ -121,10 +124,11 @@ def continuation_loglikelihoods(
         h = torch.cat([hidden[r, len(batch[r]) - len(c) : len(batch[r])] for (r, _), c in zip(owners, conts)])
         t = torch.cat(conts)
         ll, hit = torch.empty(len(t), dtype=torch.float64), torch.empty(len(t), dtype=torch.bool)
-        for k in range(0, len(t), 1024):
-            logp = F.log_softmax(head(h[k : k + 1024]).float(), dim=-1)
-            ll[k : k + 1024] = logp.gather(1, t[k : k + 1024, None]).squeeze(1).double()
-            hit[k : k + 1024] = logp.argmax(-1) == t[k : k + 1024]
+        for k in range(0, len(t), HEAD_CHUNK):
+            part = slice(k, k + HEAD_CHUNK)
+            logp = F.log_softmax(head(h[part]).float(), dim=-1)
+            ll[part] = logp.gather(1, t[part, None]).squeeze(1).double()
+            hit[part] = logp.argmax(-1) == t[part]
         start = 0
         for (_, j), c in zip(owners, conts):
             out[j] = (float(ll[start : start + len(c)].sum()), bool(hit[start : start + len(c)].all()))
