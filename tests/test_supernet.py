@@ -360,3 +360,27 @@ def test_fit_to_budget_fits_and_leaves_no_level_that_fits():
             assert all(o <= s for k in costs for o, s in zip(out[k], start[k])), trial
     with pytest.raises(ValueError, match="fits the budget"):
         fit_to_budget({"attn": [[10, 5]]}, {"attn": [[0.0, 1.0]]}, {"attn": [0]}, 4)
+
+
+def test_a_level_of_none_leaves_that_module_dense(tiny, calib, taylor, tmp_path):
+    """Single-module assembly (sensitivity studies): every module whose level is None is the dense
+    module, and the one pruned module is the stored variant sliced in by hand."""
+    store, grid = _build(tiny, calib, taylor, tmp_path / "n")
+    L = len(grid.modules["attn"])
+    levels = {"attn": [None] * L, "mlp": [None] * L}
+    last = len(grid.modules["attn"][1].keep) - 1
+    levels["attn"][1] = last  # the most pruned attention of layer 1
+    model = copy.deepcopy(tiny.model)
+    asm = Assembler(model, store)
+    assert asm.assemble(levels) == list(range(L))  # every layer leaves the never-assembled state
+    expect = copy.deepcopy(tiny.model)
+    a = get_adapter(expect)
+    v = store.variant(1, "attn", last)
+    slice_attention(a, a.layers(expect)[1], v.keep, v.weight, v.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(model(calib[:2]).logits, expect(calib[:2]).logits, atol=0, rtol=0)
+        assert not torch.allclose(model(calib[:2]).logits, tiny.model(calib[:2]).logits, atol=1e-3)
+    levels["attn"][1] = None
+    asm.assemble(levels)
+    with torch.no_grad():
+        torch.testing.assert_close(model(calib[:2]).logits, tiny.model(calib[:2]).logits, atol=0, rtol=0)

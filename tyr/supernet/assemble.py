@@ -34,11 +34,14 @@ class Assembler:
         self.dense = None if self.streaming else [copy.deepcopy(layer) for layer in layers]
         self.current: list[tuple[int, int] | None] = [None] * len(layers)  # None = dense
 
-    def layer_for(self, li: int, attn_level: int, mlp_level: int, dense=None):
-        """A pruned copy of dense layer ``li`` (default: the kept pristine copy)."""
+    def layer_for(self, li: int, attn_level: int | None, mlp_level: int | None, dense=None):
+        """A pruned copy of dense layer ``li`` (default: the kept pristine copy). A level of ``None``
+        leaves that module dense (single-module sensitivity studies)."""
         layer = copy.deepcopy(self.dense[li] if dense is None else dense)
         grid = self.store.grid
         for kind, level in (("attn", attn_level), ("mlp", mlp_level)):
+            if level is None:
+                continue
             g = grid.modules[kind][li]
             if not 0 <= level < len(g.keep):
                 raise SupernetError(f"layer {li} {kind} level {level} outside 0..{len(g.keep) - 1}")
@@ -51,14 +54,15 @@ class Assembler:
                 slice_mlp(self.adapter, layer, v.keep, v.weight, v.bias)
         return layer
 
-    def assemble(self, levels: dict[str, list[int]]) -> list[int]:
-        """Make the model the pruned model of ``levels``; returns the indices of rebuilt layers."""
+    def assemble(self, levels: dict[str, list[int | None]]) -> list[int]:
+        """Make the model the pruned model of ``levels`` (``None``: that module dense); returns the
+        indices of rebuilt layers."""
         if any(len(levels[k]) != len(self.current) for k in KINDS):
             raise SupernetError("allocation does not match the number of layers")
         layers = self.adapter.layers(self.model)
         changed = []
         for li in range(len(layers)):
-            want = (int(levels["attn"][li]), int(levels["mlp"][li]))
+            want = tuple(None if levels[k][li] is None else int(levels[k][li]) for k in KINDS)
             if self.current[li] != want:
                 if not self.streaming:
                     layers[li] = self.layer_for(li, *want)
