@@ -177,6 +177,13 @@ def report(args) -> str:
             f"| {k} | {statistics.mean(at):.4f} | {statistics.pstdev(at) / statistics.mean(at):.2f} | "
             f"{at[top]:.4f} ({top}) | {at[top] / statistics.median(at):.1f} |"
         )
+    from scipy.stats import spearmanr
+
+    err = store.errors()
+    for k in KINDS:  # does the supernet's layer-local error (the surrogate) rank modules as the KL does?
+        at_e = [err[k][l][g.centre] for l, g in enumerate(grid.modules[k])]
+        at_d = [dkl[k][l][g.centre] for l, g in enumerate(grid.modules[k])]
+        lines.append(f"- {k}: rho(local error, dkl) over layers at the uniform level {spearmanr(at_e, at_d).statistic:.2f}")
     s_u = sum(dkl[k][l][lv] for k in KINDS for l, lv in enumerate(uniform[k]))
     s_a = sum(dkl[k][l][lv] for k in KINDS for l, lv in enumerate(additive[k]))
     lines += [
