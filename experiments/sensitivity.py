@@ -32,7 +32,12 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("attn", "mlp")
+from tyr.supernet.grid import KINDS
+
+
+def summed(table: dict, levels: dict) -> float:
+    """The sum over modules of ``table[kind][layer][level]`` at ``levels`` (the additive prediction)."""
+    return sum(table[k][l][lv] for k in KINDS for l, lv in enumerate(levels[k]))
 
 
 def additive_allocation(costs: dict, dkl: dict, budget: int) -> dict[str, list[int]]:
@@ -146,7 +151,7 @@ def check(args, cfg, state, model, teacher, store) -> None:
         out[name] = {
             "levels": levels,
             "real_params": allocation_cost(costs, levels),
-            "sum_dkl": sum(dkl[k][l][lv] for k in KINDS for l, lv in enumerate(levels[k])),
+            "sum_dkl": summed(dkl, levels),
             "kl_heldout": full_kl(model, store, levels, teacher, int(cfg.batch_size), (N - n_hold, N)),
         }
         print(
@@ -158,6 +163,7 @@ def check(args, cfg, state, model, teacher, store) -> None:
 
 
 def report(args) -> str:
+    from tyr.fitness import spearman
     from tyr.search.budget import allocation_cost
 
     cfg, state, model, teacher, store = load(args.run.resolve(), args.threads)
@@ -177,15 +183,12 @@ def report(args) -> str:
             f"| {k} | {statistics.mean(at):.4f} | {statistics.pstdev(at) / statistics.mean(at):.2f} | "
             f"{at[top]:.4f} ({top}) | {at[top] / statistics.median(at):.1f} |"
         )
-    from scipy.stats import spearmanr
-
     err = store.errors()
     for k in KINDS:  # does the supernet's layer-local error (the surrogate) rank modules as the KL does?
         at_e = [err[k][l][g.centre] for l, g in enumerate(grid.modules[k])]
         at_d = [dkl[k][l][g.centre] for l, g in enumerate(grid.modules[k])]
-        lines.append(f"- {k}: rho(local error, dkl) over layers at the uniform level {spearmanr(at_e, at_d).statistic:.2f}")
-    s_u = sum(dkl[k][l][lv] for k in KINDS for l, lv in enumerate(uniform[k]))
-    s_a = sum(dkl[k][l][lv] for k in KINDS for l, lv in enumerate(additive[k]))
+        lines.append(f"- {k}: rho(local error, dkl) over layers at the uniform level {spearman(at_e, at_d):.2f}")
+    s_u, s_a = summed(dkl, uniform), summed(dkl, additive)
     lines += [
         "",
         f"budget {budget:,}: uniform start {allocation_cost(costs, uniform):,} params, sum dkl {s_u:.4f}; "

@@ -52,22 +52,22 @@ def main() -> None:
     N, n_hold = teacher.input_ids.shape[0], int(state["holdout_sequences"])
     first = state["iterations"][0]
     out = json.loads(args.out.read_text()) if args.out.exists() else {"run": str(run_dir), "budget": budget}
+    space = SearchSpace.from_costs(costs, budget=budget)
+    asm = Assembler(model, store)
+    evo = EvolutionConfig(
+        generations=args.generations or settings.generations,
+        offspring=settings.offspring,
+        stages=list(settings.stages),
+        seed=settings.seed,  # iteration 0
+        max_flips=settings.max_flips,
+        prescreen_keep=None,
+    )
     for name in args.starts.split(","):
         if name in out:
             continue
         t0 = time.time()
-        space = SearchSpace.from_costs(costs, budget=budget)
-        asm = Assembler(model, store)
-        cache = (settings.prefix_cache, settings.prefix_cache_max_mb)
+        cache = (settings.prefix_cache, settings.prefix_cache_max_mb)  # a fresh fitness: its token rotation starts at 0
         fitness = KLFitness(model, asm, teacher, settings.batch_size, *cache, sequences=(0, N - n_hold))
-        evo = EvolutionConfig(
-            generations=args.generations or settings.generations,
-            offspring=settings.offspring,
-            stages=list(settings.stages),
-            seed=settings.seed,  # iteration 0
-            max_flips=settings.max_flips,
-            prescreen_keep=None,
-        )
         result = evolve(space, fitness, evo, start=Allocation(starts[name]))
         asm.restore_dense()
         best, _ = refill(costs, store.errors(), result.best.to_json(), budget, settings.budget)

@@ -32,7 +32,7 @@ class Assembler:
             raise SupernetError(f"supernet has {store.num_layers} layers, the model {len(layers)}")
         self.streaming = streaming.is_streaming(model)
         self.dense = None if self.streaming else [copy.deepcopy(layer) for layer in layers]
-        self.current: list[tuple[int, int] | None] = [None] * len(layers)  # None = dense
+        self.current: list[tuple[int | None, int | None] | None] = [None] * len(layers)  # None = dense
 
     def layer_for(self, li: int, attn_level: int | None, mlp_level: int | None, dense=None):
         """A pruned copy of dense layer ``li`` (default: the kept pristine copy). A level of ``None``
