@@ -20,7 +20,7 @@ One JSON line per (allocation, form) in ``--out``; a rerun skips lines already t
 
 Usage:
     .venv/bin/python -m experiments.fidelity runs/pipeline/smollm2-135m/demo-s0.5 \
-        --out experiments/results/fidelity_demo.jsonl [--windows 32] [--threads 2]
+        --out experiments/results/fidelity_demo.jsonl [--windows 32] [--threads 2] [--forms supernet]
     .venv/bin/python -m experiments.fidelity --report experiments/results/fidelity_demo.jsonl
 """
 
@@ -148,11 +148,10 @@ def run(args) -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    from experiments.runs import load_run
     from tyr.artifacts import read_json_checked
-    from tyr.coarse_to_fine import build_path_supernet, keep_counts, resolved
+    from tyr.coarse_to_fine import build_path_supernet, keep_counts
     from tyr.data import TokenSetSpec, get_token_set
-    from tyr.fitness import TeacherCache
-    from tyr.models import load_model
     from tyr.recipes.common import taylor_for, token_cache
     from tyr.search.budget import allocation_cost
     from tyr.search.settings import search_settings
@@ -160,16 +159,8 @@ def run(args) -> None:
     from tyr.supernet.costs import real_costs
     from tyr.supernet.store import SupernetStore
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run_dir = args.run.resolve()
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    state = resolved(json.loads((run_dir / "search_state.json").read_text()), run_dir)
-    lm = load_model(cfg.model.name, instantiate(cfg.model.source), cfg.model.dtype)
-    model = lm.model.eval()
-    teacher = TeacherCache.load(run_dir / "teacher.safetensors")
-    if teacher is None:
-        raise SystemExit(f"{run_dir}/teacher.safetensors is missing or corrupt")
+    r = load_run(args.run, args.threads)
+    run_dir, cfg, state, lm, model, teacher, model_id = r.dir, r.cfg, r.state, r.lm, r.model, r.teacher, r.model_id
     n_hold = int(state.get("holdout_sequences", 0))
     if n_hold == 0:
         raise SystemExit("the run has no held-out teacher sequences (search.holdout=0): no held-out KL to measure")
@@ -190,7 +181,6 @@ def run(args) -> None:
     calib = get_token_set(TokenSetSpec(**cfg.data.calibration), lm.tokenizer, cache, lm.name).input_ids
     taylor = taylor_for(cfg, lm, pruner)
     settings = search_settings(OmegaConf.to_container(cfg.search, resolve=True), bs)
-    model_id = {"name": lm.name, "revision": lm.revision, "dtype": str(cfg.model.dtype)}
     work = args.work or (run_dir / "fidelity")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     owl_file = run_dir / "owl.json"
@@ -207,7 +197,7 @@ def run(args) -> None:
         : args.limit
     ]:
         store = SupernetStore.open(alloc["supernet"], expect_model=model_id)
-        for form in ("supernet", "sequential"):
+        for form in args.forms:
             if (alloc["name"], form) in done or (form == "supernet" and "levels" not in alloc):
                 continue
             t0 = time.time()
@@ -313,6 +303,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="only the first N allocations")
+    ap.add_argument(
+        "--forms",
+        type=lambda v: [f for f in v.split(",") if f],
+        default=["supernet", "sequential"],
+        help="which forms to build, comma-separated (a first pass with supernet only spans every allocation cheaply)",
+    )
     ap.add_argument("--report", type=Path, default=None, help="print the table and rho of a results file, then exit")
     args = ap.parse_args()
     if args.report:
@@ -320,6 +316,8 @@ def main() -> None:
         return
     if args.run is None:
         ap.error("give a pipeline run directory (or --report FILE)")
+    if not args.forms or set(args.forms) - {"supernet", "sequential"}:
+        ap.error(f"--forms takes supernet and/or sequential, not {','.join(args.forms)!r}")
     run(args)
 
 

@@ -66,7 +66,11 @@ def collect(runs: list[Path]) -> dict:
             "searched": a,
             "uniform_sequential": b,
             "ratio": {k: a[k] / b[k] for k in ("wikitext2", "ptb") if a.get(k) and b.get(k)},
-            "source": (searched.get("budget") or {}).get("sparsity"),
+            "real_sparsity": {  # of the prunable parameters each model really keeps
+                "searched": (searched.get("budget") or {}).get("sparsity"),
+                "uniform_sequential": (uniform.get("budget") or {}).get("sparsity"),
+            },
+            "total_params": {"searched": searched["params"]["total"], "uniform_sequential": uniform["params"]["total"]},
             "run": str(run),
             "protocol": protocol(searched),
         }

@@ -30,8 +30,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from tyr.supernet.grid import KINDS
 
 
@@ -50,25 +48,12 @@ def additive_allocation(costs: dict, dkl: dict, budget: int) -> dict[str, list[i
 
 
 def load(run_dir: Path, threads: int):
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from tyr.coarse_to_fine import resolved
-    from tyr.fitness import TeacherCache
-    from tyr.models import load_model
+    from experiments.runs import load_run
     from tyr.supernet.store import SupernetStore
 
-    if threads:
-        torch.set_num_threads(threads)
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    state = resolved(json.loads((run_dir / "search_state.json").read_text()), run_dir)
-    lm = load_model(cfg.model.name, instantiate(cfg.model.source), cfg.model.dtype)
-    teacher = TeacherCache.load(run_dir / "teacher.safetensors")
-    if teacher is None:
-        raise SystemExit(f"{run_dir}/teacher.safetensors is missing or corrupt")
-    model_id = {"name": lm.name, "revision": lm.revision, "dtype": str(cfg.model.dtype)}
-    store = SupernetStore.open(state["iterations"][0]["supernet"], expect_model=model_id)
-    return cfg, state, lm.model.eval(), teacher, store
+    r = load_run(run_dir, threads)
+    store = SupernetStore.open(r.state["iterations"][0]["supernet"], expect_model=r.model_id)
+    return r.cfg, r.state, r.model, r.teacher, store
 
 
 def measure(args) -> None:
