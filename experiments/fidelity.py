@@ -291,7 +291,32 @@ def report(path: Path) -> str:
                 for m in ("kl_heldout", "wikitext2", "ptb")
             ]
             lines.append(f"- {fit}: " + ", ".join(cells))
+    lines += needed_kl(groups["sequential"])
     return "\n".join(lines)
+
+
+def needed_kl(seq: list[dict], target: float = 0.85) -> list[str]:
+    """What the 0.85x target asks of the search, read off the shipped (sequential) models: a least-squares
+    line of log perplexity on held-out KL over them, and the held-out KL at which that line reaches
+    ``target`` x the prune recipe's uniform model (``uniform_recipe``), next to the searched model's."""
+    base = next((r for r in seq if r["name"] == "uniform_recipe"), None)
+    best = next((r for r in seq if r["name"] == "searched"), None)
+    if base is None or best is None or len(seq) < 4:
+        return []
+    x = np.array([r["kl_heldout"] for r in seq])
+    out = ["", f"log perplexity against held-out KL over the sequential models (n={len(seq)}), target {target}x uniform:", ""]
+    out += ["| set | slope per unit KL | R^2 | KL uniform | KL searched | ratio searched | KL for the target |"]
+    out += ["|---|---:|---:|---:|---:|---:|---:|"]
+    for m in ("wikitext2", "ptb"):
+        y = np.log([r[m] for r in seq])
+        slope, icpt = np.polyfit(x, y, 1)
+        r2 = 1 - ((y - (slope * x + icpt)) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+        kl_target = (math.log(target * base[m]) - icpt) / slope
+        out.append(
+            f"| {m} | {slope:.3f} | {r2:.2f} | {base['kl_heldout']:.4f} | {best['kl_heldout']:.4f} | "
+            f"{best[m] / base[m]:.3f} | {kl_target:.4f} |"
+        )
+    return out
 
 
 def main() -> None:
