@@ -1,9 +1,12 @@
 """Issue #14's table: the exported (searched) model against the best uniform model of the same pruner and
 calibration (``uniform_reprune``: the prune recipe's model, every layer pruned sequentially to the target), per sparsity.
 
-    .venv/bin/python -m experiments.search_vs_uniform RUN [RUN ...] [--out experiments/results/search_vs_uniform.json]
+    .venv/bin/python -m experiments.search_vs_uniform RUN [RUN ...] [--keep TABLE.json]
+        [--out experiments/results/search_vs_uniform.json]
 
-Each RUN is a finished pipeline run evaluated with ``uniform_reprune`` among its comparisons. Writes
+Each RUN is a finished pipeline run evaluated with ``uniform_reprune`` among its comparisons. ``--keep``
+takes the rows of an earlier table (this script's output) for the sparsities no RUN gives: a row carries
+everything it needs (paired ratios included), so it outlives its run directory. Writes
 ``{"<sparsity>": {"searched": {...}, "uniform_sequential": {...}, "ratio": {...}, "protocol": "..."}}``
 and prints a Markdown table. Perplexities carry their standard error over windows (delta method on the
 mean window NLL); the zero-shot average carries sqrt(sum_t p_t (1 - p_t) / n_t) / n_tasks.
@@ -108,12 +111,20 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(kept: dict, table: dict) -> dict:
+    """The rows of ``table`` and, for sparsities it lacks, those of ``kept``, in order of sparsity."""
+    return dict(sorted({**kept, **table}.items(), key=lambda kv: float(kv[0])))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--keep", type=Path, action="append", default=[], help="an earlier table whose other rows to keep")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/search_vs_uniform.json"))
     args = ap.parse_args()
     table = collect([r.resolve() for r in args.runs])
+    for kept in args.keep:
+        table = merge(json.loads(kept.read_text()), table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(table, indent=2) + "\n")
     print(markdown(table))

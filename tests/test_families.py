@@ -171,7 +171,7 @@ def test_pipeline_family(name, dtype, tmp_path):
         "tyr.recipes.pipeline", f"model={name}", f"model.dtype={dtype}", *PIPELINE_ARGS, f"paths.output_dir={tmp_path}"
     )
     assert p.returncode == 0, p.stderr[-3000:]
-    run = tmp_path / "pipeline" / name / "hywia_comp-s0.5-fast"
+    run = tmp_path / "pipeline" / name / "hywia_comp-s0.5-medium"
     alloc = json.loads((run / "allocation.json").read_text())
     assert abs(alloc["budget"]["sparsity"] - 0.5) < 0.02  # real parameters (search.budget=real)
     assert json.loads((run / "search_state.json").read_text())["reprune"]["chosen"] in ("reprune", "supernet")

@@ -86,9 +86,9 @@ def test_eval_settings_give_every_argument_evaluate_model_needs():
 def test_recovery_settings_conversion_and_unknown_key_is_one_line(capsys):
     from tyr.recipes.recover import check
 
-    cfg = compose("pipeline", ["model=tiny-llama", "recover=full", "recover.data=[{source:ptb_valid,weight:2}]"])
+    cfg = compose("pipeline", ["model=tiny-llama", "recover=full", "recover.data=[{source:wikitext2_train,weight:2}]"])
     s = check(cfg)
-    assert (s.mode, s.lr, s.sources) == ("full", 1e-4, (("ptb_valid", 2.0),))
+    assert (s.mode, s.lr, s.sources) == ("full", 1e-4, (("wikitext2_train", 2.0),))
     assert (s.lora.alpha, s.lora.target_modules[0]) == (32.0, "q_proj") and type(s.lora.alpha) is float
     bad = compose("pipeline", ["model=tiny-llama", "+recover.epochs=3"])
     with pytest.raises(SystemExit) as e:

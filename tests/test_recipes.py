@@ -101,11 +101,11 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch, tiny):
         "recover.tokens=512",
         "recover.seq_len=64",
         "recover.batch_size=4",
-        "recover.data=[{source:ptb_valid,weight:1.0}]",
+        "recover.data=[{source:wikitext2_train,weight:1.0}]",
     ]
     p = run_recipe("tyr.recipes.pipeline", *args)
     assert p.returncode == 0, p.stderr[-3000:]
-    run = tmp_path / "pipeline" / "tiny-llama" / "hywia_comp-s0.5-fast"
+    run = tmp_path / "pipeline" / "tiny-llama" / "hywia_comp-s0.5-medium"
     alloc = json.loads((run / "allocation.json").read_text())
     assert abs(alloc["budget"]["sparsity"] - 0.5) < 0.02  # real parameters (search.budget=real)
     assert len(alloc["modules"]["attn"]) == 4 and "kept_units" in alloc["modules"]["mlp"][0]
@@ -277,7 +277,7 @@ def test_pipeline_recovery_budget_beyond_the_text_fails_before_the_search(tmp_pa
         f"paths.output_dir={tmp_path}",
         "recover.tokens=100000000",
         "recover.seq_len=64",
-        "recover.data=[{source:ptb_valid,weight:1.0}]",
+        "recover.data=[{source:wikitext2_train,weight:1.0}]",
     )
     assert p.returncode == 2 and "larger than the text" in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr + p.stdout

@@ -273,7 +273,7 @@ def test_recipe_recovers_a_prune_run_and_exports(tmp_path):
         "recover.batch_size=4",
         "recover.micro_batch_size=2",
         "recover.checkpoint_every=2",
-        "recover.data=[{source:ptb_valid,weight:1.0}]",
+        "recover.data=[{source:wikitext2_train,weight:1.0}]",
     ]
     # a budget beyond the text fails once the tokenizer is loaded: before the pruned model is rebuilt
     # (pruned_model.safetensors) and before a recovery directory is made (recover/ holds the recipe's log)

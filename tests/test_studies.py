@@ -23,3 +23,31 @@ def test_needed_kl_reads_the_target_off_an_exact_line():
     # too few shipped models, or no uniform row: nothing to read off
     assert needed_kl(seq[:3]) == []
     assert needed_kl([dict(r, name="x") for r in seq]) == []
+
+
+def test_search_vs_uniform_keeps_only_the_rows_no_run_gives(tmp_path):
+    """A table built from run directories plus ``--keep``: a fresh run replaces the kept row of its sparsity,
+    other kept rows stay, and the rows come out in order of sparsity."""
+    import json
+
+    from experiments.search_vs_uniform import collect, merge
+
+    def result(sp, wt2, ptb, nll):
+        return {
+            "config": {"target_sparsity": sp},
+            "params": {"total": 100},
+            "budget": {"sparsity": sp},
+            "perplexity": {"wikitext2": {"ppl": wt2, "window_nll": nll}, "ptb": {"ppl": ptb, "window_nll": nll}},
+        }
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results_searched.json").write_text(json.dumps(result(0.25, 40.0, 80.0, [3.0, 3.2])))
+    (run / "results_uniform_reprune.json").write_text(json.dumps(result(0.25, 50.0, 100.0, [3.1, 3.5])))
+    kept = {"0.5": {"ratio": {"wikitext2": 0.8}}, "0.25": {"ratio": {"wikitext2": 0.99}}}
+    table = merge(kept, collect([run]))
+    assert list(table) == ["0.25", "0.5"]
+    assert table["0.5"] == kept["0.5"]
+    assert table["0.25"]["ratio"] == {"wikitext2": 0.8, "ptb": 0.8}
+    # paired over the two windows: exp(mean(3.0 - 3.1, 3.2 - 3.5)) = exp(-0.2)
+    assert math.isclose(table["0.25"]["paired"]["wikitext2"]["ratio"], math.exp(-0.2))
