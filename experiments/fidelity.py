@@ -21,12 +21,14 @@ One JSON line per (allocation, form) in ``--out``; a rerun skips lines already t
 Usage:
     .venv/bin/python -m experiments.fidelity runs/pipeline/smollm2-135m/demo-s0.5 \
         --out experiments/results/fidelity_demo.jsonl [--windows 32] [--threads 2] [--forms supernet]
+        [--shard 0/2]   # two processes of --threads 1 each: --shard 0/2 and --shard 1/2, same --out
     .venv/bin/python -m experiments.fidelity --report experiments/results/fidelity_demo.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import shutil
@@ -193,9 +195,8 @@ def run(args) -> None:
     checked = False
     uniform_file = run_dir / "results_uniform_reprune.json"
     uniform_keep = read_json_checked(uniform_file).get("kept") if uniform_file.exists() else None
-    for alloc in allocations(state, model, cfg.search.get("budget", "nominal") == "real", args.seed, owl, uniform_keep)[
-        : args.limit
-    ]:
+    allocs = allocations(state, model, cfg.search.get("budget", "nominal") == "real", args.seed, owl, uniform_keep)
+    for alloc in shard(allocs[: args.limit], *args.shard):
         store = SupernetStore.open(alloc["supernet"], expect_model=model_id)
         for form in args.forms:
             if (alloc["name"], form) in done or (form == "supernet" and "levels" not in alloc):
@@ -233,7 +234,8 @@ def run(args) -> None:
                 "wall_seconds": time.time() - t0,
                 **rec,
             }
-            with open(args.out, "a") as f:
+            with open(args.out, "a") as f:  # locked: --shard processes append to the same file
+                fcntl.flock(f, fcntl.LOCK_EX)
                 f.write(json.dumps(rec) + "\n")
             print(
                 f"{alloc['name']:>16} {form:>10}: fit_all {rec['fit_all']:.4f} heldout {rec['kl_heldout']:.4f} "
@@ -242,6 +244,19 @@ def run(args) -> None:
             )
             if form == "sequential":
                 shutil.rmtree(work / alloc["name"], ignore_errors=True)  # ~0.3 GB of shards each
+
+
+def shard(items: list, index: int, count: int) -> list:
+    """The ``index``-th of ``count`` interleaved shards of ``items`` (every ``count``-th from ``index``), so that
+    ``count`` processes (``--shard index/count``, one thread each) split the allocations without overlap."""
+    return items[index::count]
+
+
+def parse_shard(v: str) -> tuple[int, int]:
+    i, _, n = v.partition("/")
+    if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise argparse.ArgumentTypeError(f"--shard takes I/N with 0 <= I < N, not {v!r}")
+    return int(i), int(n)
 
 
 def report(path: Path) -> str:
@@ -333,6 +348,9 @@ def main() -> None:
         type=lambda v: [f for f in v.split(",") if f],
         default=["supernet", "sequential"],
         help="which forms to build, comma-separated (a first pass with supernet only spans every allocation cheaply)",
+    )
+    ap.add_argument(
+        "--shard", type=parse_shard, default=(0, 1), help="I/N: only every N-th allocation from the I-th (parallel processes)"
     )
     ap.add_argument("--report", type=Path, default=None, help="print the table and rho of a results file, then exit")
     args = ap.parse_args()

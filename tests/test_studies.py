@@ -51,3 +51,23 @@ def test_search_vs_uniform_keeps_only_the_rows_no_run_gives(tmp_path):
     assert table["0.25"]["ratio"] == {"wikitext2": 0.8, "ptb": 0.8}
     # paired over the two windows: exp(mean(3.0 - 3.1, 3.2 - 3.5)) = exp(-0.2)
     assert math.isclose(table["0.25"]["paired"]["wikitext2"]["ratio"], math.exp(-0.2))
+
+
+def test_fidelity_shards_split_the_allocations_without_overlap():
+    """``--shard I/N``: the N shards together are every allocation exactly once, each process gets its turn
+    in the list's order (so a partial pass still spans the interleaved range); bad specs are refused."""
+    import argparse
+
+    import pytest
+
+    from experiments.fidelity import parse_shard, shard
+
+    items = list(range(25))
+    for n in (1, 2, 3, 7):
+        parts = [shard(items, *parse_shard(f"{i}/{n}")) for i in range(n)]
+        assert sorted(x for p in parts for x in p) == items
+        assert all(p == sorted(p) for p in parts)
+        assert [len(p) for p in parts] == [len(range(i, 25, n)) for i in range(n)]
+    for bad in ("2/2", "1", "a/2", "-1/2", "1/0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_shard(bad)
