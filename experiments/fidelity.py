@@ -22,7 +22,7 @@ Usage:
     .venv/bin/python -m experiments.fidelity runs/pipeline/smollm2-135m/demo-s0.5 \
         --out experiments/results/fidelity_demo.jsonl [--windows 32] [--threads 2] [--forms supernet]
         [--shard 0/2]   # two processes of --threads 1 each: --shard 0/2 and --shard 1/2, same --out
-    .venv/bin/python -m experiments.fidelity --report experiments/results/fidelity_demo.jsonl
+    .venv/bin/python -m experiments.fidelity --report experiments/results/fidelity_demo.jsonl [--plot docs/img/f.png]
 """
 
 from __future__ import annotations
@@ -259,6 +259,48 @@ def parse_shard(v: str) -> tuple[int, int]:
     return int(i), int(n)
 
 
+def rho_interval(rho: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Approximate 95 % interval of a Spearman rho (|rho| < 1) over n > 3 pairs: Fisher's z with Fieller,
+    Hartley and Pearson's variance 1.06 / (n - 3) for rank correlations."""
+    half = z * math.sqrt(1.06 / (n - 3))
+    return math.tanh(math.atanh(rho) - half), math.tanh(math.atanh(rho) + half)
+
+
+def plot(path: Path, out: Path) -> Path:
+    """The study's scatter: the search fitness (``fit_all``) against WikiText-2 and PTB perplexity, one point
+    per model, by form; the base allocations are labelled, the perturbations are small markers."""
+    import matplotlib
+    import matplotlib.ticker
+
+    from tyr.plots import plt
+
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    style = {"supernet": ("C0", "o"), "sequential": ("C1", "s")}
+    for ax, m, title in zip(axes, ("wikitext2", "ptb"), ("WikiText-2", "PTB")):
+        for form, (color, marker) in style.items():
+            rs = [r for r in recs if r["form"] == form]
+            base = [r for r in rs if "+" not in r["name"]]
+            pert = [r for r in rs if "+" in r["name"]]
+            ax.scatter([r["fit_all"] for r in pert], [r[m] for r in pert], s=14, color=color, marker=marker, alpha=0.5)
+            ax.scatter([r["fit_all"] for r in base], [r[m] for r in base], s=40, color=color, marker=marker, label=form)
+            for r in base:
+                ax.annotate(r["name"], (r["fit_all"], r[m]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("search fitness fit_all (mean KL to dense)")
+        ax.set_ylabel(f"{title} perplexity (32 x 2048 tokens)")
+        ax.set_title(f"{title}: {len(recs)} models")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def report(path: Path) -> str:
     from scipy.stats import spearmanr
 
@@ -286,6 +328,10 @@ def report(path: Path) -> str:
         "sequential": [r for r in recs if r["form"] == "sequential"],
         "both forms": recs,
     }
+    for form in ("supernet", "sequential"):  # the fine scale the evolution works on: the searched one and its neighbours
+        groups[f"{form}, searched and its perturbations"] = [
+            r for r in groups[form] if r["name"] == "searched" or r["name"].startswith("searched+")
+        ]
     for gname, rs in groups.items():
         if len(rs) < 3:
             continue
@@ -293,7 +339,12 @@ def report(path: Path) -> str:
             cells = []
             for m in ("kl_heldout", "wikitext2", "ptb"):
                 rho = spearmanr([r[fit] for r in rs], [r[m] for r in rs]).statistic
-                cells.append("-" if fit == m or math.isnan(rho) else f"{rho:.2f}")
+                if fit == m or math.isnan(rho):
+                    cells.append("-")
+                elif len(rs) > 4 and abs(rho) < 0.9999:
+                    cells.append("{:.2f} ({:.2f} to {:.2f})".format(rho, *rho_interval(rho, len(rs))))
+                else:
+                    cells.append(f"{rho:.2f}")
             lines.append(f"| {gname} (n={len(rs)}) | {fit} | " + " | ".join(cells) + " |")
     # the cross-form question: does the supernet form's fitness rank the sequential models?
     seq = {r["name"]: r for r in groups["sequential"]}
@@ -353,9 +404,12 @@ def main() -> None:
         "--shard", type=parse_shard, default=(0, 1), help="I/N: only every N-th allocation from the I-th (parallel processes)"
     )
     ap.add_argument("--report", type=Path, default=None, help="print the table and rho of a results file, then exit")
+    ap.add_argument("--plot", type=Path, default=None, help="with --report: also draw the fitness/perplexity scatter here")
     args = ap.parse_args()
     if args.report:
         print(report(args.report))
+        if args.plot:
+            print(f"scatter: {plot(args.report, args.plot)}")
         return
     if args.run is None:
         ap.error("give a pipeline run directory (or --report FILE)")
