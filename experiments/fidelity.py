@@ -174,11 +174,7 @@ def run(args) -> None:
         ]
         for name, src in (("wikitext2", "wikitext2_test"), ("ptb", "ptb_test"))
     }
-    done = set()
-    if args.out.exists():
-        for line in args.out.read_text().splitlines():
-            r = json.loads(line)
-            done.add((r["name"], r["form"]))
+    done = {(r["name"], r["form"]) for r in read_rows(args.out)} if args.out.exists() else set()
     pruner = instantiate(cfg.pruner)
     calib = get_token_set(TokenSetSpec(**cfg.data.calibration), lm.tokenizer, cache, lm.name).input_ids
     taylor = taylor_for(cfg, lm, pruner)
@@ -246,6 +242,11 @@ def run(args) -> None:
                 shutil.rmtree(work / alloc["name"], ignore_errors=True)  # ~0.3 GB of shards each
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The study's results file: one JSON record per (allocation, form)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def shard(items: list, index: int, count: int) -> list:
     """The ``index``-th of ``count`` interleaved shards of ``items`` (every ``count``-th from ``index``), so that
     ``count`` processes (``--shard index/count``, one thread each) split the allocations without overlap."""
@@ -269,12 +270,11 @@ def rho_interval(rho: float, n: int, z: float = 1.96) -> tuple[float, float]:
 def plot(path: Path, out: Path) -> Path:
     """The study's scatter: the search fitness (``fit_all``) against WikiText-2 and PTB perplexity, one point
     per model, by form; the base allocations are labelled, the perturbations are small markers."""
-    import matplotlib
     import matplotlib.ticker
 
     from tyr.plots import plt
 
-    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    recs = read_rows(path)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     style = {"supernet": ("C0", "o"), "sequential": ("C1", "s")}
     for ax, m, title in zip(axes, ("wikitext2", "ptb"), ("WikiText-2", "PTB")):
@@ -304,7 +304,7 @@ def plot(path: Path, out: Path) -> Path:
 def report(path: Path) -> str:
     from scipy.stats import spearmanr
 
-    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    recs = read_rows(path)
     lines = [
         f"{len(recs)} models from {path}",
         "",
