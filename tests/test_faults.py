@@ -314,6 +314,39 @@ def test_other_eval_settings_reevaluate_and_redo_search_remakes_identically(refe
     assert all(r["windows"] == 1 for r in res["perplexity"].values())
 
 
+def _search_files(run: Path) -> dict:
+    pats = ("search_state.json", "history.jsonl", "iter*/**/*", "reprune/**/*", "teacher.safetensors")
+    return {str(p.relative_to(run)): sha(p) for pat in pats for p in run.glob(pat) if p.is_file()}
+
+
+def test_other_form_choice_reuses_the_search(reference, cache, tmp_path):
+    """``search.choose_form`` / ``search.reprune`` pick a form of the searched widths downstream of the
+    search: a changed choice keeps every search artifact byte for byte and evaluates the newly chosen
+    form, the last iteration's supernet variants. A run whose search record was written while they
+    were in the search key (the record holds them) is accepted for its own settings."""
+    run = copy_of(reference, tmp_path)
+    before = _search_files(run)
+    state = json.loads((run / "search_state.json").read_text())
+    last = state["iterations"][-1]
+    for override in ("search.choose_form=supernet", "search.reprune=false"):
+        p = pipeline(run, cache, override)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert _search_files(run) == before
+        alloc = json.loads((run / "allocation.json").read_text())
+        assert alloc["source"] == "supernet" and _chosen_store(run) == run / last["supernet"]
+        res = json.loads((run / "results_searched.json").read_text())
+        assert Path(res["supernet"]).resolve() == (run / last["supernet"]).resolve()
+        assert snapshot(run)["ppl"] != reference[1]["ppl"]  # another model than the reference's re-prune form
+    record = run / "stages" / "search.json"
+    old = json.loads(record.read_text())
+    old["settings"]["search"].update(reprune=True, choose_form="reprune")  # as the earlier version wrote it
+    record.write_text(json.dumps(old))
+    p = pipeline(run, cache)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _search_files(run) == before and json.loads((run / "allocation.json").read_text())["source"] == "reprune"
+    assert snapshot(run)["ppl"] == reference[1]["ppl"]  # the re-prune form evaluated again, as the reference did
+
+
 @pytest.mark.slow
 def test_redo_search_remakes_the_same_artifacts(reference, cache, tmp_path):
     run = copy_of(reference, tmp_path)

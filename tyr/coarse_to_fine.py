@@ -7,8 +7,9 @@ so far; rewritten after every generation), ``history.jsonl`` (one line per gener
 end ``allocation.json``. With ``reprune`` a last stage (``reprune/supernet``) prunes the model once
 more at the searched widths, sequentially: every layer on the outputs of the already pruned layers
 before it (EEA mode ``path``), instead of on the expectation over a grid of variants. Both models
-are scored by KL on the ``holdout`` fraction of teacher sequences that the search never used;
-``choose_form`` names the result (``reprune`` by default; ``heldout``: the lower KL) (``state["reprune"]``).
+are scored by KL on the ``holdout`` fraction of teacher sequences that the search never used
+(``state["reprune"]``). Which form is the result (``choose_form``: ``reprune`` by default; ``heldout``:
+the lower KL) is decided downstream, by :func:`final_allocation`, so a changed choice reuses the search.
 Killing the driver and calling it again continues where it stopped; with
 the same seed it reaches the same allocation.
 
@@ -30,7 +31,7 @@ from tyr.artifacts import fault_point, read_json_checked
 from tyr.fitness import KLFitness, TeacherCache, spearman, surrogate_scores
 from tyr.pruning.local import LocalPruner
 from tyr.search import Allocation, EvolutionConfig, SearchSpace, evolve, mutate
-from tyr.search.settings import SearchSettings
+from tyr.search.settings import CHOOSE_FORMS, SearchSettings
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet
 from tyr.supernet.costs import refill, search_costs
@@ -317,9 +318,6 @@ def run_search(
         searched_store = SupernetStore.open(run_dir / final["supernet"], expect_model=model_id)
         kl_searched = full_kl(model, searched_store, final["levels"], teacher, settings.batch_size, rows)
         kl_reprune = full_kl(model, path_store, path_store.grid.centre_levels(), teacher, settings.batch_size, rows)
-        chosen = (
-            ("reprune" if kl_reprune < kl_searched else "supernet") if settings.choose_form == "heldout" else settings.choose_form
-        )
         n_tok = (rows[1] - rows[0]) * (teacher.input_ids.shape[1] - 1)
         state["reprune"] = {
             "supernet": _rel(path_store.root, run_dir),
@@ -328,19 +326,19 @@ def run_search(
             "kl_tokens": n_tok,
             "kl_supernet": kl_searched,
             "kl_reprune": kl_reprune,
-            "chosen": chosen,
-            "chosen_by": settings.choose_form,
             "seconds": time.time() - t0,
         }
         if dist.is_main():
             write_json(state_file, state)
         log.info(
-            "sequential re-prune at the searched widths: KL %.4f vs %.4f from the supernet (%d %s tokens); keeping the %s model",
+            "sequential re-prune at the searched widths: KL %.4f vs %.4f from the supernet (%d %s tokens); "
+            "choose_form=%s keeps the %s model",
             kl_reprune,
             kl_searched,
             n_tok,
             "held-out" if n_hold else "search",
-            chosen,
+            settings.choose_form,
+            chosen_form(state["reprune"], settings.choose_form),
         )
     return resolved(state, run_dir)
 
@@ -407,7 +405,22 @@ def search_forms(state: dict) -> dict[str, dict]:
     return forms
 
 
-def final_allocation(state: dict) -> dict:
-    """The search's result: the chosen form of :func:`search_forms` with its name as ``source``."""
-    source = state["reprune"]["chosen"] if state.get("reprune") else "supernet"
+def chosen_form(reprune: dict | None, choose_form: str = "reprune") -> str:
+    """Which form of the searched widths is the result: ``supernet`` when the re-prune did not run
+    (``reprune`` is the state's record of it, or None), else ``choose_form``, ``heldout`` meaning the
+    form with the lower held-out KL."""
+    if choose_form not in CHOOSE_FORMS:
+        raise ValueError(f"choose_form={choose_form} must be one of {', '.join(CHOOSE_FORMS)}")
+    if reprune is None:
+        return "supernet"
+    if choose_form == "heldout":
+        return "reprune" if reprune["kl_reprune"] < reprune["kl_supernet"] else "supernet"
+    return choose_form
+
+
+def final_allocation(state: dict, choose_form: str = "reprune", reprune: bool = True) -> dict:
+    """The search's result: the form of :func:`search_forms` that :func:`chosen_form` picks, with its
+    name as ``source``. ``reprune=False`` (the setting) keeps the supernet form even if a re-prune is
+    in the state from an earlier run of the same search."""
+    source = chosen_form(state.get("reprune") if reprune else None, choose_form)
     return {**search_forms(state)[source], "source": source}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tyr.allocation import nearest_levels, outlier_ratios, owl_sparsities
 from tyr.artifacts import read_json_checked
-from tyr.coarse_to_fine import final_allocation, search_forms
+from tyr.coarse_to_fine import search_forms
 from tyr.models import LoadedModel
 from tyr.pipeline.prepare import Prepared
 from tyr.pipeline.settings import PipelineSettings, RunKeys
@@ -42,9 +42,9 @@ def first_store(state: dict, model: dict) -> SupernetStore:
     return SupernetStore.open(state["iterations"][0]["supernet"], expect_model=model)
 
 
-def searched_forms(state: dict, model: dict, other: bool = True) -> dict[str, Form]:
-    """``searched`` (the chosen form) first, then (``other``) the other form of the same widths, if the re-prune ran."""
-    chosen = final_allocation(state)["source"]
+def searched_forms(state: dict, model: dict, chosen: str, other: bool = True) -> dict[str, Form]:
+    """``searched`` (the ``chosen`` form, :func:`~tyr.coarse_to_fine.final_allocation`'s ``source``)
+    first, then (``other``) the other form of the same widths, if the re-prune ran."""
     out = {}
     for source, form in sorted(search_forms(state).items(), key=lambda kv: kv[0] != chosen):
         if source != chosen and not other:

@@ -72,7 +72,7 @@ def main(cfg: DictConfig) -> None:
     model = model_id(lm, s.dtype)
     state = build_and_search(lm, model, pruner, prep, s, keys, run_dir)
     timings.setdefault("build_and_search", time.time() - t0)
-    chosen = final_allocation(state)
+    chosen = final_allocation(state, s.search.choose_form, s.search.reprune)
     main_rank = dist.is_main()
     dist.shutdown()
     if not main_rank:  # rank 0 evaluates and exports alone
@@ -82,7 +82,7 @@ def main(cfg: DictConfig) -> None:
         del lm
         lm = load_in_memory(cfg)  # evaluating and exporting run the whole (pruned) model
 
-    forms = searched_forms(state, model, other="searched_other" in s.compare)
+    forms = searched_forms(state, model, chosen["source"], other="searched_other" in s.compare)
     rows = evaluate_dense(lm, s, keys, run_dir) if "dense" in s.compare else {}
     forms.update(comparison_forms(lm, model, prep, s, keys, state, run_dir))
     form_rows, searched_sparsity = evaluate_forms(lm, forms, chosen["source"], dense_counts, s, keys, run_dir)

@@ -2,13 +2,17 @@
 
 ``prepare`` (teacher top-k cache: the model, ``data.search``, ``search.topk``) → ``search`` (every
 supernet, the evolution, the re-prune: the prepare key, the model, pruner, calibration / gradient
-data, target sparsity and every search setting) → ``evaluate`` (each ``results_<form>.json``: the
-evaluation settings and the model form, keyed per file) → ``export`` (the search key and the chosen
-form). A stage's record (``<run>/stages/<stage>.json``, :class:`tyr.artifacts.StageRecord`) is
-written when the stage starts making artifacts; a rerun whose settings differ from a record whose
-artifacts exist is refused in one line naming the setting, unless ``redo=<stage>`` asks to remove
-that stage's artifacts and everything after it. Evaluation results and the export are redone on
-their own when their key changes: they are cheap next to the search and always downstream of it.
+data, target sparsity and every search setting but ``name``, ``topk`` and the downstream
+``reprune`` / ``choose_form``) → ``evaluate`` (each ``results_<form>.json``: the evaluation settings
+and the model form, keyed per file) → ``export`` (the search key and the chosen form).
+``search.reprune`` and ``search.choose_form`` say which form of the searched widths is the result; a
+changed choice keeps the search (the re-prune is added when it had been off) and redoes only the
+evaluation and export of the other form. A stage's record (``<run>/stages/<stage>.json``,
+:class:`tyr.artifacts.StageRecord`) is written when the stage starts making artifacts; a rerun
+whose settings differ from a record whose artifacts exist is refused in one line naming the setting,
+unless ``redo=<stage>`` asks to remove that stage's artifacts and everything after it. Evaluation
+results and the export are redone on their own when their key changes: they are cheap next to the
+search and always downstream of it.
 
 Settings that change how fast, not what (threads, paths, batch sizes, runtime placement) are left
 out of every key. The run directory's layout (which stage owns which file, the records, the redo) is
@@ -48,6 +52,16 @@ def eval_settings(cfg: DictConfig) -> dict:
     return eval_protocol(_c(cfg.eval))
 
 
+# search settings that decide only which form of the searched widths is kept, not what the search makes:
+# out of the search key (evaluations and the export are keyed by the form itself)
+DOWNSTREAM = ("name", "topk", "reprune", "choose_form")
+
+
+def search_key_settings(search: dict) -> dict:
+    """The search settings that make the search stage's artifacts."""
+    return {k: v for k, v in search.items() if k not in DOWNSTREAM}
+
+
 def records(cfg: DictConfig, model_id: dict, needs_gradients: bool) -> dict[str, StageRecord]:
     """The prepare and search records of a pipeline config."""
     # keys are the config paths, so a differing setting is named as the user writes it
@@ -59,7 +73,7 @@ def records(cfg: DictConfig, model_id: dict, needs_gradients: bool) -> dict[str,
         "data.gradient": _c(cfg.data.gradient) if needs_gradients else None,
         "target_sparsity": float(cfg.target_sparsity),
     }
-    search = {k: v for k, v in _c(cfg.search).items() if k not in ("name", "topk")}
+    search = search_key_settings(_c(cfg.search))
     return {"prepare": prepare, "search": StageRecord("search", {"prepare": prepare.key, **build, "search": search})}
 
 
@@ -71,12 +85,20 @@ def _needs_gradients(cfg: DictConfig) -> bool:
 
 def stored_records(run_dir: Path) -> dict[str, StageRecord]:
     """The run's records; for a run made before records existed, derived from its saved config."""
-    out = {s: r for s in CHECKED if (r := StageRecord.read(record_path(run_dir, s))) is not None}
+    out = {s: _current(r) for s in CHECKED if (r := StageRecord.read(record_path(run_dir, s))) is not None}
     legacy = Path(run_dir) / ".hydra" / "config.yaml"
     if not out and legacy.exists() and has_artifacts(run_dir, "prepare"):
         old = OmegaConf.load(legacy)
         out = records(old, model_identity(old), _needs_gradients(old))
     return out
+
+
+def _current(rec: StageRecord) -> StageRecord:
+    """A record as this version keys it: records written before ``reprune`` / ``choose_form`` left
+    the search key hold them, and would otherwise refuse a rerun of their own settings."""
+    if rec.stage != "search" or not isinstance(rec.settings.get("search"), dict):
+        return rec
+    return StageRecord(rec.stage, {**rec.settings, "search": search_key_settings(rec.settings["search"])})
 
 
 def check_run(cfg: DictConfig, run_dir: Path) -> None:
