@@ -323,7 +323,8 @@ def test_other_form_choice_reuses_the_search(reference, cache, tmp_path):
     """``search.choose_form`` / ``search.reprune`` pick a form of the searched widths downstream of the
     search: a changed choice keeps every search artifact byte for byte and evaluates the newly chosen
     form, the last iteration's supernet variants. A run whose search record was written while they
-    were in the search key (the record holds them) is accepted for its own settings."""
+    were in the search key (the record holds them), and before ``search.start`` existed, is accepted
+    for its own settings; ``search.start=recipe`` is another search and is refused in one line."""
     run = copy_of(reference, tmp_path)
     before = _search_files(run)
     state = json.loads((run / "search_state.json").read_text())
@@ -339,12 +340,15 @@ def test_other_form_choice_reuses_the_search(reference, cache, tmp_path):
         assert snapshot(run)["ppl"] != reference[1]["ppl"]  # another model than the reference's re-prune form
     record = run / "stages" / "search.json"
     old = json.loads(record.read_text())
-    old["settings"]["search"].update(reprune=True, choose_form="reprune")  # as the earlier version wrote it
+    old["settings"]["search"].update(reprune=True, choose_form="reprune")  # as the earlier version wrote it,
+    assert old["settings"]["search"].pop("start") == "fitted"  # before search.start existed
     record.write_text(json.dumps(old))
     p = pipeline(run, cache)
     assert p.returncode == 0, p.stderr[-2000:]
     assert _search_files(run) == before and json.loads((run / "allocation.json").read_text())["source"] == "reprune"
     assert snapshot(run)["ppl"] == reference[1]["ppl"]  # the re-prune form evaluated again, as the reference did
+    p = pipeline(run, cache, "search.start=recipe")
+    assert p.returncode == 2 and 'search.start: "fitted" -> "recipe"' in p.stderr, p.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from tyr.data import TokenSetSpec, build_token_set
 from tyr.fitness import KLFitness, TeacherCache, kl_sum
 from tyr.modeling.adapter import get_adapter
 from tyr.pruning.taylor import collect_taylor
-from tyr.pruning.uniform import prune_uniform
+from tyr.pruning.uniform import prune_uniform, uniform_widths
 from tyr.search import Allocation
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet
@@ -82,17 +82,8 @@ def test_kl_fitness_dense_is_zero_and_prefix_cache_is_exact(tiny, data, supernet
 
 
 def _settings(**kw):
-    return SearchSettings(
-        intervals=[0.25, 0.125],
-        n_levels=5,
-        min_channels=8,
-        generations=3,
-        offspring=4,
-        stages=[(64, 2), (192, 1)],
-        seed=3,
-        batch_size=4,
-        **{"surrogate_check": 0, "holdout": 0.0, **kw},
-    )
+    base = dict(intervals=[0.25, 0.125], n_levels=5, min_channels=8, generations=3, offspring=4, stages=[(64, 2), (192, 1)])
+    return SearchSettings(**{**base, "seed": 3, "batch_size": 4, "surrogate_check": 0, "holdout": 0.0, **kw})
 
 
 def test_driver_resumes_to_the_same_allocation(tiny, data, tmp_path, monkeypatch):
@@ -138,6 +129,10 @@ def test_path_supernet_is_the_sequential_prune(tiny, data, tmp_path):
     seq = copy.deepcopy(tiny.model)
     report = prune_uniform(seq, pruner, calib, 0.5, taylor, batch_size=4, progress=False)
     keep = {"attn": [r["heads_kept"] for r in report["layers"]], "mlp": [r["channels_kept"] for r in report["layers"]]}
+    # the same pass on layer copies finds the recipe's widths and leaves the model dense
+    dense_model = copy.deepcopy(tiny.model)
+    assert uniform_widths(dense_model, pruner, calib, 0.5, taylor, batch_size=4) == keep
+    assert all(torch.equal(a, b) for a, b in zip(dense_model.state_dict().values(), tiny.model.state_dict().values()))
     store = build_path_supernet(
         tiny.model, MODEL, pruner, calib, taylor, keep, tmp_path / "p", SearchSettings(min_channels=8, batch_size=4)
     )
@@ -283,3 +278,32 @@ def test_final_iteration_in_path_mode_prunes_along_the_previous_best(tiny, data,
     Assembler(c, s1e).assemble(s1e.grid.centre_levels())
     with torch.no_grad():
         assert (c(search[:2]).logits - want).abs().max() > 1e-3
+
+
+def test_recipe_start_centres_the_first_grid_on_the_recipe_widths(tiny, data, tmp_path, monkeypatch):
+    """``search.start=recipe``: iteration 0's grid is centred on the prune recipe's widths (the oracle:
+    the recipe run in place), found once and kept in the state, so a resumed run does not redo it."""
+    import tyr.pruning.uniform as uniform
+
+    calib, search, taylor = data
+    teacher = TeacherCache.build(tiny.model, search, k=64)
+    pruner = pruner_from_conf()
+    report = prune_uniform(copy.deepcopy(tiny.model), pruner, calib, 0.5, taylor, batch_size=4, progress=False)
+    want = {"attn": [r["heads_kept"] for r in report["layers"]], "mlp": [r["channels_kept"] for r in report["layers"]]}
+    fitted = make_grid(layer_shapes(tiny.model), 0.5, 0.25, 5, 1, 8)
+    assert {k: [g.keep[g.centre] for g in fitted.modules[k]] for k in ("attn", "mlp")} != want  # the start moves
+    settings = _settings(start="recipe", intervals=[0.25], generations=1, reprune=False)
+    state = run_search(copy.deepcopy(tiny.model), MODEL, pruner, calib, taylor, teacher, 0.5, settings, tmp_path)
+    assert state["start"]["keep"] == want
+    grid = SupernetStore.open(state["iterations"][0]["supernet"]).grid
+    assert {k: [g.keep[g.centre] for g in grid.modules[k]] for k in ("attn", "mlp")} == want
+    # a run killed after the start was found, before the first supernet: it resumes from the recorded start
+    import json
+    import shutil
+
+    saved = json.loads((tmp_path / "search_state.json").read_text())
+    shutil.rmtree(tmp_path / "iter0")
+    (tmp_path / "search_state.json").write_text(json.dumps({**saved, "iterations": [], "current": None}))
+    monkeypatch.setattr(uniform, "uniform_widths", lambda *a, **k: pytest.fail("the start was found again"))
+    again = run_search(copy.deepcopy(tiny.model), MODEL, pruner, calib, taylor, teacher, 0.5, settings, tmp_path)
+    assert again["start"] == state["start"] and again["iterations"][0]["levels"] == state["iterations"][0]["levels"]

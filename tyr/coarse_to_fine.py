@@ -31,7 +31,7 @@ from tyr.artifacts import fault_point, read_json_checked
 from tyr.fitness import KLFitness, TeacherCache, spearman, surrogate_scores
 from tyr.pruning.local import LocalPruner
 from tyr.search import Allocation, EvolutionConfig, SearchSpace, evolve, mutate
-from tyr.search.settings import CHOOSE_FORMS, SearchSettings
+from tyr.search.settings import CHOOSE_FORMS, STARTS, SearchSettings
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet
 from tyr.supernet.costs import refill, search_costs
@@ -154,7 +154,7 @@ def run_search(
     if dist.is_main():
         _drop_uncommitted(history.path, state)
     shapes = layer_shapes(model)
-    centre = None
+    centre = _start_centre(model, pruner, calib_ids, taylor, target_sparsity, settings, state, state_file)
     for done in state["iterations"]:
         centre = done["keep"]
     for it, interval in enumerate(settings.intervals):
@@ -341,6 +341,27 @@ def run_search(
             chosen_form(state["reprune"], settings.choose_form),
         )
     return resolved(state, run_dir)
+
+
+def _start_centre(
+    model, pruner, calib_ids, taylor, target_sparsity: float, settings: SearchSettings, state: dict, state_file: Path
+):
+    """Iteration 0's grid centre: None (:func:`make_grid`'s uniform target) for ``start=fitted``; for
+    ``start=recipe`` the prune recipe's widths, found once and kept in the state (``state["start"]``)."""
+    if settings.start == "fitted":
+        return None
+    if settings.start != "recipe":
+        raise ValueError(f"search.start={settings.start} must be one of {', '.join(STARTS)}")
+    if state.get("start") is None:
+        from tyr.pruning.uniform import uniform_widths
+
+        t0 = time.time()
+        keep = uniform_widths(model, pruner, calib_ids, target_sparsity, taylor, batch_size=settings.batch_size)
+        state["start"] = {"rule": "recipe", "keep": keep, "seconds": time.time() - t0}
+        if dist.is_main():
+            write_json(state_file, state)
+        log.info("start: the prune recipe's widths (%d heads, %d channels kept)", sum(keep["attn"]), sum(keep["mlp"]))
+    return state["start"]["keep"]
 
 
 def _rel(path: Path, run_dir: Path) -> str:

@@ -49,16 +49,20 @@ def mlp_channels_to_remove(before: dict, after_attn: dict, sparsity: float, per_
 
 
 class UniformPrune(LayerCallback):
-    """The driver callback of :func:`prune_uniform`: prunes each layer in place (slicing)."""
+    """The driver callback of :func:`prune_uniform`: prunes each layer in place (slicing). With
+    ``in_place=False`` it prunes a copy of each layer and passes the copy's outputs on, so the model
+    stays dense (:func:`uniform_widths`)."""
 
-    def __init__(self, model, pruner: LocalPruner, sparsity: float, taylor: dict | None, on_layer=None):
+    def __init__(self, model, pruner: LocalPruner, sparsity: float, taylor: dict | None, on_layer=None, in_place: bool = True):
         self.model, self.adapter, self.pruner, self.sparsity, self.taylor = model, get_adapter(model), pruner, sparsity, taylor
-        self.on_layer = on_layer
+        self.on_layer, self.in_place = on_layer, in_place
         self.reports: list[LayerReport] = []
 
     def process(self, li, layer, inputs):
         adapter, sparsity = self.adapter, self.sparsity
-        if streaming.is_streaming(self.model):  # keep a resident copy of the pruned layer; the streamed one is released
+        if not self.in_place:
+            layer = copy.deepcopy(layer)
+        elif streaming.is_streaming(self.model):  # keep a resident copy of the pruned layer; the streamed one is released
             layer = copy.deepcopy(layer)
             adapter.layers(self.model)[li] = layer
         before = layer_counts(adapter, layer)
@@ -152,3 +156,18 @@ def prune_uniform(
         "seconds": time.time() - t0,
         "layers": [asdict(r) for r in cb.reports],
     }
+
+
+def uniform_widths(
+    model, pruner: LocalPruner, calib_ids: torch.Tensor, sparsity: float, taylor: dict | None = None, batch_size: int = 8
+) -> dict[str, list[int]]:
+    """The kept heads and channels per layer of :func:`prune_uniform`'s model, leaving ``model`` dense:
+    the same sequential pass, each layer pruned as a copy (one layer's copy in memory at a time).
+    ``calib_ids`` are all the sequences; distributed, each rank takes its block (the statistics are
+    summed over ranks, so every rank finds the same widths)."""
+    if pruner.needs_gradients and taylor is None:
+        raise ValueError(f"pruner {pruner.name or type(pruner.scorer).__name__} needs Taylor statistics (gradients)")
+    cb = UniformPrune(model, pruner, sparsity, taylor, in_place=False)
+    desc = f"uniform widths {sparsity:.0%}: layer"
+    run_layers(model, cb, calib_ids, batch_size=batch_size, shard=True, desc=desc, progress=True)
+    return {"attn": [r.heads_kept for r in cb.reports], "mlp": [r.channels_kept for r in cb.reports]}

@@ -121,7 +121,7 @@ def check_data(cfg: DictConfig, search: bool) -> None:
 
 def check_search(cfg: DictConfig, tokens: bool = True) -> None:
     """The search settings; with ``tokens``, also that every stage fits in the search token set."""
-    from tyr.search.settings import BUDGETS, CHOOSE_FORMS
+    from tyr.search.settings import BUDGETS, CHOOSE_FORMS, STARTS
 
     s = cfg.search
     n = int(s.n_levels)
@@ -143,6 +143,7 @@ def check_search(cfg: DictConfig, tokens: bool = True) -> None:
         "choose_form" not in s or str(s.choose_form) in CHOOSE_FORMS,
         f"search.choose_form={s.get('choose_form')} must be one of {', '.join(CHOOSE_FORMS)}",
     )
+    _need("start" not in s or str(s.start) in STARTS, f"search.start={s.get('start')} must be one of {', '.join(STARTS)}")
     _need("budget" not in s or str(s.budget) in BUDGETS, f"search.budget={s.get('budget')} must be one of {', '.join(BUDGETS)}")
     _need(
         s.get("final_eea") is None or str(s.final_eea) in EEA,

@@ -55,11 +55,14 @@ def eval_settings(cfg: DictConfig) -> dict:
 # search settings that decide only which form of the searched widths is kept, not what the search makes:
 # out of the search key (evaluations and the export are keyed by the form itself)
 DOWNSTREAM = ("name", "topk", "reprune", "choose_form")
+# search settings added since records existed, at the value every earlier search used
+ADDED = {"start": "fitted"}
 
 
 def search_key_settings(search: dict) -> dict:
-    """The search settings that make the search stage's artifacts."""
-    return {k: v for k, v in search.items() if k not in DOWNSTREAM}
+    """The search settings that make the search stage's artifacts (a record older than a setting
+    holds the value its search used)."""
+    return {**ADDED, **{k: v for k, v in search.items() if k not in DOWNSTREAM}}
 
 
 def records(cfg: DictConfig, model_id: dict, needs_gradients: bool) -> dict[str, StageRecord]:
@@ -95,7 +98,8 @@ def stored_records(run_dir: Path) -> dict[str, StageRecord]:
 
 def _current(rec: StageRecord) -> StageRecord:
     """A record as this version keys it: records written before ``reprune`` / ``choose_form`` left
-    the search key hold them, and would otherwise refuse a rerun of their own settings."""
+    the search key hold them, and those written before ``start`` lack it; either would otherwise
+    refuse a rerun of their own settings."""
     if rec.stage != "search" or not isinstance(rec.settings.get("search"), dict):
         return rec
     return StageRecord(rec.stage, {**rec.settings, "search": search_key_settings(rec.settings["search"])})

@@ -33,6 +33,11 @@ class SearchSettings:
     # the grid's count (key / value heads a fixed cost), the budget being the grid centre's. ``real`` since
     # session 7: ``nominal`` left SmolLM2-135M's 50 % models 1.3M parameters under the target
     budget: str = "real"
+    # where iteration 0's grid is centred (one of STARTS): ``fitted``, the uniform target of every module, the
+    # start fitted to the real budget by the supernet's local errors (tyr.supernet.costs); ``recipe``, the
+    # widths of the prune recipe's uniform model (tyr.pruning.uniform.uniform_widths: each layer at the
+    # target, its MLP sized after its pruned attention), found by one sequential pass before the build
+    start: str = "fitted"
     generations: int = 50
     offspring: int = 128
     stages: list[tuple[int, int]] = field(default_factory=lambda: [(2048, 16), (16384, 4), (131072, 1)])  # (tokens, survivors)
@@ -50,6 +55,7 @@ class SearchSettings:
 
 CHOOSE_FORMS = ("reprune", "supernet", "heldout")
 BUDGETS = ("real", "nominal")
+STARTS = ("fitted", "recipe")
 CONFIG_FIELDS = tuple(f.name for f in fields(SearchSettings) if f.name != "batch_size")
 
 
