@@ -307,3 +307,22 @@ def test_recipe_start_centres_the_first_grid_on_the_recipe_widths(tiny, data, tm
     monkeypatch.setattr(uniform, "uniform_widths", lambda *a, **k: pytest.fail("the start was found again"))
     again = run_search(copy.deepcopy(tiny.model), MODEL, pruner, calib, taylor, teacher, 0.5, settings, tmp_path)
     assert again["start"] == state["start"] and again["iterations"][0]["levels"] == state["iterations"][0]["levels"]
+
+
+def test_recipe_start_built_along_the_path_is_the_recipe_model(tiny, data, tmp_path):
+    """``search.start=recipe`` with ``search.eea=path``: iteration 0's variants are pruned along the recipe's
+    widths, so the grid centre assembles to the prune recipe's model itself (its heads, not only its widths)."""
+    calib, search, taylor = data
+    teacher = TeacherCache.build(tiny.model, search, k=64)
+    pruner = pruner_from_conf()
+    seq = copy.deepcopy(tiny.model)
+    prune_uniform(seq, pruner, calib, 0.5, taylor, batch_size=4, progress=False)
+    settings = _settings(start="recipe", eea="path", intervals=[0.25], generations=1, reprune=False)
+    state = run_search(copy.deepcopy(tiny.model), MODEL, pruner, calib, taylor, teacher, 0.5, settings, tmp_path)
+    store = SupernetStore.open(state["iterations"][0]["supernet"])
+    assert store.manifest["eea"] == "path"
+    model = copy.deepcopy(tiny.model)
+    Assembler(model, store).assemble(store.grid.centre_levels())
+    with torch.no_grad():
+        got, want = model(search[:2]).logits, seq(search[:2]).logits
+    assert torch.allclose(got, want, atol=2e-4, rtol=1e-4), (got - want).abs().max()
