@@ -19,7 +19,7 @@ from tyr.pipeline.layout import form_key
 from tyr.pipeline.prepare import Prepared
 from tyr.pipeline.settings import PipelineSettings, RunKeys
 from tyr.plots import plot_allocation, plot_search_history
-from tyr.pruning.uniform import prune_uniform
+from tyr.pruning.uniform import kept_widths, prune_uniform
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.store import SupernetStore
 from tyr.utils import write_json
@@ -144,10 +144,7 @@ def evaluate_uniform_prune(
 
     def prune() -> dict:
         rep = prune_uniform(lm.model, pruner, prep.calib, s.target_sparsity, prep.taylor, batch_size=s.batch_size)
-        return {
-            "budget": real_budget(lm.model, dense_counts),
-            "kept": {"attn": [r["heads_kept"] for r in rep["layers"]], "mlp": [r["channels_kept"] for r in rep["layers"]]},
-        }
+        return {"budget": real_budget(lm.model, dense_counts), "kept": kept_widths(rep["layers"])}
 
     form = {"uniform_prune": keys.supernet, "prepare": keys.prepare.key}
     out = Path(run_dir) / "results_uniform_reprune.json"

@@ -54,17 +54,21 @@ class UniformPrune(LayerCallback):
     stays dense (:func:`uniform_widths`)."""
 
     def __init__(self, model, pruner: LocalPruner, sparsity: float, taylor: dict | None, on_layer=None, in_place: bool = True):
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        if pruner.needs_gradients and taylor is None:
+            raise ValueError(f"pruner {pruner.name or type(pruner.scorer).__name__} needs Taylor statistics (gradients)")
         self.model, self.adapter, self.pruner, self.sparsity, self.taylor = model, get_adapter(model), pruner, sparsity, taylor
         self.on_layer, self.in_place = on_layer, in_place
         self.reports: list[LayerReport] = []
 
     def process(self, li, layer, inputs):
         adapter, sparsity = self.adapter, self.sparsity
-        if not self.in_place:
+        # a copy: left out of the model, or (streamed) kept resident in its place while the streamed layer is released
+        if not self.in_place or streaming.is_streaming(self.model):
             layer = copy.deepcopy(layer)
-        elif streaming.is_streaming(self.model):  # keep a resident copy of the pruned layer; the streamed one is released
-            layer = copy.deepcopy(layer)
-            adapter.layers(self.model)[li] = layer
+            if self.in_place:
+                adapter.layers(self.model)[li] = layer
         before = layer_counts(adapter, layer)
         k_heads = {}
 
@@ -139,13 +143,9 @@ def prune_uniform(
     pruned layer stays resident in its place, so the result is the pruned model in memory.
     Distributed, each rank passes its block of ``calib_ids``; the input statistics are summed over
     ranks."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if pruner.needs_gradients and taylor is None:
-        raise ValueError(f"pruner {pruner.name or type(pruner.scorer).__name__} needs Taylor statistics (gradients)")
+    cb = UniformPrune(model, pruner, sparsity, taylor, on_layer)
     dense = parameter_counts(model)
     t0 = time.time()
-    cb = UniformPrune(model, pruner, sparsity, taylor, on_layer)
     run_layers(model, cb, calib_ids, batch_size=batch_size, desc=f"prune {sparsity:.0%}: layer", progress=progress)
     pruned = parameter_counts(model)
     return {
@@ -165,9 +165,12 @@ def uniform_widths(
     the same sequential pass, each layer pruned as a copy (one layer's copy in memory at a time).
     ``calib_ids`` are all the sequences; distributed, each rank takes its block (the statistics are
     summed over ranks, so every rank finds the same widths)."""
-    if pruner.needs_gradients and taylor is None:
-        raise ValueError(f"pruner {pruner.name or type(pruner.scorer).__name__} needs Taylor statistics (gradients)")
     cb = UniformPrune(model, pruner, sparsity, taylor, in_place=False)
     desc = f"uniform widths {sparsity:.0%}: layer"
     run_layers(model, cb, calib_ids, batch_size=batch_size, shard=True, desc=desc, progress=True)
-    return {"attn": [r.heads_kept for r in cb.reports], "mlp": [r.channels_kept for r in cb.reports]}
+    return kept_widths([asdict(r) for r in cb.reports])
+
+
+def kept_widths(layers: list[dict]) -> dict[str, list[int]]:
+    """The kept heads and channels per layer of a prune report's ``layers``: a grid centre's ``keep``."""
+    return {"attn": [r["heads_kept"] for r in layers], "mlp": [r["channels_kept"] for r in layers]}
