@@ -49,12 +49,21 @@ def _cache_bytes(cache: Any) -> int:
     return total
 
 
+def _portable_args(args: argparse.Namespace) -> dict[str, Any]:
+    from tyr.utils import portable_path
+
+    out = dict(vars(args))
+    out["dense"] = portable_path(args.dense) if args.dense else None
+    out["pruned"] = [portable_path(p) for p in args.pruned]
+    return out
+
+
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
     from tyr.modeling.hf_pruned.modeling_tyr_llama import CACHE_KWARG
-    from tyr.utils import peak_rss_mb, proc_status_mb
+    from tyr.utils import peak_rss_mb, portable_path, proc_status_mb
 
     torch.set_num_threads(args.threads)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -79,7 +88,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     alloc = Path(args.path) / "tyr_allocation.json"
     if alloc.exists():  # real parameters of a pruned export: zero padding heads excluded
         params = int(json.loads(alloc.read_text())["parameters"]["total"])
-    ids = torch.load(args.ids)
+    from safetensors.torch import load_file
+
+    ids = load_file(args.ids)["ids"]
     prefill_s, decode_s, cache_b = [], [], 0
     with torch.inference_mode():
         model(ids[:, : min(16, ids.shape[1])], use_cache=True)  # warm-up
@@ -99,7 +110,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     b, n = ids.shape
     pre, dec = statistics.median(prefill_s), statistics.median(decode_s)
     return {
-        "path": args.path,
+        "path": portable_path(args.path),
         "layout": args.layout,
         "model_type": model.config.model_type,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -206,8 +217,10 @@ def run_driver(args: argparse.Namespace) -> list[dict[str, Any]]:
         ids = torch.randint(min(100, vocab - 1), vocab, (args.batch, args.prompt_len), generator=g)
     rows = []
     with tempfile.TemporaryDirectory(prefix="tyr-bench-ids-") as tmp:
-        ids_file = Path(tmp) / "ids.pt"
-        torch.save(ids, ids_file)
+        from safetensors.torch import save_file
+
+        ids_file = Path(tmp) / "ids.safetensors"
+        save_file({"ids": ids.contiguous()}, str(ids_file))
         jobs = [
             (path, layout, bool(args.dense) and i == 0)
             for i, path in enumerate(paths)
@@ -245,7 +258,7 @@ def run_driver(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     print(markdown_table(rows, rows[0]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"args": _portable_args(args), "rows": rows}, indent=2) + "\n")
     return rows
 
 

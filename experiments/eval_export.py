@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tyr.utils import portable_path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -96,7 +98,7 @@ def main() -> None:
 
     from tyr.tasks import TASKS
 
-    rows, report = [], {"run": str(run), "perplexity": {}, "zero_shot": {}}
+    rows, report = [], {"run": portable_path(run), "perplexity": {}, "zero_shot": {}}
     for name, r in ref["perplexity"].items():
         a, b = r["ppl"], tyr_res["perplexity"][name]["ppl"]
         report["perplexity"][name] = {"in_memory": a, "exported": b, "rel_diff": abs(a - b) / a}

@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tyr.utils import portable_path
+
 PERTURB_SEARCHED = [1, 2, 4, 8, 16, 32]  # distances (level switches) from the searched allocation, 2 draws each
 PERTURB_UNIFORM = [2, 4, 8, 16]  # ... from the uniform one, 2 draws each
 
@@ -225,7 +227,7 @@ def run(args) -> None:
                 "levels": alloc.get("levels"),
                 "keep": keep_counts(use.grid, levels),
                 "real_params": allocation_cost(real_costs(use, model), levels),
-                "run": str(run_dir),
+                "run": portable_path(run_dir),
                 "windows": args.windows,
                 "wall_seconds": time.time() - t0,
                 **rec,

@@ -23,6 +23,8 @@ from experiments import search_vs_uniform as sv
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tyr.utils import portable_path
+
 
 def scores(res: dict) -> dict:
     """Perplexities with their standard errors and the zero-shot average with its own
@@ -56,7 +58,7 @@ def collect(root: Path) -> list[dict]:
                 "before": scores(r["before"]),
                 "after": scores(r["after"]),
                 "after_over_before": ratios(r["before"], r["after"]),
-                "dir": str(f.parent),
+                "dir": portable_path(f.parent),
             }
         )
     return runs

@@ -1,10 +1,10 @@
 #!/bin/bash
 # Runs issue #16's cases against a code tree, one line per case into OUT/table.tsv (docs/reliability.md):
-#   bash experiments/reliability_cases.sh /work/main runs/before/main   # "before"
+#   bash experiments/reliability_cases.sh <main checkout> runs/before/main   # "before"
 #   bash experiments/reliability_cases.sh $PWD runs/before/after        # "after"
 CODE=$(realpath $1); OUT=$(realpath -m $2); mkdir -p $OUT
 export PYTHONPATH=$CODE TYR_THREADS=1 OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
-P=/work/main/.venv/bin/python
+P=${PYTHON:-$(realpath .venv/bin/python)}  # the venv of the checkout this is run from
 T=$OUT/files; mkdir -p $T/no_weights $T/no_tok
 printf '{"text": "a"}\nnot json\n' > $T/bad_line.jsonl; printf '{"body": "a"}\n' > $T/no_text.jsonl
 echo '{}' > $T/no_weights/config.json; echo '{}' > $T/no_weights/tokenizer.json

@@ -19,6 +19,8 @@ import json
 import math
 from pathlib import Path
 
+from tyr.utils import portable_path
+
 
 def scores(res: dict) -> dict:
     ppl = res.get("perplexity", {})
@@ -74,7 +76,7 @@ def collect(runs: list[Path]) -> dict:
                 "uniform_sequential": (uniform.get("budget") or {}).get("sparsity"),
             },
             "total_params": {"searched": searched["params"]["total"], "uniform_sequential": uniform["params"]["total"]},
-            "run": str(run),
+            "run": portable_path(run),
             "protocol": protocol(searched),
         }
         table[sp]["paired"] = {

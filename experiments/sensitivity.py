@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from tyr.supernet.grid import KINDS
+from tyr.utils import portable_path
 
 
 def summed(table: dict, levels: dict) -> float:
@@ -89,7 +90,7 @@ def measure(args) -> None:
                     g = grid.modules[k][li]
                     rec = {"layer": li, "kind": k, "level": lv, "kept": g.keep[lv], "units": g.n_units}
                     rec.update({"sparsity": g.sparsity(lv), "kl": kl, "kl_dense": base, "dkl": kl - base})
-                    rec.update({"sequences": args.sequences, "run": str(args.run)})
+                    rec.update({"sequences": args.sequences, "run": portable_path(args.run)})
                     f.write(json.dumps(rec) + "\n")
             print(f"layer {li + 1}/{L}: {len(todo)} variants in {time.time() - t0:.0f} s", flush=True)
     finally:

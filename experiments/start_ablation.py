@@ -20,6 +20,8 @@ import json
 import time
 from pathlib import Path
 
+from tyr.utils import portable_path
+
 
 def main() -> None:
     from omegaconf import OmegaConf
@@ -51,7 +53,7 @@ def main() -> None:
     starts = {"uniform": uniform, "additive": additive_allocation(costs, dkl, budget)}
     N, n_hold = teacher.input_ids.shape[0], int(state["holdout_sequences"])
     first = state["iterations"][0]
-    out = json.loads(args.out.read_text()) if args.out.exists() else {"run": str(run_dir), "budget": budget}
+    out = json.loads(args.out.read_text()) if args.out.exists() else {"run": portable_path(run_dir), "budget": budget}
     space = SearchSpace.from_costs(costs, budget=budget)
     asm = Assembler(model, store)
     evo = EvolutionConfig(

@@ -21,6 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tyr.utils import portable_path
+
 TASKS = ["arc_easy", "arc_challenge", "boolq", "openbookqa", "piqa"]
 
 
@@ -78,7 +80,8 @@ def collect(root: Path) -> tuple[list[dict], list[dict]]:
         else:  # dense evaluation
             rows.append(_row(f"dense ({res.get('model', '?')})", 0.0, res, f.parent))
     for f in sorted(root.rglob("failed.json")):
-        failed.append({"job": str(f.parent), **{k: v for k, v in json.loads(f.read_text()).items() if k != "traceback"}})
+        record = {k: v for k, v in json.loads(f.read_text()).items() if k != "traceback"}
+        failed.append({"job": portable_path(f.parent), **record})
     return rows, failed
 
 

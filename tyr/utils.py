@@ -41,6 +41,20 @@ def _default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def portable_path(path: str | Path, root: str | Path | None = None) -> str:
+    """``path`` as a result records it, meaningful on another machine: relative to ``root`` (default: the
+    working directory, where ``runs/`` lives) when under it, ``$TYR_CACHE/...`` under tyr's cache, else
+    the last two components. Never this machine's absolute path."""
+    p = Path(path).expanduser().absolute()
+    cache = Path(os.environ.get("TYR_CACHE") or Path.home() / ".cache" / "tyr").expanduser().absolute()
+    for base, prefix in ((Path(root or Path.cwd()).absolute(), ""), (cache, "$TYR_CACHE/")):
+        try:
+            return prefix + p.relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return "/".join(p.parts[-2:])
+
+
 class JsonlWriter:
     """Append-only metrics log: one JSON object per line, flushed at once, with a wall-clock stamp.
     ``fresh=True`` empties an existing log first: for stages that restart from scratch rather than

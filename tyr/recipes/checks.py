@@ -17,6 +17,7 @@ failure and goes on.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -269,6 +270,30 @@ def validate(cfg: DictConfig, job: str, run_dir: Path | None = None) -> None:
             check_run(cfg, run_dir)
 
 
+def check_output_dir(path: Path, what: str = "run directory") -> None:
+    """The directory ``path`` exists or can be made; otherwise one line naming what is in the way (a link
+    to a missing directory, a file, a place without write permission). Makes the directory, as Hydra is
+    about to: called only once the settings are accepted."""
+    for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            raise SettingsError(
+                f"{what} {path}: {p} is a link to {os.readlink(p)}, which does not exist; remove the link or create its target"
+            )
+        if p.exists():
+            _need(p.is_dir(), f"{what} {path}: {p} is a file, not a directory; move it away or set paths.output_dir=...")
+            _need(
+                p == path or os.access(p, os.W_OK | os.X_OK),
+                f"{what} {path}: no permission to write in {p}; set paths.output_dir=... to a writable place",
+            )
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SettingsError(
+            f"{what} {path} cannot be made: {e.strerror or e} ({e.filename}); set paths.output_dir=... to a writable place"
+        ) from None
+
+
 # --- the Hydra callback --------------------------------------------------------------------------
 
 _previous_record: dict[Path, bytes] = {}
@@ -308,6 +333,18 @@ class Checks(Callback):
             from tyr.recipes.errors import user_errors, user_message
 
             fail(user_message(e) if isinstance(e, (ValueError, *user_errors())) else f"{type(e).__name__}: {e}")
+        if run_dir is not None:
+            try:
+                check_output_dir(run_dir)
+            except SettingsError as e:
+                fail(str(e))
         if run_dir is not None and config.hydra.output_subdir is not None:
             hydra_dir = run_dir / str(config.hydra.output_subdir)
             _previous_record.update({p: p.read_bytes() for p in hydra_dir.glob("*.yaml")} if hydra_dir.is_dir() else {})
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        """The sweep's directory, before Hydra makes it (each job is validated by ``recorded``)."""
+        try:
+            check_output_dir(Path(str(config.hydra.sweep.dir)), "sweep directory")
+        except SettingsError as e:
+            fail(str(e))
