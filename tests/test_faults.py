@@ -366,7 +366,10 @@ def _bad_files(tmp: Path) -> dict:
     (no_tok / "model.safetensors").write_bytes(b"\0" * 16)
     not_run = tmp / "not_a_run"
     not_run.mkdir()
+    from tyr.data import data_dir
+
     return {
+        "boolq": data_dir() / "boolq" / "dev.jsonl",
         "bad_line": tmp / "bad_line.jsonl",
         "no_text": tmp / "no_text.jsonl",
         "no_weights": no_weights,
@@ -392,6 +395,13 @@ BAD = [  # (recipe, overrides, words in the one-line message)
     ("pipeline", ["data.search.source=jsonl:{bad_line}"], ["data.search.source", "bad_line.jsonl:2", "not a JSON line"]),
     ("pipeline", ["data.calibration.source=jsonl:{no_text}"], ["no_text.jsonl:1", "'text'"]),
     ("pipeline", ["data.calibration.source=wikitext3"], ["unknown text source", "wikitext3"]),
+    # evaluation text is refused for every stage (issue #32): test splits, the general dev set, evaluation files
+    ("pipeline", ["data.search.source=general_test"], ["data.search.source", "'general_test'", "only evaluation"]),
+    ("pipeline", ["data.calibration.source=c4[0:100]+wikitext2_test"], ["data.calibration.source", "'wikitext2_test'"]),
+    ("pipeline", ["data.gradient.source=general_dev"], ["data.gradient.source", "'general_dev'", "only evaluation"]),
+    ("pipeline", ["recover=lora", "recover.data=[{source: ptb_test, weight: 1.0}]"], ["recover.data", "'ptb_test'"]),
+    ("prune", ["data.calibration.source=general_test"], ["data.calibration.source", "'general_test'"]),
+    ("build", ["data.calibration.source=jsonl:{boolq}"], ["data.calibration.source", "evaluation data"]),
     ("pipeline", ["data.calibration.seq_len=0"], ["data.calibration.seq_len=0"]),
     ("pipeline", ["data.calibration.num_sequences=0"], ["data.calibration.num_sequences=0"]),
     ("pipeline", ["model=hf_folder"], ["model.source.path="]),

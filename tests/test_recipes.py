@@ -23,7 +23,7 @@ def test_evaluate_recipe_writes_results(tmp_path):
     p = run_recipe("tyr.recipes.evaluate", "model=tiny-llama", "eval=smoke", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
-    assert set(res["perplexity"]) == {"wikitext2", "ptb"}
+    assert set(res["perplexity"]) == {"general", "wikitext2", "ptb"}
     for r in res["perplexity"].values():
         assert r["windows"] == 2 and r["seq_len"] == 128 and r["ppl"] > 1
     assert set(res["zero_shot"]["scores"]) == {"arc_easy", "boolq"}

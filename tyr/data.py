@@ -38,9 +38,51 @@ class DataSourceError(ValueError):
 
 
 KNOWN_SOURCES = (
+    "general_calibration, general_search, general_recovery, general_dev, general_test, "
     "wikitext2_test, wikitext2_train, wikitext2_valid, ptb_test, ptb_valid, c4, c4[a:b], "
     "jsonl:PATH[a:b], parquet:PATH[a:b], and mixes of them joined by '+'"
 )
+GENERAL_PREFIX = "general_"  # general_<set>: a set of the shipped general corpus (tyr.corpus)
+# Text that only evaluation reads: test splits, and the general corpus's dev set (settings are chosen on it).
+# No stage (calibration, gradients, search, recovery) may read them: refuse_eval_text.
+EVAL_ONLY_SOURCES = ("wikitext2_test", "ptb_test", "general_test", "general_dev")
+# Files under data/ that evaluation reads (perplexity test splits, zero-shot task files) or that are split by
+# name (the general corpus): a stage may not read them as a local file either.
+EVAL_FILES = (
+    "wikitext2/wiki.test.raw",
+    "ptb/ptb.test.txt",
+    "arc_easy",
+    "arc_challenge",
+    "boolq",
+    "openbookqa",
+    "piqa",
+    "general",
+)
+
+
+def refuse_eval_text(source: str, where: str) -> None:
+    """Raise :class:`DataSourceError` if ``source`` (or a part of a ``+`` mix) is evaluation text: a test split,
+    the general dev set, or a local file that evaluation reads. Every stage's text passes through here."""
+    for part in source.split("+"):
+        if part in EVAL_ONLY_SOURCES:
+            raise DataSourceError(
+                f"{where}={source!r} reads {part!r}, which only evaluation may read; stages read training or "
+                "validation text (general_calibration, general_search, general_recovery, c4[a:b], wikitext2_valid, ...)"
+            )
+        if part.startswith(("jsonl:", "parquet:")):
+            import glob
+
+            pattern, _, _ = _split_range(part.split(":", 1)[1])
+            root = data_dir().resolve()
+            for f in glob.glob(os.path.expanduser(pattern)) or [os.path.expanduser(pattern)]:
+                rel = Path(f).resolve()
+                if rel.is_relative_to(root) and any(
+                    rel.relative_to(root).as_posix() == e or rel.relative_to(root).as_posix().startswith(e + "/")
+                    for e in EVAL_FILES
+                ):
+                    raise DataSourceError(
+                        f"{where}={source!r} reads {f}, which is evaluation data or split by name; use a named source"
+                    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,6 +125,13 @@ def load_text(source: str) -> str:
     splits), ``ptb_test`` / ``ptb_valid``, ``c4`` (all 1,000 documents), ``c4[a:b]`` (documents a..b-1).
     """
     d = data_dir()
+    if source.startswith(GENERAL_PREFIX):
+        from tyr.corpus import CorpusError, set_text
+
+        try:
+            return set_text(source[len(GENERAL_PREFIX) :])
+        except CorpusError as e:
+            raise DataSourceError(str(e)) from None
     if source == "wikitext2_test":
         # The usual recipe: "\n\n".join(HF rows) == the raw file's text.
         return _lines(d / "wikitext2" / "wiki.test.raw")
@@ -154,7 +203,16 @@ def check_source(source: str) -> None:
         "ptb_test": d / "ptb" / "ptb.test.txt",
         "ptb_valid": d / "ptb" / "ptb.valid.txt",
     }
-    if source in fixed:
+    if source.startswith(GENERAL_PREFIX):
+        from tyr.corpus import SETS, CorpusError, check_corpus
+
+        if source[len(GENERAL_PREFIX) :] not in SETS:
+            raise DataSourceError(f"unknown text source {source!r}; the general corpus's sets: {', '.join(SETS)}")
+        try:
+            check_corpus()
+        except CorpusError as e:
+            raise DataSourceError(str(e)) from None
+    elif source in fixed:
         if not fixed[source].exists():
             raise DataSourceError(f"text source {source!r}: {fixed[source]} does not exist")
     elif source == "c4" or source.startswith("c4["):

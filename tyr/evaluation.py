@@ -76,6 +76,7 @@ class ZeroShotResult:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> all metrics
     samples: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    per_doc: dict[str, list[float]] = field(default_factory=dict)  # task -> the reported metric per document, by doc_id
 
     @property
     def average(self) -> float:
@@ -243,20 +244,22 @@ def zero_shot(
             limit=limit,
             task_manager=tm,
             bootstrap_iters=0,
-            log_samples=False,
+            log_samples=True,  # per-document scores: paired comparisons of two models on the same documents
             verbosity="WARNING",
         )
-    scores, metrics, samples = {}, {}, {}
+    scores, metrics, samples, per_doc = {}, {}, {}, {}
     for t in tasks:
         r = out["results"][registered[t]]
         m = {k.split(",")[0]: float(v) for k, v in r.items() if k.endswith(",none") and "stderr" not in k}
         metrics[t] = m
         scores[t] = m[metric_of(t, m)]
         samples[t] = int(out.get("n-samples", {}).get(registered[t], {}).get("effective", -1))
-    return ZeroShotResult(scores, metrics, samples, time.time() - t0)
+        docs = sorted(out.get("samples", {}).get(registered[t], []), key=lambda d: d["doc_id"])
+        per_doc[t] = [float(d[metric_of(t, m)]) for d in docs]
+    return ZeroShotResult(scores, metrics, samples, time.time() - t0, per_doc)
 
 
-_PPL_NAMES = {"wikitext2_test": "wikitext2", "ptb_test": "ptb"}
+_PPL_NAMES = {"general_test": "general", "general_dev": "general_dev", "wikitext2_test": "wikitext2", "ptb_test": "ptb"}
 
 
 def evaluate_model(
@@ -303,6 +306,7 @@ def evaluate_model(
             "average": zs.average,
             "metrics": zs.metrics,
             "samples": zs.samples,
+            "per_doc": zs.per_doc,
             "seconds": zs.seconds,
             "limit": limit,
         }

@@ -100,7 +100,14 @@ def reusable_parts(old_settings: dict, settings: dict, old: dict) -> dict:
 
 
 def evaluated(
-    out: Path, lm: LoadedModel, s: PipelineSettings, keys: RunKeys, form: dict, make: Callable[[], dict] | None = None, **record
+    out: Path,
+    lm: LoadedModel,
+    s: PipelineSettings,
+    keys: RunKeys,
+    form: dict,
+    make: Callable[[], dict] | None = None,
+    model=None,
+    **record,
 ) -> dict:
     """The model as it is now, evaluated once: ``out`` is read back on a rerun only if it was made
     with the same evaluation settings for the same model form (its key); otherwise re-evaluated.
@@ -126,7 +133,7 @@ def evaluated(
         kwargs["perplexity_sources"] = []
     if "zero_shot" in kept:
         kwargs["tasks"] = []
-    res = evaluate_model(lm.model, lm.tokenizer, **kwargs)
+    res = evaluate_model(lm.model if model is None else model, lm.tokenizer, **kwargs)
     res.update(kept)
     res.update(model=lm.name, **record, config=keys.config, key=key, settings=settings)
     write_json(out, res)
@@ -134,22 +141,55 @@ def evaluated(
 
 
 def evaluate_uniform_prune(
-    lm: LoadedModel, pruner, prep: Prepared, dense_counts: dict, s: PipelineSettings, keys: RunKeys, run_dir: Path
+    lm: LoadedModel,
+    pruner,
+    prep: Prepared,
+    dense_counts: dict,
+    s: PipelineSettings,
+    keys: RunKeys,
+    run_dir: Path,
+    model=None,
+    always_prune: bool = False,
+    fingerprint_only: bool = False,
 ) -> dict:
     """``uniform_reprune``: the prune recipe's model, the best uniform model of the run's pruner and
     calibration. Every layer is pruned sequentially to the target, its MLP sized after its attention,
-    so each layer's real sparsity is the target (:func:`tyr.pruning.uniform.prune_uniform`). The
-    model is pruned in place, so this is the last use of the dense model; a rerun with the same key
-    reads the results back without pruning."""
+    so each layer's real sparsity is the target (:func:`tyr.pruning.uniform.prune_uniform`). ``model``
+    (default ``lm.model``, so this is the last use of the dense model) is pruned in place; a rerun with
+    the same key reads the results back without pruning, unless ``always_prune`` (the pruned model is
+    needed again: its recovery). The record holds the pruned model's fingerprint (its recovery's key).
+    ``fingerprint_only``: the recorded results, read back; nothing is pruned or evaluated."""
+    from tyr.recovery.trainer import fingerprint
+
+    target = lm.model if model is None else model
 
     def prune() -> dict:
-        rep = prune_uniform(lm.model, pruner, prep.calib, s.target_sparsity, prep.taylor, batch_size=s.batch_size)
-        return {"budget": real_budget(lm.model, dense_counts), "kept": kept_widths(rep["layers"])}
+        rep = prune_uniform(target, pruner, prep.calib, s.target_sparsity, prep.taylor, batch_size=s.batch_size)
+        return {
+            "budget": real_budget(target, dense_counts),
+            "kept": kept_widths(rep["layers"]),
+            "fingerprint": fingerprint(target),
+        }
 
     form = {"uniform_prune": keys.supernet, "prepare": keys.prepare.key}
     out = Path(run_dir) / "results_uniform_reprune.json"
-    row = evaluated(out, lm, s, keys, form, prune, allocation="uniform_reprune")
-    return {f"{lm.name} uniform_reprune {s.target_sparsity:.0%}": row}
+    label = f"{lm.name} uniform_reprune {s.target_sparsity:.0%}"
+    if fingerprint_only:
+        return {label: read_json_checked(out)}
+    if always_prune:
+        made = prune()
+        row = evaluated(out, lm, s, keys, form, lambda: made, allocation="uniform_reprune", model=target)
+        if row.get("fingerprint") != made["fingerprint"]:  # an older record, or a model that prunes differently now
+            row = {**row, "fingerprint": made["fingerprint"]}
+            write_json(out, row)
+        return {label: row}
+    return {label: evaluated(out, lm, s, keys, form, prune, allocation="uniform_reprune", model=target)}
+
+
+def uniform_fingerprint(run_dir: Path) -> str | None:
+    """The fingerprint of the run's ``uniform_reprune`` model, if it was recorded."""
+    out = Path(run_dir) / "results_uniform_reprune.json"
+    return read_json_checked(out).get("fingerprint") if out.exists() else None
 
 
 def evaluate_dense(lm: LoadedModel, s: PipelineSettings, keys: RunKeys, run_dir: Path) -> dict:

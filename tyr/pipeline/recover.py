@@ -58,6 +58,19 @@ def _evaluated(path: Path, model, lm: LoadedModel, eval_config: dict, cache_dir:
     return res
 
 
+def _teacher_id(lm: LoadedModel) -> str:
+    return f"{lm.name}|{lm.revision}|{next(lm.model.parameters()).dtype}"
+
+
+def recovery_paths(lm: LoadedModel, student_id: str, s: RecoverySettings, root: Path, eval_config: dict):
+    """(key, directory, protocol, done file) of recovering the student ``student_id`` with ``s``: the done file
+    is the result of one evaluation protocol (results.json in the directory is the latest)."""
+    key = s.key(student_id, _teacher_id(lm))
+    out = root / f"{s.mode}-{key}"
+    protocol = hashlib.sha256(json.dumps(eval_config, sort_keys=True).encode()).hexdigest()[:8]
+    return key, out, protocol, out / f"results-{protocol}.json"
+
+
 def recover_model(
     lm: LoadedModel,
     student,
@@ -73,13 +86,9 @@ def recover_model(
     """Recover ``student`` from the dense ``lm.model`` into ``root/<mode>-<key>``; returns the result
     (None on ranks other than 0, and when ``stop_after`` ended the training early). ``eval_config``:
     the evaluation protocol as configured (``conf/eval``), which also names the result files."""
-    teacher_id = f"{lm.name}|{lm.revision}|{next(lm.model.parameters()).dtype}"
     student_id = fingerprint(student)
-    key = s.key(student_id, teacher_id)
-    out = root / f"{s.mode}-{key}"
+    key, out, protocol, done = recovery_paths(lm, student_id, s, root, eval_config)
     label = f"{lm.name} {source['kind']}"
-    protocol = hashlib.sha256(json.dumps(eval_config, sort_keys=True).encode()).hexdigest()[:8]
-    done = out / f"results-{protocol}.json"  # one result per evaluation protocol; results.json: the latest
     if done.exists():
         log.info("recovery already done and evaluated with these settings: %s", done)
         return read_json(done)
@@ -87,7 +96,7 @@ def recover_model(
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
         described = {k: v for k, v in source.items() if k != "allocation"}
-        write_json(out / "settings.json", {"key": key, "settings": asdict(s), "teacher": teacher_id, "source": described})
+        write_json(out / "settings.json", {"key": key, "settings": asdict(s), "teacher": _teacher_id(lm), "source": described})
         # the pruned model before recovery: one evaluation per student and protocol, whatever the settings
         before = before or _evaluated(
             root / f"results_before-{student_id[:12]}-{protocol}.json", student, lm, eval_config, cache_dir, stage="before"
@@ -142,3 +151,43 @@ def recover_stage(
     )
     row = f"{lm.name} searched {s.target_sparsity:.0%} + recovery ({recovery.mode}, {res['recovery']['tokens']:,} tokens)"
     return {row: res["after"]}, res.get("hf_model")
+
+
+def recover_uniform_stage(
+    lm: LoadedModel,
+    pruner,
+    prep,
+    recovery: RecoverySettings,
+    dense_counts: dict,
+    s: PipelineSettings,
+    keys: RunKeys,
+    run_dir: Path,
+) -> tuple[dict, dict]:
+    """The baseline that counts, given the searched model's recovery: ``uniform_reprune`` (every layer pruned
+    sequentially to the target) made on a copy of the dense model, which stays the teacher, evaluated, then
+    recovered with the same settings (tokens, text, method, seed). Returns (the row before, the row after).
+    A rerun whose recovery is done reads both back without pruning; otherwise the copy is pruned again
+    (deterministic: the same fingerprint as the one recorded)."""
+    from tyr.pipeline.evaluate import evaluate_uniform_prune, uniform_fingerprint
+
+    root = Path(run_dir) / "recover"
+    recorded = uniform_fingerprint(run_dir)
+    if recorded is not None:
+        *_, done = recovery_paths(lm, recorded, recovery, root, keys.config["eval"])
+        if done.exists():
+            before = evaluate_uniform_prune(
+                lm, pruner, prep, dense_counts, s, keys, run_dir, model=lm.model, fingerprint_only=True
+            )
+            res = read_json(done)
+            return before, {_uniform_row(lm, s, recovery, res): res["after"]}
+    student = copy.deepcopy(lm.model)
+    before = evaluate_uniform_prune(lm, pruner, prep, dense_counts, s, keys, run_dir, model=student, always_prune=True)
+    source = {"kind": "uniform_reprune", "target_sparsity": float(s.target_sparsity)}
+    res = recover_model(
+        lm, student, source, recovery, root, keys.config["eval"], s.cache_dir, export=False, before=next(iter(before.values()))
+    )
+    return before, {_uniform_row(lm, s, recovery, res): res["after"]}
+
+
+def _uniform_row(lm: LoadedModel, s: PipelineSettings, recovery: RecoverySettings, res: dict) -> str:
+    return f"{lm.name} uniform_reprune {s.target_sparsity:.0%} + recovery ({recovery.mode}, {res['recovery']['tokens']:,} tokens)"

@@ -113,11 +113,16 @@ def _pruner(cfg: DictConfig):
 
 
 def check_data(cfg: DictConfig, search: bool) -> None:
-    check_token_set(cfg.data.calibration, "data.calibration")
-    if search:
-        check_token_set(cfg.data.search, "data.search")
-    if _pruner(cfg).needs_gradients:
-        check_token_set(cfg.data.gradient, "data.gradient")
+    """Every text a stage reads: readable, and no evaluation text (test splits, the general dev set)."""
+    from tyr.data import DataSourceError, refuse_eval_text
+
+    roles = ["calibration"] + (["search"] if search else []) + (["gradient"] if _pruner(cfg).needs_gradients else [])
+    for role in roles:
+        check_token_set(cfg.data[role], f"data.{role}")
+        try:
+            refuse_eval_text(str(cfg.data[role].source), f"data.{role}.source")
+        except DataSourceError as e:
+            raise SettingsError(str(e)) from None
 
 
 def check_search(cfg: DictConfig, tokens: bool = True) -> None:
@@ -264,6 +269,12 @@ def validate(cfg: DictConfig, job: str, run_dir: Path | None = None) -> None:
         unknown = [c for c in cfg.compare if c not in COMPARE]
         _need(not unknown, f"compare: unknown {unknown}; known: {', '.join(COMPARE)}")
         check_search(cfg)
+        from tyr.recipes.recover import recovery_settings
+
+        try:
+            recovery_settings(cfg)  # the recovery stage's settings and text, before the run directory is made
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
         if run_dir is not None:
             from tyr.recipes.stages import check_run
 

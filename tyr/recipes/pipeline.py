@@ -38,7 +38,8 @@ from tyr.pipeline.evaluate import evaluate_dense, evaluate_forms, evaluate_unifo
 from tyr.pipeline.export import EXPORT_DIR, export_key, export_stage
 from tyr.pipeline.layout import apply_redo
 from tyr.pipeline.prepare import prepare
-from tyr.pipeline.recover import recover_stage
+from tyr.pipeline.recover import recover_stage, recover_uniform_stage
+from tyr.pipeline.report import headline, leading_rows
 from tyr.pipeline.search import build_and_search, model_id
 from tyr.pipeline.settings import pipeline_settings
 from tyr.recipes import stages
@@ -102,13 +103,14 @@ def main(cfg: DictConfig) -> None:
         if folder is not None:
             exported["searched + recovery"] = folder
         timings["recover"] = time.time() - t0
-    if "uniform_reprune" in s.compare:  # prunes lm.model in place: the dense model's last use
-        pruned = [k for k in rows if "recovery" not in k]
-        rows = {
-            **{k: rows[k] for k in pruned},
-            **evaluate_uniform_prune(lm, pruner, prep, dense_counts, s, keys, run_dir),
-            **{k: v for k, v in rows.items() if k not in pruned},
-        }
+    if "uniform_reprune" in s.compare and recovery is not None:  # the baseline gets the same recovery
+        t0 = time.time()
+        before_u, after_u = recover_uniform_stage(lm, pruner, prep, recovery, dense_counts, s, keys, run_dir)
+        rows.update({**before_u, **after_u})
+        timings["recover_uniform"] = time.time() - t0
+    elif "uniform_reprune" in s.compare:  # prunes lm.model in place: the dense model's last use
+        rows.update(evaluate_uniform_prune(lm, pruner, prep, dense_counts, s, keys, run_dir))
+    rows = leading_rows(rows)
 
     summary = {
         "rows": rows,
@@ -118,8 +120,9 @@ def main(cfg: DictConfig) -> None:
         "peak_rss_mb": peak_rss_mb(),
         "wall_time_this_run": time.time() - t_start,
     }
+    summary["headline"] = headline(rows)
     write_json(run_dir / "results.json", summary)
-    table = results_table(rows)
+    table = "\n".join(summary["headline"]["lines"] + ["", results_table(rows)])
     (run_dir / "results.md").write_text(table + "\n")
     print(table)
     for it in state["iterations"]:

@@ -51,16 +51,21 @@ def used_text(data: DictConfig | None, eval_cfg: DictConfig) -> dict[str, str]:
     return used
 
 
-def check(cfg: DictConfig, data: DictConfig | None = None) -> RecoverySettings | None:
-    """Validate ``cfg.recover`` (None when it is null) before anything is loaded: a bad setting or
-    recovery text that overlaps calibration / search / evaluation text is one line on stderr, exit 2."""
+def recovery_settings(cfg: DictConfig, data: DictConfig | None = None) -> RecoverySettings | None:
+    """The typed ``cfg.recover`` (None when it is null), validated: a bad setting, evaluation text, or text that
+    overlaps calibration / search / evaluation text raises :class:`RecoveryError` or ``ValueError``."""
     if cfg.get("recover") is None:
         return None
+    s = settings_from(cfg.recover)
+    s.validate()
+    check_disjoint([src for src, _ in s.sources], used_text(data if data is not None else cfg.get("data"), cfg.eval))
+    return s
+
+
+def check(cfg: DictConfig, data: DictConfig | None = None) -> RecoverySettings | None:
+    """:func:`recovery_settings`, before anything is loaded: a refusal is one line on stderr, exit 2."""
     try:
-        s = settings_from(cfg.recover)
-        s.validate()
-        check_disjoint([src for src, _ in s.sources], used_text(data if data is not None else cfg.get("data"), cfg.eval))
-        return s
+        return recovery_settings(cfg, data)
     except (RecoveryError, ValueError) as e:  # a bad or unknown value, or overlapping text
         print(f"tyr: {e}", file=sys.stderr)
         sys.exit(2)

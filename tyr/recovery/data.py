@@ -26,10 +26,6 @@ class RecoveryBudgetError(RecoveryError, TextTooShortError):
     """The token budget asks for more text than the recovery sources hold."""
 
 
-# Test splits that evaluation reads: never recovery text.
-EVAL_ONLY = ("wikitext2_test", "ptb_test")
-
-
 def document_range(source: str) -> tuple[str, int, float]:
     """``source`` as (corpus, first document, end document): ``c4[0:600]`` -> ("c4", 0, 600);
     ``wikitext2_train`` -> ("wikitext2_train", 0, inf). Different corpora never overlap."""
@@ -57,9 +53,13 @@ def overlaps(a: str, b: str) -> bool:
 def check_disjoint(sources: list[str], used: dict[str, str]) -> None:
     """Raise :class:`RecoveryError` if a recovery source is a test split or shares documents with a
     source in ``used`` (role -> source: calibration, search, gradient, evaluation...)."""
+    from tyr.data import DataSourceError, refuse_eval_text
+
     for s in sources:
-        if s in EVAL_ONLY:
-            raise RecoveryError(f"recovery source {s!r} is evaluation text; use wikitext2_train or other training text")
+        try:
+            refuse_eval_text(s, "recover.data source")
+        except DataSourceError as e:
+            raise RecoveryError(str(e)) from None
         for role, u in used.items():
             if overlaps(s, u):
                 raise RecoveryError(
