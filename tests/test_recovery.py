@@ -216,7 +216,7 @@ def test_recovery_text_is_disjoint_from_calibration_search_and_evaluation():
         used = used_text(cfg.data, cfg.eval)
         assert {"calibration", "search", "gradient"} <= set(used) and "evaluation (wikitext2_test)" in used
         check_disjoint([s.source for s in cfg.recover.data], used)  # the shipped mix: no error
-        bad = "c4[500:700]" if data == "default" else "parquet:/d/*.parquet[9000:12000]"
+        bad = "general_search" if data == "default" else "parquet:/d/*.parquet[9000:12000]"
         with pytest.raises(RecoveryError, match="overlaps the (calibration|search) text"):
             check_disjoint([bad], used)
         check_disjoint(["parquet:/d/*.parquet[10000:20000]", "wikitext2_train"], used)
@@ -224,7 +224,7 @@ def test_recovery_text_is_disjoint_from_calibration_search_and_evaluation():
         check_disjoint(["wikitext2_test"], {})
     for name in ("lora", "full"):
         r = compose("recover", [f"recover={name}", "run=x"]).recover
-        assert all(s.source in ("wikitext2_train",) or s.source.startswith(("jsonl:", "parquet:")) for s in r.data)
+        assert all(s.source in ("general_recovery",) or s.source.startswith(("jsonl:", "parquet:")) for s in r.data)
 
 
 def test_sliced_model_saves_and_loads(teacher, windows, tmp_path):
@@ -302,7 +302,8 @@ def test_recipe_recovers_a_prune_run_and_exports(tmp_path):
     for bad, msg in (
         ("recover.tokens=100000000", "larger than the text"),
         ("recover.mode=qlora", "recover.mode"),
-        ("recover.data=[{source:'c4[0:50]',weight:1.0}]", "overlaps the calibration text"),
+        ("recover.data=[{source:general_calibration,weight:1.0}]", "overlaps the calibration text"),
+        ("recover.data=[{source:general_test,weight:1.0}]", "evaluation text"),
     ):
         p = run_recipe("tyr.recipes.recover", *args, bad)
         assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, (bad, p.stderr[-2000:])

@@ -66,8 +66,8 @@ def refuse_eval_text(source: str, where: str) -> None:
     for part in source.split("+"):
         if part in EVAL_ONLY_SOURCES:
             raise DataSourceError(
-                f"{where}={source!r} reads {part!r}, which only evaluation may read; stages read training or "
-                "validation text (general_calibration, general_search, general_recovery, c4[a:b], wikitext2_valid, ...)"
+                f"{where}={source!r} reads {part!r}: evaluation text, which no stage may read; stages read training "
+                "or validation text (general_calibration, general_search, general_recovery, c4[a:b], wikitext2_valid, ...)"
             )
         if part.startswith(("jsonl:", "parquet:")):
             import glob
@@ -81,7 +81,7 @@ def refuse_eval_text(source: str, where: str) -> None:
                     for e in EVAL_FILES
                 ):
                     raise DataSourceError(
-                        f"{where}={source!r} reads {f}, which is evaluation data or split by name; use a named source"
+                        f"{where}={source!r} reads {f}: evaluation text, or a corpus split by name; use a named source"
                     )
 
 

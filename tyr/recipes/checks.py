@@ -118,11 +118,11 @@ def check_data(cfg: DictConfig, search: bool) -> None:
 
     roles = ["calibration"] + (["search"] if search else []) + (["gradient"] if _pruner(cfg).needs_gradients else [])
     for role in roles:
-        check_token_set(cfg.data[role], f"data.{role}")
         try:
             refuse_eval_text(str(cfg.data[role].source), f"data.{role}.source")
         except DataSourceError as e:
             raise SettingsError(str(e)) from None
+        check_token_set(cfg.data[role], f"data.{role}")
 
 
 def check_search(cfg: DictConfig, tokens: bool = True) -> None:
