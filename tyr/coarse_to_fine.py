@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -119,6 +119,33 @@ def _surrogate_check(space, start, errors, fitness, n, rng, tokens) -> dict:
     return {"n": n, "tokens": tokens, "spearman": spearman(sur, true)}
 
 
+@dataclass
+class _Search:
+    """What every step of one coarse-to-fine search shares: its inputs, its state file and history."""
+
+    model: torch.nn.Module
+    model_id: dict
+    pruner: LocalPruner
+    calib_ids: torch.Tensor
+    taylor: dict | None
+    teacher: TeacherCache
+    target_sparsity: float
+    settings: SearchSettings
+    run_dir: Path
+    store_config: dict
+    state: dict
+    history: JsonlWriter
+    n_hold: int  # teacher sequences the search never sees (the last ones)
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / "search_state.json"
+
+    def commit(self) -> None:
+        if dist.is_main():
+            write_json(self.state_file, self.state)
+
+
 def run_search(
     model,
     model_id: dict,
@@ -132,215 +159,256 @@ def run_search(
     store_config: dict | None = None,
 ) -> dict:
     """Run (or resume) the whole coarse-to-fine search; returns the final allocation record."""
-    import numpy as np
-
     run_dir = Path(run_dir)
     state_file = run_dir / "search_state.json"
     state = read_json_checked(state_file) if state_file.exists() else {"iterations": [], "current": None}
-    N = teacher.input_ids.shape[0]
-    if not 0.0 <= settings.holdout < 1.0:
-        raise ValueError(f"search.holdout={settings.holdout} must be a fraction in [0, 1)")
-    n_hold = max(1, int(round(settings.holdout * N))) if settings.holdout > 0 else 0
-    if n_hold >= N:
-        raise ValueError(f"search.holdout={settings.holdout} leaves no search sequences (the teacher has {N})")
-    if state.get("holdout_sequences", 0) != n_hold and (state["iterations"] or state.get("current")):
-        raise SearchStateError(
-            f"{state_file}: searched with {state.get('holdout_sequences', 0)} held-out sequences, now "
-            f"{n_hold} (search.holdout={settings.holdout}); use another run directory"
-        )
+    n_hold = _holdout_sequences(teacher.input_ids.shape[0], settings, state, state_file)
     state["holdout_sequences"] = n_hold
-    searched_rows = (0, N - n_hold)
     history = JsonlWriter(run_dir / "history.jsonl")
     if dist.is_main():
         _drop_uncommitted(history.path, state)
-    shapes = layer_shapes(model)
+    ctx = _Search(
+        model,
+        model_id,
+        pruner,
+        calib_ids,
+        taylor,
+        teacher,
+        target_sparsity,
+        settings,
+        run_dir,
+        store_config or {},
+        state,
+        history,
+        n_hold,
+    )
     centre = _start_centre(model, pruner, calib_ids, taylor, target_sparsity, settings, state, state_file)
     for done in state["iterations"]:
         centre = done["keep"]
     for it, interval in enumerate(settings.intervals):
         if it < len(state["iterations"]):
             continue
-        t_it = time.time()
-        grid = make_grid(
-            shapes, target_sparsity, interval, settings.n_levels, settings.min_heads, settings.min_channels, centre=centre
+        centre = _run_iteration(ctx, it, interval, centre)["keep"]
+    if settings.reprune and state.get("reprune") is None and state["iterations"]:
+        _reprune(ctx)
+    return resolved(state, run_dir)
+
+
+def _holdout_sequences(n: int, settings: SearchSettings, state: dict, state_file: Path) -> int:
+    """How many of the ``n`` teacher sequences the search holds out (``settings.holdout``), checked against
+    the state of an earlier, interrupted run."""
+    if not 0.0 <= settings.holdout < 1.0:
+        raise ValueError(f"search.holdout={settings.holdout} must be a fraction in [0, 1)")
+    n_hold = max(1, int(round(settings.holdout * n))) if settings.holdout > 0 else 0
+    if n_hold >= n:
+        raise ValueError(f"search.holdout={settings.holdout} leaves no search sequences (the teacher has {n})")
+    if state.get("holdout_sequences", 0) != n_hold and (state["iterations"] or state.get("current")):
+        raise SearchStateError(
+            f"{state_file}: searched with {state.get('holdout_sequences', 0)} held-out sequences, now "
+            f"{n_hold} (search.holdout={settings.holdout}); use another run directory"
         )
-        eea = eea_of_iteration(settings, it)
-        store = SupernetStore.create_or_resume(
-            run_dir / f"iter{it}" / "supernet",
-            model=model_id,
-            grid=grid,
+    return n_hold
+
+
+def _iteration_store(ctx: _Search, it: int, interval: float, centre) -> SupernetStore:
+    """Iteration ``it``'s supernet: its grid centred on ``centre``, built (or its build resumed) if needed."""
+    settings = ctx.settings
+    grid = make_grid(
+        layer_shapes(ctx.model),
+        ctx.target_sparsity,
+        interval,
+        settings.n_levels,
+        settings.min_heads,
+        settings.min_channels,
+        centre=centre,
+    )
+    eea = eea_of_iteration(settings, it)
+    store = SupernetStore.create_or_resume(
+        ctx.run_dir / f"iter{it}" / "supernet",
+        model=ctx.model_id,
+        grid=grid,
+        eea=eea,
+        config={**ctx.store_config, "iteration": it, "interval": interval},
+    )
+    if not store.manifest["complete"]:
+        log.info("iteration %d: building the supernet (interval %.4f, EEA %s)", it, interval, eea)
+        build_supernet(
+            ctx.model,
+            ctx.pruner,
+            ctx.calib_ids,
+            grid,
+            store,
             eea=eea,
-            config={**(store_config or {}), "iteration": it, "interval": interval},
+            taylor=ctx.taylor,
+            path=grid.centre_levels() if eea == "path" else None,
+            batch_size=settings.batch_size,
         )
-        if not store.manifest["complete"]:
-            log.info("iteration %d: building the supernet (interval %.4f, EEA %s)", it, interval, eea)
-            build_supernet(
-                model,
-                pruner,
-                calib_ids,
-                grid,
-                store,
-                eea=eea,
-                taylor=taylor,
-                path=grid.centre_levels() if eea == "path" else None,
-                batch_size=settings.batch_size,
-            )
-        t_build = time.time() - t_it
-        store = SupernetStore.open(store.root, expect_model=model_id)
-        asm = Assembler(model, store)
-        errors = store.errors()
-        costs, budget, start_levels = search_costs(model, store, errors, target_sparsity, settings.budget)
-        space = SearchSpace.from_costs(costs, budget=budget)
-        start = Allocation(start_levels)
-        fitness = KLFitness(
-            model, asm, teacher, settings.batch_size, settings.prefix_cache, settings.prefix_cache_max_mb, sequences=searched_rows
-        )
-        evo = EvolutionConfig(
-            generations=settings.generations,
-            offspring=settings.offspring,
-            stages=list(settings.stages),
-            seed=settings.seed + it,
-            max_flips=settings.max_flips,
-            prescreen_keep=settings.prescreen_keep,
-        )
-        current = state["current"] if state.get("current") and state["current"]["iteration"] == it else None
-        resume = current["evolution"] if current else None
-        extra = dict(current.get("extra", {})) if current else {}  # the surrogate check of a killed session
-        searched_before = float(current.get("search_seconds", 0.0)) if current else 0.0
-        if settings.surrogate_check and resume is None:
-            extra["surrogate"] = _surrogate_check(
-                space,
-                start,
-                errors,
-                fitness,
-                settings.surrogate_check,
-                np.random.default_rng(settings.seed + 1000 + it),
-                settings.stages[0][0],
-            )
-            log.info("surrogate rank correlation with KL: %.3f", extra["surrogate"]["spearman"])
-        fitness.generation = (resume["generation"] - 1) if resume else -1  # the next stage-0 call is generation 0 / resumed one
-        for k, v in (current or {}).get("fitness_stats", {}).items():  # counters of the killed session(s)
-            setattr(fitness.stats, k, v)
-        t_search = time.time()
-        bar = Progress(
-            settings.generations,
-            f"search iteration {it + 1}/{len(settings.intervals)}: generation",
-            initial=resume["generation"] if resume else 0,
-            every=10.0,
-            enabled=dist.is_main(),
-        )
+    return SupernetStore.open(store.root, expect_model=ctx.model_id)
 
-        def on_generation(
-            record: dict,
-            evo_state: dict,
-            it=it,
-            extra=extra,
-            bar=bar,
-            fitness=fitness,
-            searched_before=searched_before,
-            t_search=t_search,
-        ) -> None:
-            record = {
-                **record,
-                "iteration": it,
-                "layer_forwards": fitness.stats.layer_forwards,
-                "layer_forwards_saved": fitness.stats.layer_forwards_saved,
-            }
-            fitness.generation = record["generation"]  # keeps token rotation aligned even if a generation had no stages
-            state["current"] = {
-                "iteration": it,
-                "evolution": evo_state,
-                "extra": extra,
-                "search_seconds": searched_before + time.time() - t_search,
-                "fitness_stats": {k: v for k, v in asdict(fitness.stats).items() if k != "history"},
-            }
-            if dist.is_main():
-                history.write(**record)
-                fault_point("search.generation")
-                write_json(state_file, state)
-            bar.update(note=f"KL {record['best_fitness']:.4g}" if record["best_fitness"] is not None else "")
 
-        prescreen = (lambda allocs, errors=errors: surrogate_scores(errors, allocs)) if settings.prescreen_keep else None
-        result = evolve(space, fitness, evo, start=start, state=resume, on_generation=on_generation, prescreen=prescreen)
-        bar.close()
-        # level switches with uneven real costs may leave the best under the budget: give the rest back
-        best, given_back = refill(costs, errors, result.best.to_json(), budget, settings.budget)
-        iteration = {
+def _run_iteration(ctx: _Search, it: int, interval: float, centre) -> dict:
+    """One iteration: the supernet, then the evolution on it (resumed from the state if it was cut);
+    appends the iteration's record to the state and returns it."""
+    import numpy as np
+
+    settings, state = ctx.settings, ctx.state
+    t_it = time.time()
+    store = _iteration_store(ctx, it, interval, centre)
+    t_build = time.time() - t_it
+    asm = Assembler(ctx.model, store)
+    errors = store.errors()
+    costs, budget, start_levels = search_costs(ctx.model, store, errors, ctx.target_sparsity, settings.budget)
+    space = SearchSpace.from_costs(costs, budget=budget)
+    start = Allocation(start_levels)
+    searched_rows = (0, ctx.teacher.input_ids.shape[0] - ctx.n_hold)
+    fitness = KLFitness(
+        ctx.model,
+        asm,
+        ctx.teacher,
+        settings.batch_size,
+        settings.prefix_cache,
+        settings.prefix_cache_max_mb,
+        sequences=searched_rows,
+    )
+    evo = EvolutionConfig(
+        generations=settings.generations,
+        offspring=settings.offspring,
+        stages=list(settings.stages),
+        seed=settings.seed + it,
+        max_flips=settings.max_flips,
+        prescreen_keep=settings.prescreen_keep,
+    )
+    current = state["current"] if state.get("current") and state["current"]["iteration"] == it else None
+    resume = current["evolution"] if current else None
+    extra = dict(current.get("extra", {})) if current else {}  # the surrogate check of a killed session
+    searched_before = float(current.get("search_seconds", 0.0)) if current else 0.0
+    if settings.surrogate_check and resume is None:
+        extra["surrogate"] = _surrogate_check(
+            space,
+            start,
+            errors,
+            fitness,
+            settings.surrogate_check,
+            np.random.default_rng(settings.seed + 1000 + it),
+            settings.stages[0][0],
+        )
+        log.info("surrogate rank correlation with KL: %.3f", extra["surrogate"]["spearman"])
+    fitness.generation = (resume["generation"] - 1) if resume else -1  # the next stage-0 call is generation 0 / resumed one
+    for k, v in (current or {}).get("fitness_stats", {}).items():  # counters of the killed session(s)
+        setattr(fitness.stats, k, v)
+    t_search = time.time()
+    bar = Progress(
+        settings.generations,
+        f"search iteration {it + 1}/{len(settings.intervals)}: generation",
+        initial=resume["generation"] if resume else 0,
+        every=10.0,
+        enabled=dist.is_main(),
+    )
+
+    def on_generation(record: dict, evo_state: dict) -> None:
+        record = {
+            **record,
             "iteration": it,
-            "interval": interval,
-            "levels": best,
-            "keep": keep_counts(grid, best),
-            "fitness": result.best_fitness,  # the evolution's best, before the levels given back
-            "levels_given_back": given_back,
-            "budget": space.budget,
-            "cost": space.cost(Allocation(best)),
-            "supernet": _rel(store.root, run_dir),
-            "build_seconds": store.manifest.get("build_seconds_total", t_build),
+            "layer_forwards": fitness.stats.layer_forwards,
+            "layer_forwards_saved": fitness.stats.layer_forwards_saved,
+        }
+        fitness.generation = record["generation"]  # keeps token rotation aligned even if a generation had no stages
+        state["current"] = {
+            "iteration": it,
+            "evolution": evo_state,
+            "extra": extra,
             "search_seconds": searched_before + time.time() - t_search,
             "fitness_stats": {k: v for k, v in asdict(fitness.stats).items() if k != "history"},
-            **extra,
-        }
-        state["iterations"].append(iteration)
-        state["current"] = None
-        if dist.is_main():
-            write_json(state_file, state)
-        centre = iteration["keep"]
-        asm.restore_dense()
-        log.info(
-            "iteration %d done: KL %.4f, cost %d / budget %d",
-            it,
-            result.best_fitness or float("nan"),
-            iteration["cost"],
-            space.budget,
-        )
-    if settings.reprune and state.get("reprune") is None and state["iterations"]:
-        final = state["iterations"][-1]
-        t0 = time.time()
-        path_store = build_path_supernet(
-            model,
-            model_id,
-            pruner,
-            calib_ids,
-            taylor,
-            final["keep"],
-            run_dir / "reprune" / "supernet",
-            settings,
-            {**(store_config or {}), "reprune_of_iteration": final["iteration"]},
-        )
-        # Scored on the held-out sequences: the search has selected the allocation for its supernet
-        # variants on the others, so their KL flatters the supernet form.
-        rows = (N - n_hold, N) if n_hold else (0, N)
-        if not n_hold:
-            log.warning(
-                "search.holdout=0: the re-prune choice is scored on the tokens the search selected on "
-                "(biased towards the supernet form)"
-            )
-        searched_store = SupernetStore.open(run_dir / final["supernet"], expect_model=model_id)
-        kl_searched = full_kl(model, searched_store, final["levels"], teacher, settings.batch_size, rows)
-        kl_reprune = full_kl(model, path_store, path_store.grid.centre_levels(), teacher, settings.batch_size, rows)
-        n_tok = (rows[1] - rows[0]) * (teacher.input_ids.shape[1] - 1)
-        state["reprune"] = {
-            "supernet": _rel(path_store.root, run_dir),
-            "levels": path_store.grid.centre_levels(),
-            "kl_sequences": list(rows),
-            "kl_tokens": n_tok,
-            "kl_supernet": kl_searched,
-            "kl_reprune": kl_reprune,
-            "seconds": time.time() - t0,
         }
         if dist.is_main():
-            write_json(state_file, state)
-        log.info(
-            "sequential re-prune at the searched widths: KL %.4f vs %.4f from the supernet (%d %s tokens); "
-            "choose_form=%s keeps the %s model",
-            kl_reprune,
-            kl_searched,
-            n_tok,
-            "held-out" if n_hold else "search",
-            settings.choose_form,
-            chosen_form(state["reprune"], settings.choose_form),
+            ctx.history.write(**record)
+            fault_point("search.generation")
+        ctx.commit()
+        bar.update(note=f"KL {record['best_fitness']:.4g}" if record["best_fitness"] is not None else "")
+
+    prescreen = (lambda allocs: surrogate_scores(errors, allocs)) if settings.prescreen_keep else None
+    result = evolve(space, fitness, evo, start=start, state=resume, on_generation=on_generation, prescreen=prescreen)
+    bar.close()
+    # level switches with uneven real costs may leave the best under the budget: give the rest back
+    best, given_back = refill(costs, errors, result.best.to_json(), budget, settings.budget)
+    iteration = {
+        "iteration": it,
+        "interval": interval,
+        "levels": best,
+        "keep": keep_counts(store.grid, best),
+        "fitness": result.best_fitness,  # the evolution's best, before the levels given back
+        "levels_given_back": given_back,
+        "budget": space.budget,
+        "cost": space.cost(Allocation(best)),
+        "supernet": _rel(store.root, ctx.run_dir),
+        "build_seconds": store.manifest.get("build_seconds_total", t_build),
+        "search_seconds": searched_before + time.time() - t_search,
+        "fitness_stats": {k: v for k, v in asdict(fitness.stats).items() if k != "history"},
+        **extra,
+    }
+    state["iterations"].append(iteration)
+    state["current"] = None
+    ctx.commit()
+    asm.restore_dense()
+    log.info(
+        "iteration %d done: KL %.4f, cost %d / budget %d",
+        it,
+        result.best_fitness or float("nan"),
+        iteration["cost"],
+        space.budget,
+    )
+    return iteration
+
+
+def _reprune(ctx: _Search) -> None:
+    """The sequential re-prune at the last iteration's widths, and both forms' KL on the held-out sequences."""
+    state, settings, n_hold = ctx.state, ctx.settings, ctx.n_hold
+    N = ctx.teacher.input_ids.shape[0]
+    final = state["iterations"][-1]
+    t0 = time.time()
+    path_store = build_path_supernet(
+        ctx.model,
+        ctx.model_id,
+        ctx.pruner,
+        ctx.calib_ids,
+        ctx.taylor,
+        final["keep"],
+        ctx.run_dir / "reprune" / "supernet",
+        settings,
+        {**ctx.store_config, "reprune_of_iteration": final["iteration"]},
+    )
+    # Scored on the held-out sequences: the search has selected the allocation for its supernet
+    # variants on the others, so their KL flatters the supernet form.
+    rows = (N - n_hold, N) if n_hold else (0, N)
+    if not n_hold:
+        log.warning(
+            "search.holdout=0: the re-prune choice is scored on the tokens the search selected on "
+            "(biased towards the supernet form)"
         )
-    return resolved(state, run_dir)
+    searched_store = SupernetStore.open(ctx.run_dir / final["supernet"], expect_model=ctx.model_id)
+    kl_searched = full_kl(ctx.model, searched_store, final["levels"], ctx.teacher, settings.batch_size, rows)
+    kl_reprune = full_kl(ctx.model, path_store, path_store.grid.centre_levels(), ctx.teacher, settings.batch_size, rows)
+    n_tok = (rows[1] - rows[0]) * (ctx.teacher.input_ids.shape[1] - 1)
+    state["reprune"] = {
+        "supernet": _rel(path_store.root, ctx.run_dir),
+        "levels": path_store.grid.centre_levels(),
+        "kl_sequences": list(rows),
+        "kl_tokens": n_tok,
+        "kl_supernet": kl_searched,
+        "kl_reprune": kl_reprune,
+        "seconds": time.time() - t0,
+    }
+    ctx.commit()
+    log.info(
+        "sequential re-prune at the searched widths: KL %.4f vs %.4f from the supernet (%d %s tokens); "
+        "choose_form=%s keeps the %s model",
+        kl_reprune,
+        kl_searched,
+        n_tok,
+        "held-out" if n_hold else "search",
+        settings.choose_form,
+        chosen_form(state["reprune"], settings.choose_form),
+    )
 
 
 def _start_centre(
