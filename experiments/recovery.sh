@@ -11,7 +11,7 @@
 #   searched model's recoveries, the perplexity-against-tokens runs) choose what runs, so the hours can
 #   be spread over several sittings; what is done is skipped anyway. CURVE="50000 100000 ..." sets the token
 #   budgets of the perplexity-against-tokens runs; SEARCHED_RUN=<pipeline run dir> picks the searched model.
-# Cost on 2 idle cores with bf16 autocast (docs/RESULTS.md): about 250 tokens/s (LoRA) and 230 (full), so
+# Cost on 2 idle cores with bf16 autocast (docs/journal.md): about 250 tokens/s (LoRA) and 230 (full), so
 # the default 200K tokens per recovery train in 13-16 min and the 1M-token curve point in about 67 min.
 # Each full evaluation takes about 25 min; the whole script several hours.
 set -euo pipefail

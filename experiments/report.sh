@@ -4,4 +4,4 @@
 # one table (Markdown + CSV), plots and a page in docs/report/. Same protocol everywhere: eval=quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-.venv/bin/python -m experiments.summarize runs/scorer_table runs/pipeline/smollm2-135m --out runs/report --report docs/report --update docs/RESULTS.md "$@"
+.venv/bin/python -m experiments.summarize runs/scorer_table runs/pipeline/smollm2-135m --out runs/report --report docs/report --update docs/journal.md "$@"

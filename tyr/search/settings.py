@@ -25,7 +25,7 @@ class SearchSettings:
     final_eea: str | None = None
     # which form of the searched widths is the result when the re-prune ran: ``reprune`` (the sequentially
     # pruned model), ``supernet``, or ``heldout`` (the lower KL on the held-out teacher sequences). ``reprune``
-    # since session 6: across forms, C4 KL ranks opposite to WikiText-2 / PTB (docs/RESULTS.md, issue #14)
+    # since session 6: across forms, C4 KL ranks opposite to WikiText-2 / PTB (docs/journal.md, issue #14)
     choose_form: str = "reprune"  # one of CHOOSE_FORMS
     # what the budget counts (one of BUDGETS): ``real``, the parameters the sliced model keeps (key / value
     # heads whose query group is pruned away are dropped; tyr.supernet.costs), the budget being the target
