@@ -491,6 +491,8 @@ def search_forms(state: dict) -> dict[str, dict]:
     }
     if rp is not None:
         forms["reprune"] = {"supernet": rp["supernet"], "levels": rp["levels"], "fitness": rp["kl_reprune"]}
+    if state.get("finalist"):  # the training-aware choice (tyr.finalists), added by the pipeline's finalists stage
+        forms["finalist"] = {k: state["finalist"][k] for k in ("supernet", "levels", "fitness")}
     return forms
 
 
@@ -511,5 +513,5 @@ def final_allocation(state: dict, choose_form: str = "reprune", reprune: bool = 
     """The search's result: the form of :func:`search_forms` that :func:`chosen_form` picks, with its
     name as ``source``. ``reprune=False`` (the setting) keeps the supernet form even if a re-prune is
     in the state from an earlier run of the same search."""
-    source = chosen_form(state.get("reprune") if reprune else None, choose_form)
+    source = "finalist" if state.get("finalist") else chosen_form(state.get("reprune") if reprune else None, choose_form)
     return {**search_forms(state)[source], "source": source}

@@ -26,6 +26,7 @@ ARTIFACTS = {
         "history.jsonl",
         "iter*",
         "reprune",
+        "finalists",
         "uniform_reprune",
         "allocation.json",
         "search_fitness.png",

@@ -19,6 +19,7 @@ from typing import Any
 
 from tyr.artifacts import StageRecord
 from tyr.data import TokenSetSpec
+from tyr.finalists import FinalistSettings
 from tyr.search.settings import SearchSettings, search_settings
 from tyr.settings import from_config
 
@@ -71,6 +72,7 @@ class PipelineSettings:
     eval: EvalSettings
     compare: tuple[str, ...]  # extra rows: dense, uniform, uniform_reprune, owl, searched_other
     export: bool
+    finalists: FinalistSettings  # the training-aware choice after the search (alphas=(): off)
     streaming: bool  # runtime.streaming: the prepare / build / search stages hold one layer at a time
     cache_dir: str
 
@@ -96,6 +98,7 @@ def pipeline_settings(config: Mapping[str, Any]) -> PipelineSettings:
             "eval": config["eval"],
             "compare": config["compare"],
             "export": config["export"],
+            "finalists": config["finalists"],
             "streaming": config["runtime"]["streaming"],
             "cache_dir": config["paths"]["cache_dir"],
         },

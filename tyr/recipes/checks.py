@@ -269,16 +269,30 @@ def validate(cfg: DictConfig, job: str, run_dir: Path | None = None) -> None:
         unknown = [c for c in cfg.compare if c not in COMPARE]
         _need(not unknown, f"compare: unknown {unknown}; known: {', '.join(COMPARE)}")
         check_search(cfg)
-        from tyr.recipes.recover import recovery_settings
-
-        try:
-            recovery_settings(cfg)  # the recovery stage's settings and text, before the run directory is made
-        except ValueError as e:
-            raise SettingsError(str(e)) from None
+        check_finalists(cfg)
         if run_dir is not None:
             from tyr.recipes.stages import check_run
 
             check_run(cfg, run_dir)
+
+
+def check_finalists(cfg: DictConfig) -> None:
+    """The recovery stage's settings and text, and the finalists' (which need a recovery: their short one is
+    the pipeline's recovery with ``finalists.tokens``), before the run directory is made."""
+    import dataclasses
+
+    from tyr.finalists import FinalistSettings
+    from tyr.recipes.recover import recovery_settings
+
+    try:
+        recovery = recovery_settings(cfg)
+        f = cfg.get("finalists")
+        if f is not None and len(f.alphas) > 0:
+            FinalistSettings(tuple(float(a) for a in f.alphas), int(f.tokens)).validate()
+            _need(recovery is not None, "finalists=recovery gives each finalist a short recovery: it needs recover=lora or full")
+            dataclasses.replace(recovery, tokens=int(f.tokens)).validate()
+    except ValueError as e:
+        raise SettingsError(str(e).replace("recover.tokens", "finalists.tokens")) from None
 
 
 def check_output_dir(path: Path, what: str = "run directory") -> None:

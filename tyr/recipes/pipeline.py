@@ -36,6 +36,7 @@ from tyr.modeling.params import parameter_counts
 from tyr.pipeline.compare import comparison_forms, searched_forms
 from tyr.pipeline.evaluate import evaluate_dense, evaluate_forms, evaluate_uniform_prune, plot_run
 from tyr.pipeline.export import EXPORT_DIR, export_key, export_stage
+from tyr.pipeline.finalists import finalists_stage
 from tyr.pipeline.layout import apply_redo
 from tyr.pipeline.prepare import prepare
 from tyr.pipeline.recover import recover_stage, recover_uniform_stage
@@ -73,15 +74,20 @@ def main(cfg: DictConfig) -> None:
     model = model_id(lm, s.dtype)
     state = build_and_search(lm, model, pruner, prep, s, keys, run_dir)
     timings.setdefault("build_and_search", time.time() - t0)
-    chosen = final_allocation(state, s.search.choose_form, s.search.reprune)
     main_rank = dist.is_main()
     dist.shutdown()
-    if not main_rank:  # rank 0 evaluates and exports alone
+    if not main_rank:  # rank 0 chooses among finalists, evaluates and exports alone
         return
     write_json(run_dir / "timings.json", timings)
     if s.streaming:
         del lm
-        lm = load_in_memory(cfg)  # evaluating and exporting run the whole (pruned) model
+        lm = load_in_memory(cfg)  # the finalists, evaluating and exporting run the whole (pruned) model
+    if s.finalists.alphas:  # the training-aware choice of the widths to ship
+        t0 = time.time()
+        state = finalists_stage(lm, model, pruner, prep, s, keys, recovery, state, run_dir)
+        timings.setdefault("finalists", time.time() - t0)
+        write_json(run_dir / "timings.json", timings)
+    chosen = final_allocation(state, s.search.choose_form, s.search.reprune)
 
     forms = searched_forms(state, model, chosen["source"], other="searched_other" in s.compare)
     rows = evaluate_dense(lm, s, keys, run_dir) if "dense" in s.compare else {}
