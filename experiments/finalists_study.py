@@ -88,9 +88,8 @@ def main() -> None:
         rho0 = spearman([r["kl_before"] for r in rows], [r["after"][name] for r in rows])
         print(f"{name}: rho(short-recovery KL, ppl after full recovery) = {rho:.3f}; rho(KL before, same) = {rho0:.3f}")
         for r in sorted(rows, key=lambda r: r["alpha"]):
-            print(
-                f"  alpha {r['alpha']:.2f}: KL {r['kl_before']:.4f} -> {r['kl_short']:.4f}; ppl {r['before'][name]:.2f} -> {r['after'][name]:.2f}"
-            )
+            kl = f"KL {r['kl_before']:.4f} -> {r['kl_short']:.4f}"
+            print(f"  alpha {r['alpha']:.2f}: {kl}; ppl {r['before'][name]:.2f} -> {r['after'][name]:.2f}")
 
 
 if __name__ == "__main__":
