@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=None, help="full recovery budget (default: the run's recover.tokens)")
     ap.add_argument("--eval", nargs="+", default=["general_dev"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--alphas", type=float, nargs="*", default=None, help="only these finalists (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -52,7 +53,7 @@ def main() -> None:
     eval_config = {**OmegaConf.to_container(cfg.eval, resolve=True), "perplexity": list(args.eval), "tasks": []}
     done = {json.loads(l)["alpha"] for l in args.out.read_text().splitlines()} if args.out.exists() else set()
     for cand in record["candidates"]:
-        if cand["alpha"] in done:
+        if cand["alpha"] in done or (args.alphas is not None and cand["alpha"] not in args.alphas):
             continue
         store = SupernetStore.open(run / cand["supernet"], expect_model={"name": lm.name, "revision": lm.revision})
         asm = Assembler(lm.model, store)
@@ -64,7 +65,7 @@ def main() -> None:
             student,
             {"kind": f"finalist alpha={cand['alpha']}", "target_sparsity": float(cfg.target_sparsity)},
             recovery,
-            run / "finalists" / "study",
+            run / "recover",  # the pipeline's own recoveries: a finalist equal to its searched or uniform model is reused
             eval_config,
             str(cfg.paths.cache_dir),
             export=False,
