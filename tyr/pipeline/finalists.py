@@ -62,14 +62,15 @@ def finalists_stage(
         root,
         key,
         searched_store,
+        (SupernetStore.open(final["supernet"], expect_model=model), final["levels"]),
         extra={"uniform_keep": uniform_keep},
     )
-    chosen = next(c for c in record["candidates"] if c["alpha"] == record["chosen"])
+    chosen = next(c for c in record["candidates"] if c["name"] == record["chosen"])
     log.info(
-        "finalists: alpha %s ships (KL after a %d-token recovery: %s)",
+        "finalists: %s ships (KL after a %d-token recovery: %s)",
         record["chosen"],
         fs.tokens,
-        ", ".join(f"{c['alpha']}: {c['kl_after']:.4f}" for c in record["candidates"]),
+        ", ".join(f"{c['name']} {c['kl_after']:.4f}" for c in record["candidates"]),
     )
     return {
         **state,
@@ -78,5 +79,6 @@ def finalists_stage(
             "levels": chosen["levels"],
             "fitness": chosen["kl_after"],
             "alpha": chosen["alpha"],
+            "name": chosen["name"],
         },
     }
