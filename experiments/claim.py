@@ -45,6 +45,7 @@ PROTOCOL = {
         "eval.limit=500",
         "recover=lora",
         "recover.tokens=196608",
+        "recover.bf16=true",  # bf16 autocast: about 2x faster on this CPU (avx512_bf16); issue #15's protocol too
         "export=true",
         "finalists=none",
     ],
