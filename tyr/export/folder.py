@@ -44,6 +44,18 @@ def write_extra(path: Path, content: Any) -> None:
         path.write_text(json.dumps(content, indent=2, default=str) + "\n")
 
 
+def with_source(model: nn.Module, extra_files: dict[str, Any] | None) -> dict[str, Any]:
+    """``extra_files`` plus the ``tyr_source.json`` of the folder the model was loaded from, if it has one:
+    an export records the model's origin (the GGUF export copies that GGUF's tokenizer from it)."""
+    from tyr.models import SOURCE_FILE
+
+    extra = dict(extra_files or {})
+    src = Path(str(getattr(model.config, "_name_or_path", "") or "")) / SOURCE_FILE
+    if SOURCE_FILE not in extra and src.is_file():
+        extra[SOURCE_FILE] = src
+    return extra
+
+
 def write_folder(out_dir: Path, write, tokenizer: Any, record: dict, extra_files: dict[str, Any] | None) -> None:
     """``write(tmp)`` the config and weights into a temporary sibling folder, add the tokenizer, the
     allocation record and ``extra_files``, check the custom code is there, then rename into place."""
@@ -101,7 +113,7 @@ def export_model(
     def write(tmp: Path) -> None:
         export.save_pretrained(tmp, max_shard_size=max_shard_size)
 
-    write_folder(out_dir, write, tokenizer, record, extra_files)
+    write_folder(out_dir, write, tokenizer, record, with_source(model, extra_files))
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     log.info("exported %s (%s layout, %.1f MB, %.1fs)", out_dir, layout, size / 2**20, time.time() - t0)
     return out_dir
