@@ -15,6 +15,8 @@ Anything else is refused with :class:`GGUFExportError` (one line).
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from hashlib import sha256
 from pathlib import Path
 
@@ -113,12 +115,20 @@ def _bpe_tokens(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 
 
 def build_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> str:
-    """The tokenizer of the Hugging Face folder ``folder``, as llama.cpp's converter builds it."""
+    """The tokenizer of the Hugging Face folder ``folder``, as llama.cpp's converter builds it. It is read
+    from a copy of the tokenizer files alone: the folder's config.json names remote code (``auto_map``)."""
     folder = Path(folder)
-    tok_file = folder / "tokenizer.json"
-    if not tok_file.exists():
+    if not (folder / "tokenizer.json").exists():
         raise GGUFExportError(f"{folder} holds no tokenizer.json: only fast (tokenizer.json) tokenizers can be written to GGUF")
-    model = json.loads(tok_file.read_text()).get("model", {})
+    with tempfile.TemporaryDirectory(prefix="tyr-tokenizer-") as tmp:
+        for f in folder.iterdir():
+            if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "added_tokens", "chat_template"))):
+                shutil.copyfile(f, Path(tmp) / f.name)
+        return _build_from(writer, Path(tmp), vocab_size)
+
+
+def _build_from(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> str:
+    model = json.loads((folder / "tokenizer.json").read_text()).get("model", {})
     if model.get("type") == "BPE" and model.get("byte_fallback"):  # SentencePiece-style (Llama 2, Mistral 7B)
         vocab = gguf.LlamaHfVocab(folder)
         tokens, scores, types = zip(*vocab.all_tokens())
@@ -137,12 +147,12 @@ def build_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> s
         )
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
     fingerprint = sha256(str(tokenizer.encode(_CHECK_TEXT)).encode()).hexdigest()
     pre = BPE_PRE_TYPES.get(fingerprint)
     if pre is None:
         raise GGUFExportError(
-            f"the BPE pre-tokenizer of {folder} is not one llama.cpp's converter knows for Llama / Mistral "
+            "the BPE pre-tokenizer is not one llama.cpp's converter knows for Llama / Mistral "
             f"(fingerprint {fingerprint[:16]}; known: {', '.join(sorted(BPE_PRE_TYPES.values()))})"
         )
     tokens, types = _bpe_tokens(tokenizer, vocab_size)
