@@ -71,6 +71,8 @@ class PipelineSettings:
     eval: EvalSettings
     compare: tuple[str, ...]  # extra rows: dense, uniform, uniform_reprune, owl, searched_other
     export: bool
+    export_formats: tuple[str, ...]  # hf (the folder) and gguf (also gguf/model.gguf written from it)
+    gguf_dtype: str
     streaming: bool  # runtime.streaming: the prepare / build / search stages hold one layer at a time
     cache_dir: str
 
@@ -96,6 +98,8 @@ def pipeline_settings(config: Mapping[str, Any]) -> PipelineSettings:
             "eval": config["eval"],
             "compare": config["compare"],
             "export": config["export"],
+            "export_formats": config["export_formats"],
+            "gguf_dtype": config["gguf_dtype"],
             "streaming": config["runtime"]["streaming"],
             "cache_dir": config["paths"]["cache_dir"],
         },

@@ -211,7 +211,49 @@ def check_build_dir(cfg: DictConfig, run_dir: Path) -> None:
         )
 
 
+FORMATS = ("hf", "gguf")
+
+
+def model_type_of(model: DictConfig) -> str | None:
+    """The model's ``model_type`` without loading it: its ``arch:`` block, else its folder's config.json."""
+    if model.get("arch") is not None:
+        return str(model.arch.model_type)
+    src = model.get("source")
+    path = src.get("path") if src is not None and "path" in src.keys() and not OmegaConf.is_missing(src, "path") else None
+    return folder_model_type(Path(str(path)).expanduser()) if path else None
+
+
+def folder_model_type(folder: Path) -> str | None:
+    cfg_file = folder / "config.json"
+    return str(OmegaConf.load(cfg_file).get("model_type")) if cfg_file.is_file() else None
+
+
+def check_formats(cfg: DictConfig, model_type: str | None) -> None:
+    """``export_formats`` and ``gguf_dtype`` (conf/gguf/default.yaml); a GGUF only for a family that has one."""
+    from tyr.export.gguf import GGUF_DTYPES, check_gguf_family
+
+    formats = [str(f) for f in cfg.export_formats]
+    unknown = [f for f in formats if f not in FORMATS]
+    _need(not unknown, f"export_formats: unknown {unknown}; known: {', '.join(FORMATS)}")
+    _need(
+        "gguf" not in formats or "hf" in formats,
+        "export_formats=[gguf]: the GGUF is written from the Hugging Face folder; give export_formats=[hf,gguf]",
+    )
+    _need(str(cfg.gguf_dtype) in GGUF_DTYPES, f"gguf_dtype={cfg.gguf_dtype} must be one of {', '.join(GGUF_DTYPES)}")
+    if "gguf" in formats and model_type is not None:
+        try:
+            check_gguf_family(model_type)
+        except ValueError as e:
+            raise SettingsError(f"export_formats=[hf,gguf]: {e}") from None
+
+
 def check_export(cfg: DictConfig) -> None:
+    if cfg.get("folder"):  # an exported folder, written as a GGUF
+        folder = Path(str(cfg.folder))
+        _need(OmegaConf.is_missing(cfg, "run"), "give run=<pipeline run> or folder=<exported folder>, not both")
+        _need((folder / "config.json").is_file(), f"folder={cfg.folder} holds no config.json (give an exported folder)")
+        return check_formats(OmegaConf.merge(cfg, {"export_formats": ["hf", "gguf"]}), folder_model_type(folder))
+    _need(not OmegaConf.is_missing(cfg, "run"), "missing setting run: give run=<pipeline run dir> (or folder=<exported folder>)")
     run = Path(str(cfg.run))
     _need(run.is_dir(), f"run={cfg.run}: no such directory (give a pipeline run directory)")
     for f in ("allocation.json", ".hydra/config.yaml"):
@@ -226,6 +268,7 @@ def check_export(cfg: DictConfig) -> None:
         raise SettingsError(f"{e}; rerun the pipeline with redo=search to remake it") from None
     except Exception as e:  # noqa: BLE001 - a garbled YAML record
         raise SettingsError(f"{run / '.hydra' / 'config.yaml'} cannot be read ({type(e).__name__})") from None
+    check_formats(cfg, model_type_of(OmegaConf.load(run / ".hydra" / "config.yaml").model))
 
 
 def check_plan(cfg: DictConfig) -> None:
@@ -256,6 +299,8 @@ def validate(cfg: DictConfig, job: str, run_dir: Path | None = None) -> None:
         check_data(cfg, search=job == "pipeline")
     if "eval" in cfg:
         check_eval(cfg)
+    if "export_formats" in cfg and cfg.get("export"):
+        check_formats(cfg, model_type_of(cfg.model))
     if job == "build":
         check_supernet(cfg)
         if run_dir is not None:
