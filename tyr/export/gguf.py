@@ -282,7 +282,8 @@ def write_gguf(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, "deci")
     try:
-        writer.add_name(folder.resolve().name)
+        name = folder.resolve()
+        writer.add_name(f"{name.parent.name}/{name.name}" if name.name == "hf_model" else name.name)  # e.g. demo-s0.5/hf_model
         writer.add_block_count(n)
         writer.add_context_length(int(cfg.get("max_position_embeddings") or 4096))
         writer.add_embedding_length(hidden)

@@ -60,9 +60,13 @@ def source_gguf(folder: Path) -> Path | None:
         raise GGUFExportError(f"{record_file} names the source GGUF {record['file']}, which is not here: {e}") from None
 
 
-def copy_tokenizer(writer: gguf.GGUFWriter, src: Path) -> str:
-    """Every ``tokenizer.*`` key of the GGUF file ``src``; returns a description."""
+def copy_tokenizer(writer: gguf.GGUFWriter, src: Path, vocab_size: int) -> str:
+    """Every ``tokenizer.*`` key of the GGUF file ``src`` (whose vocabulary must be the model's); returns a description."""
     reader = gguf.GGUFReader(src)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None or len(tokens.data) != vocab_size:
+        n_tokens = None if tokens is None else len(tokens.data)
+        raise GGUFExportError(f"{src.name} holds {n_tokens} tokens, but the model's vocabulary has {vocab_size}")
     n = 0
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
@@ -169,5 +173,5 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int, tokeni
     from, else built from the folder's Hugging Face tokenizer. Returns a description."""
     src = Path(tokenizer_gguf) if tokenizer_gguf is not None else source_gguf(folder)
     if src is not None:
-        return copy_tokenizer(writer, src)
+        return copy_tokenizer(writer, src, vocab_size)
     return build_tokenizer(writer, folder, vocab_size)
