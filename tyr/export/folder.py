@@ -45,14 +45,16 @@ def write_extra(path: Path, content: Any) -> None:
 
 
 def with_source(model: nn.Module, extra_files: dict[str, Any] | None) -> dict[str, Any]:
-    """``extra_files`` plus the ``tyr_source.json`` of the folder the model was loaded from, if it has one:
-    an export records the model's origin (the GGUF export copies that GGUF's tokenizer from it)."""
+    """``extra_files`` plus, from the folder the model was loaded from, its ``tyr_source.json`` (an export
+    records the model's origin: the GGUF export copies that GGUF's tokenizer) and its SentencePiece
+    ``tokenizer.model`` (the GGUF export reads its scores), where it has them."""
     from tyr.models import SOURCE_FILE
 
     extra = dict(extra_files or {})
-    src = Path(str(getattr(model.config, "_name_or_path", "") or "")) / SOURCE_FILE
-    if SOURCE_FILE not in extra and src.is_file():
-        extra[SOURCE_FILE] = src
+    loaded_from = str(getattr(model.config, "_name_or_path", "") or "")
+    for name in (SOURCE_FILE, "tokenizer.model") if loaded_from else ():
+        if name not in extra and (Path(loaded_from) / name).is_file():
+            extra[name] = Path(loaded_from) / name
     return extra
 
 

@@ -6,8 +6,11 @@ tokenizer as llama.cpp's converter (``convert_hf_to_gguf.py``) builds it.
 - Built, BPE with byte-level pre-tokenization (Llama 3, SmolLM): ``tokenizer.ggml.model = gpt2``, the
   token list and types of ``get_vocab_base``, the merges, and the pre-tokenizer type recognised by the
   converter's fingerprint (the sha256 of the token ids of one check text).
-- Built, SentencePiece-style BPE with byte fallback (Llama 2, Mistral 7B): ``tokenizer.ggml.model =
-  llama`` through ``gguf.LlamaHfVocab`` (the converter's ``_set_vocab_llama_hf``).
+- Built, SentencePiece (Llama 2, Mistral 7B): ``tokenizer.ggml.model = llama`` with the pieces, scores
+  and types of ``tokenizer.model`` (the converter's ``_set_vocab_sentencepiece``; the model file is read
+  here without the sentencepiece package: it is a protobuf of (piece, score, type) records), or, when a
+  folder has only a ``tokenizer.json`` with byte fallback, through ``gguf.LlamaHfVocab`` (the converter's
+  fallback ``_set_vocab_llama_hf``, whose scores are placeholders).
 
 Anything else is refused with :class:`GGUFExportError` (one line).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import tempfile
 from hashlib import sha256
 from pathlib import Path
@@ -118,12 +122,87 @@ def _bpe_tokens(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
+def _fields(buf: bytes):
+    """The (field number, wire type, value) of a protobuf message: varints as ints, the rest as bytes."""
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        value = shift = 0
+        while True:
+            b = buf[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return value
+
+    while i < len(buf):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            yield number, wire, varint()
+            continue
+        size = {1: 8, 5: 4}.get(wire)
+        if size is None and wire == 2:
+            size = varint()
+        if size is None or i + size > len(buf):
+            raise GGUFExportError("tokenizer.model is not a SentencePiece model file")
+        yield number, wire, buf[i : i + size]
+        i += size
+
+
+# SentencePiece piece types -> GGUF token types as the converter maps them (user-defined pieces count as normal)
+_SPM_TYPES = {2: gguf.TokenType.UNKNOWN, 3: gguf.TokenType.CONTROL, 5: gguf.TokenType.UNUSED, 6: gguf.TokenType.BYTE}
+
+
+def sentencepiece_pieces(path: Path) -> list[tuple[bytes, float, int]]:
+    """(piece, score, GGUF token type) of every piece of a SentencePiece model file (``ModelProto.pieces``:
+    field 1; in each, piece 1, score 2, type 3)."""
+    pieces = []
+    for number, wire, value in _fields(Path(path).read_bytes()):
+        if number == 1 and wire == 2:
+            piece, score, kind = b"", 0.0, 1
+            for n, _, v in _fields(value):
+                if n == 1:
+                    piece = bytes(v)
+                elif n == 2:
+                    score = struct.unpack("<f", v)[0]
+                elif n == 3:
+                    kind = v
+            pieces.append((piece, score, int(_SPM_TYPES.get(kind, gguf.TokenType.NORMAL))))
+    return pieces
+
+
+def _sentencepiece_vocab(folder: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
+    """The converter's ``_create_vocab_sentencepiece``: pieces, then added tokens, padded to ``vocab_size``."""
+    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores, types = [-10000.0] * vocab_size, [int(gguf.TokenType.UNUSED)] * vocab_size
+    for i, (piece, score, kind) in enumerate(sentencepiece_pieces(folder / "tokenizer.model")[:vocab_size]):
+        tokens[i], scores[i], types[i] = piece, score, kind
+    added = json.loads((folder / "added_tokens.json").read_text()) if (folder / "added_tokens.json").exists() else {}
+    for text, i in added.items():
+        if i < vocab_size:
+            tokens[i], scores[i], types[i] = text.encode(), -1000.0, int(gguf.TokenType.USER_DEFINED)
+    config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
+    for i, data in ((int(k), v) for k, v in config.get("added_tokens_decoder", {}).items()):
+        if i >= vocab_size:
+            continue
+        text = data["content"]
+        if data.get("special") or _looks_special(text):
+            types[i] = int(gguf.TokenType.CONTROL)
+        else:
+            text, types[i] = text.replace("\u2581", " "), int(gguf.TokenType.USER_DEFINED)
+        tokens[i], scores[i] = text.encode(), -1000.0
+    return tokens, scores, types
+
+
 def build_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> str:
     """The tokenizer of the Hugging Face folder ``folder``, as llama.cpp's converter builds it. It is read
     from a copy of the tokenizer files alone: the folder's config.json names remote code (``auto_map``)."""
     folder = Path(folder)
-    if not (folder / "tokenizer.json").exists():
-        raise GGUFExportError(f"{folder} holds no tokenizer.json: only fast (tokenizer.json) tokenizers can be written to GGUF")
+    if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer.model").exists():
+        raise GGUFExportError(f"{folder} holds no tokenizer.json or tokenizer.model")
     with tempfile.TemporaryDirectory(prefix="tyr-tokenizer-") as tmp:
         for f in folder.iterdir():
             if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "added_tokens", "chat_template"))):
@@ -132,8 +211,17 @@ def build_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> s
 
 
 def _build_from(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> str:
+    if (folder / "tokenizer.model").exists():  # SentencePiece (Llama 2, Mistral 7B)
+        tokens, scores, types = _sentencepiece_vocab(folder, vocab_size)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        gguf.SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+        return "built: llama (SentencePiece tokenizer.model)"
     model = json.loads((folder / "tokenizer.json").read_text()).get("model", {})
-    if model.get("type") == "BPE" and model.get("byte_fallback"):  # SentencePiece-style (Llama 2, Mistral 7B)
+    if model.get("type") == "BPE" and model.get("byte_fallback"):  # SentencePiece-style, without tokenizer.model
         vocab = gguf.LlamaHfVocab(folder)
         tokens, scores, types = zip(*vocab.all_tokens())
         if len(tokens) != vocab_size:
@@ -144,7 +232,7 @@ def _build_from(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> str:
         writer.add_token_scores(list(scores))
         writer.add_token_types(list(types))
         gguf.SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
-        return "built: llama (SentencePiece-style BPE)"
+        return "built: llama (from tokenizer.json: placeholder scores, as the converter's fallback)"
     if model.get("type") != "BPE":
         raise GGUFExportError(
             f"tokenizer type {model.get('type')!r}: only BPE tokenizers (Llama 3 / SmolLM, Llama 2 / Mistral) are written"
