@@ -303,7 +303,7 @@ def write_gguf(
         head_type = Q.Q8_0 if dtype == "q4_0" else None
         tensors.add("token_embd.weight", weights.get("model.embed_tokens.weight"), head_type)
         tensors.add("output_norm.weight", weights.get("model.norm.weight"))
-        tied = bool(cfg.get("tie_word_embeddings", True)) or not weights.has("lm_head.weight")
+        tied = bool(cfg.get("tie_word_embeddings", False)) or not weights.has("lm_head.weight")  # no head stored: tied
         if not tied:
             tensors.add("output.weight", weights.get("lm_head.weight"), head_type)
         if rope_type(cfg) == "llama3":
