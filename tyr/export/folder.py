@@ -44,6 +44,20 @@ def write_extra(path: Path, content: Any) -> None:
         path.write_text(json.dumps(content, indent=2, default=str) + "\n")
 
 
+def with_source(model: nn.Module, extra_files: dict[str, Any] | None) -> dict[str, Any]:
+    """``extra_files`` plus, from the folder the model was loaded from, its ``tyr_source.json`` (an export
+    records the model's origin: the GGUF export copies that GGUF's tokenizer) and its SentencePiece
+    ``tokenizer.model`` (the GGUF export reads its scores), where it has them."""
+    from tyr.models import SOURCE_FILE
+
+    extra = dict(extra_files or {})
+    loaded_from = str(getattr(model.config, "_name_or_path", "") or "")
+    for name in (SOURCE_FILE, "tokenizer.model") if loaded_from else ():
+        if name not in extra and (Path(loaded_from) / name).is_file():
+            extra[name] = Path(loaded_from) / name
+    return extra
+
+
 def write_folder(out_dir: Path, write, tokenizer: Any, record: dict, extra_files: dict[str, Any] | None) -> None:
     """``write(tmp)`` the config and weights into a temporary sibling folder, add the tokenizer, the
     allocation record and ``extra_files``, check the custom code is there, then rename into place."""
@@ -101,7 +115,7 @@ def export_model(
     def write(tmp: Path) -> None:
         export.save_pretrained(tmp, max_shard_size=max_shard_size)
 
-    write_folder(out_dir, write, tokenizer, record, extra_files)
+    write_folder(out_dir, write, tokenizer, record, with_source(model, extra_files))
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     log.info("exported %s (%s layout, %.1f MB, %.1fs)", out_dir, layout, size / 2**20, time.time() - t0)
     return out_dir

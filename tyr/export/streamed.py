@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tyr.export.config import check_supported, layer_widths, pruned_config
-from tyr.export.folder import check_out_dir, write_folder
+from tyr.export.folder import check_out_dir, with_source, write_folder
 from tyr.export.surgery import index_state, widths_record
 from tyr.modeling.adapter import get_adapter
 from tyr.modeling.hf_pruned import ARCHITECTURES
@@ -106,7 +106,7 @@ def export_streamed(
         if gen is not None:
             gen.save_pretrained(tmp)
 
-    write_folder(out_dir, write, tokenizer, record, extra_files)
+    write_folder(out_dir, write, tokenizer, record, with_source(model, extra_files))
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     log.info("exported %s layer by layer (%s layout, %.1f MB, %.1fs)", out_dir, layout, size / 2**20, time.time() - t0)
     return out_dir

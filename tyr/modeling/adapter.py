@@ -61,6 +61,9 @@ class DecoderAdapter:
     hidden_norms: int = 2  # RMSNorms over hidden_size per decoder layer
     head_norms: bool = False  # q_norm / k_norm over head_dim (shared by every head)
     o_bias_with_attention_bias: bool = True  # config.attention_bias also gives o_proj a bias
+    # GGUF export (llama.cpp's per-layer ``deci`` architecture, :mod:`tyr.export.gguf`): why this family
+    # cannot be written as one, or None when it can (Llama-style blocks: RMSNorm, SwiGLU, RoPE, no q/k/v bias).
+    gguf_refusal: str | None = None
 
     def norm_params_per_layer(self, hidden_size: int, head_dim: int) -> int:
         return self.hidden_norms * hidden_size + (2 * head_dim if self.head_norms else 0)
@@ -133,10 +136,31 @@ _ADAPTERS: tuple[DecoderAdapter, ...] = (
     # tyr_*: exported pruned checkpoints, loaded back
     DecoderAdapter("llama", ("llama", "tyr_llama"), "tyr_llama"),
     DecoderAdapter("mistral", ("mistral", "tyr_mistral"), "tyr_mistral"),
-    DecoderAdapter("qwen2", ("qwen2", "tyr_qwen2"), "tyr_qwen2", o_bias_with_attention_bias=False),  # q/k/v bias only
-    DecoderAdapter("qwen3", ("qwen3", "tyr_qwen3"), "tyr_qwen3", head_norms=True),
+    DecoderAdapter(
+        "qwen2",
+        ("qwen2", "tyr_qwen2"),
+        "tyr_qwen2",
+        o_bias_with_attention_bias=False,  # q/k/v bias only
+        gguf_refusal="its q/k/v biases: llama.cpp's per-layer deci architecture reads them only in recent builds, "
+        "and tyr does not map Qwen2 (nor its tokenizer) to deci (docs/gguf.md)",
+    ),
+    DecoderAdapter(
+        "qwen3",
+        ("qwen3", "tyr_qwen3"),
+        "tyr_qwen3",
+        head_norms=True,
+        gguf_refusal="its per-head q/k norms have no place in llama.cpp's per-layer deci architecture",
+    ),
     # input / post-attention / pre- and post-feed-forward norms
-    DecoderAdapter("gemma3", ("gemma3_text", "tyr_gemma3_text"), "tyr_gemma3_text", hidden_norms=4, head_norms=True),
+    DecoderAdapter(
+        "gemma3",
+        ("gemma3_text", "tyr_gemma3_text"),
+        "tyr_gemma3_text",
+        hidden_norms=4,
+        head_norms=True,
+        gguf_refusal="its blocks (q/k norms, four norms per layer, scaled embeddings, sliding-window layers) are not "
+        "llama.cpp's per-layer deci blocks, and llama.cpp's gemma3 architecture has one width for every layer",
+    ),
 )
 
 

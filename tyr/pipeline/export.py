@@ -2,7 +2,12 @@
 family's exported architecture, :mod:`tyr.export`) and checked in a fresh process; ``export.json``
 records it with its key (the search key and the chosen form). Done when ``export.json`` holds the
 key and the folder holds a config. The folder is written and checked under a staging name and
-renamed into place only once verified."""
+renamed into place only once verified.
+
+With ``gguf`` among the export formats, :func:`export_gguf` then writes the folder as
+``gguf/model.gguf`` next to it (:mod:`tyr.export.gguf`), recorded in ``gguf/model.gguf.json`` with
+its key (the dtype, the writer's version and the folder's content) and sha256; a rerun with the
+same key and an intact file reuses it, anything else rewrites it."""
 
 from __future__ import annotations
 
@@ -12,21 +17,23 @@ from pathlib import Path
 
 import torch
 
-from tyr.artifacts import fault_point, read_json_checked, settings_key
+from tyr.artifacts import fault_point, file_sha256, read_json_checked, settings_key, weights_digest
 from tyr.data import get_token_set
 from tyr.export import check_out_dir, export_model, export_streamed, verify_export
-from tyr.models import LoadedModel
+from tyr.export.gguf import GGUF_FILE, WRITER_VERSION, write_gguf
+from tyr.models import LoadedModel, cache_dir
 from tyr.pipeline.evaluate import ALLOCATION_FILE
 from tyr.pipeline.layout import form_key
 from tyr.pipeline.settings import PipelineSettings, RunKeys
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.store import SupernetStore
-from tyr.utils import write_json
+from tyr.utils import portable_path, write_json
 
 log = logging.getLogger("tyr")
 
 EXPORT_DIR = "hf_model"
 EXPORT_RECORD = "export.json"
+GGUF_DIR = "gguf"
 
 
 def searched_allocation(run_dir: Path, lm: LoadedModel) -> tuple[dict, SupernetStore]:
@@ -110,3 +117,35 @@ def export_stage(lm: LoadedModel, s: PipelineSettings, key: str, run_dir: Path) 
     record = export_allocation(lm, store, alloc, Path(run_dir) / EXPORT_DIR, verify_ids(lm, s), overwrite=True, key=key)
     log.info("exported %s (%.1f MB)", record["out"], record["bytes"] / 1e6)
     return record
+
+
+def gguf_path(folder: Path) -> Path:
+    """Where the GGUF of an exported folder goes: ``gguf/model.gguf`` beside the folder."""
+    return Path(folder).parent / GGUF_DIR / GGUF_FILE
+
+
+def gguf_key(folder: Path, dtype: str) -> str:
+    """What a GGUF is made from: the dtype, the writer's version, the folder's weights and its other files
+    (config, tokenizer, the source record)."""
+    folder = Path(folder)
+    files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.endswith(".safetensors")}
+    weights = weights_digest(folder, cache_dir() / "digests.json")
+    return settings_key({"dtype": dtype, "writer": WRITER_VERSION, "weights": weights, "files": files})
+
+
+def export_gguf(folder: Path, dtype: str, out: Path | None = None) -> tuple[dict, bool]:
+    """Write the exported ``folder`` as a GGUF (default :func:`gguf_path`) unless its record holds the same
+    key and the file its recorded size and sha256. Returns the record and whether it was written."""
+    out = Path(out) if out is not None else gguf_path(folder)
+    record_file = out.with_name(out.name + ".json")
+    key = gguf_key(folder, dtype)
+    if record_file.exists() and out.exists():
+        old = read_json_checked(record_file)
+        if old.get("key") == key and out.stat().st_size == old.get("bytes") and file_sha256(out) == old.get("sha256"):
+            log.info("GGUF %s is up to date (same settings and folder)", out)
+            return old, False
+    record = write_gguf(folder, out, dtype)
+    record.update(key=key, folder=portable_path(folder), out=portable_path(out))
+    write_json(record_file, record)
+    log.info("wrote %s (%s, %.1f MB)", out, dtype, record["bytes"] / 1e6)
+    return record, True

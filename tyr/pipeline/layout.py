@@ -34,7 +34,7 @@ ARTIFACTS = {
         "timings.json",
     ],
     "evaluate": ["results_*.json", "owl.json", "results.json", "results.md"],
-    "export": ["hf_model", "export.json"],
+    "export": ["hf_model", "export.json", "gguf"],
 }
 CHECKED = ("prepare", "search")  # refused on a change; evaluate / export are redone by their own keys
 EVAL_SPEED_KEYS = ("batch_size", "logits_mb", "ppl_batch_size")  # evaluation settings left out of every key

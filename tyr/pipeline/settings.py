@@ -73,6 +73,8 @@ class PipelineSettings:
     compare: tuple[str, ...]  # extra rows: dense, uniform, uniform_reprune, owl, searched_other
     export: bool
     finalists: FinalistSettings  # the training-aware choice after the search (alphas=(): off)
+    export_formats: tuple[str, ...]  # hf (the folder) and gguf (also gguf/model.gguf written from it)
+    gguf_dtype: str
     streaming: bool  # runtime.streaming: the prepare / build / search stages hold one layer at a time
     cache_dir: str
 
@@ -99,6 +101,8 @@ def pipeline_settings(config: Mapping[str, Any]) -> PipelineSettings:
             "compare": config["compare"],
             "export": config["export"],
             "finalists": config["finalists"],
+            "export_formats": config["export_formats"],
+            "gguf_dtype": config["gguf_dtype"],
             "streaming": config["runtime"]["streaming"],
             "cache_dir": config["paths"]["cache_dir"],
         },

@@ -25,6 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from tyr.artifacts import SettingsError
+from tyr.recipes.formats import check_formats, folder_model_type, model_type_of
 
 COMPARE = ("dense", "uniform", "uniform_reprune", "owl", "searched_other")
 EEA = ("none", "expectation", "uniform", "path")
@@ -217,6 +218,12 @@ def check_build_dir(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def check_export(cfg: DictConfig) -> None:
+    if cfg.get("folder"):  # an exported folder, written as a GGUF
+        folder = Path(str(cfg.folder))
+        _need(OmegaConf.is_missing(cfg, "run"), "give run=<pipeline run> or folder=<exported folder>, not both")
+        _need((folder / "config.json").is_file(), f"folder={cfg.folder} holds no config.json (give an exported folder)")
+        return check_formats(OmegaConf.merge(cfg, {"export_formats": ["hf", "gguf"]}), folder_model_type(folder))
+    _need(not OmegaConf.is_missing(cfg, "run"), "missing setting run: give run=<pipeline run dir> (or folder=<exported folder>)")
     run = Path(str(cfg.run))
     _need(run.is_dir(), f"run={cfg.run}: no such directory (give a pipeline run directory)")
     for f in ("allocation.json", ".hydra/config.yaml"):
@@ -231,6 +238,7 @@ def check_export(cfg: DictConfig) -> None:
         raise SettingsError(f"{e}; rerun the pipeline with redo=search to remake it") from None
     except Exception as e:  # noqa: BLE001 - a garbled YAML record
         raise SettingsError(f"{run / '.hydra' / 'config.yaml'} cannot be read ({type(e).__name__})") from None
+    check_formats(cfg, model_type_of(OmegaConf.load(run / ".hydra" / "config.yaml").model))
 
 
 def check_plan(cfg: DictConfig) -> None:
@@ -261,6 +269,8 @@ def validate(cfg: DictConfig, job: str, run_dir: Path | None = None) -> None:
         check_data(cfg, search=job == "pipeline")
     if "eval" in cfg:
         check_eval(cfg)
+    if "export_formats" in cfg and cfg.get("export"):
+        check_formats(cfg, model_type_of(cfg.model))
     if job == "build":
         check_supernet(cfg)
         if run_dir is not None:

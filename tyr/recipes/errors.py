@@ -8,6 +8,7 @@ def user_errors() -> tuple[type, ...]:
     from tyr.artifacts import CorruptArtifactError, SettingsError, StaleArtifactError
     from tyr.coarse_to_fine import SearchStateError
     from tyr.data import DataSourceError, TextTooShortError
+    from tyr.export.gguf_vocab import GGUFExportError
     from tyr.modeling.adapter import UnsupportedArchitectureError
     from tyr.models import ModelNotFoundError
     from tyr.supernet.store import SupernetError
@@ -25,6 +26,7 @@ def user_errors() -> tuple[type, ...]:
         StaleArtifactError,
         TaskDataMissingError,
         UnknownTaskError,
+        GGUFExportError,
     )
 
 

@@ -23,6 +23,7 @@ the keys once, and calls the stages of :mod:`tyr.pipeline` in order.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
@@ -35,7 +36,7 @@ from tyr.evaluation import results_table
 from tyr.modeling.params import parameter_counts
 from tyr.pipeline.compare import comparison_forms, searched_forms
 from tyr.pipeline.evaluate import evaluate_dense, evaluate_forms, evaluate_uniform_prune, plot_run
-from tyr.pipeline.export import EXPORT_DIR, export_key, export_stage
+from tyr.pipeline.export import EXPORT_DIR, export_gguf, export_key, export_stage, gguf_path
 from tyr.pipeline.finalists import finalists_stage
 from tyr.pipeline.layout import apply_redo
 from tyr.pipeline.prepare import prepare
@@ -117,6 +118,10 @@ def main(cfg: DictConfig) -> None:
     elif "uniform_reprune" in s.compare:  # prunes lm.model in place: the dense model's last use
         rows.update(evaluate_uniform_prune(lm, pruner, prep, dense_counts, s, keys, run_dir))
     rows = leading_rows(rows)
+    if "gguf" in s.export_formats:  # each exported folder also as a GGUF for llama.cpp / Ollama
+        for name, folder in list(exported.items()):
+            export_gguf(Path(folder), s.gguf_dtype)
+            exported[f"{name} (gguf)"] = str(gguf_path(Path(folder)))
 
     summary = {
         "rows": rows,

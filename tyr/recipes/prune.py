@@ -3,7 +3,8 @@
 Every layer is pruned to the same parameter sparsity with the chosen local pruner, the pruned model
 is evaluated, and ``results.json``, ``layers.jsonl`` (and for HyWIA ``fusion_weights.png``) are
 written into the run directory. With ``export=true`` the pruned model is also written as a Hugging
-Face folder (``hf_model/``) and checked in a fresh process, as the pipeline does (``export.json``).
+Face folder (``hf_model/``) and checked in a fresh process, as the pipeline does (``export.json``);
+with ``export_formats=[hf,gguf]`` that folder also as ``gguf/model.gguf`` for llama.cpp / Ollama.
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ def main(cfg: DictConfig) -> None:
                 "achieved_sparsity": report["achieved_sparsity"],
             },
         )
+        if "gguf" in cfg.export_formats:
+            from tyr.pipeline.export import export_gguf
+
+            res["export"]["gguf"] = export_gguf(run_dir / "hf_model", str(cfg.gguf_dtype))[0]  # in <run>/gguf/
         write_json(run_dir / "results.json", res)
     plot_fusion_weights(
         report["layers"], run_dir / "fusion_weights.png", f"HyWIA fusion weights, {lm.name} at {report['target_sparsity']:.0%}"
