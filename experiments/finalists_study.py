@@ -39,7 +39,7 @@ def main() -> None:
     from tyr.fitness import spearman
     from tyr.models import load_model
     from tyr.pipeline.recover import recover_model
-    from tyr.recipes.recover import settings_from
+    from tyr.recipes.checks import settings_from
     from tyr.supernet.assemble import Assembler
     from tyr.supernet.store import SupernetStore
 

@@ -64,10 +64,13 @@ def test_pipeline_settings_hold_the_composed_values():
 
     cfg = compose("pipeline", ["+experiment=demo", "runtime.streaming=true"])
     s = pipeline_settings(OmegaConf.to_container(cfg, resolve=True))
-    assert (s.model, s.target_sparsity, s.compare, s.streaming) == ("smollm2-135m", 0.5, ("dense", "uniform_reprune"), True)
-    assert s.calibration.num_sequences == 32 and s.search_data.seed == 1 and s.gradient.num_sequences == 32
-    assert (s.eval.ppl_windows, s.eval.limit, s.eval.seq_len, s.eval.logits_mb) == (8, 100, 2048, 256.0)
+    assert (s.model, s.target_sparsity, s.compare, s.streaming) == ("smollm2-135m", 0.5, ("uniform_reprune",), True)
+    assert s.calibration.num_sequences == 32 and s.search_data.seed == 1 and s.gradient.num_sequences == 16
+    assert s.search_data.num_sequences == 32 and s.search_data.source == "general_search"
+    assert (s.eval.ppl_windows, s.eval.limit, s.eval.seq_len, s.eval.logits_mb) == (8, 50, 2048, 256.0)
+    assert list(s.eval.perplexity) == ["general_test"] and list(s.eval.tasks) == ["arc_easy", "piqa"]
     assert s.search.name == "fast" and s.search.stages == [(512, 2), (2048, 1)] and s.search.batch_size == 8
+    assert list(s.search.intervals) == [0.125] and s.search.generations == 12
     assert s.token_cache.endswith("tokens")
 
 

@@ -209,7 +209,7 @@ def test_budget_larger_than_text_is_one_error(windows):
 
 
 def test_recovery_text_is_disjoint_from_calibration_search_and_evaluation():
-    from tyr.recipes.recover import used_text
+    from tyr.recipes.checks import used_text
 
     for data in ("default", "fineweb_edu"):
         cfg = compose("pipeline", [f"data={data}", "data.root=/d"] if data != "default" else [])

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from tyr.utils import data_dir
+
 SPLITS_SCHEMA = 1
 SETS = ("calibration", "search", "recovery", "dev", "test")
 DOMAINS = ("web", "wiki", "books", "code")
@@ -58,8 +60,6 @@ class Document:
 
 
 def corpus_dir() -> Path:
-    from tyr.data import data_dir
-
     return data_dir() / "general"
 
 

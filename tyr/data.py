@@ -18,15 +18,11 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from tyr.utils import data_dir
+
 log = logging.getLogger(__name__)
 
 TOKENSET_SCHEMA = 1
-
-
-def data_dir() -> Path:
-    """The repo's ``data/`` folder (override with ``$TYR_DATA``)."""
-    env = os.environ.get("TYR_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
 
 
 class TextTooShortError(ValueError):

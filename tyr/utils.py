@@ -16,6 +16,12 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def data_dir() -> Path:
+    """The repo's ``data/`` folder (override with ``$TYR_DATA``)."""
+    env = os.environ.get("TYR_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename), so an interrupted write never leaves half a file."""
     path = Path(path)

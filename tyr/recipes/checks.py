@@ -20,12 +20,16 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from tyr.artifacts import SettingsError
 from tyr.recipes.formats import check_formats, folder_model_type, model_type_of
+
+if TYPE_CHECKING:
+    from tyr.recovery.trainer import RecoverySettings
 
 COMPARE = ("dense", "uniform", "uniform_reprune", "owl", "searched_other")
 EEA = ("none", "expectation", "uniform", "path")
@@ -286,13 +290,44 @@ def validate(cfg: DictConfig, job: str, run_dir: Path | None = None) -> None:
             check_run(cfg, run_dir)
 
 
+def settings_from(r: DictConfig) -> RecoverySettings:
+    """The typed settings of a ``recover`` config node (``data``: the ``sources`` as ``{source, weight}``)."""
+    from tyr.recovery.trainer import RecoverySettings
+    from tyr.settings import from_config
+
+    options = OmegaConf.to_container(r, resolve=True)
+    options["sources"] = [(d["source"], d["weight"]) for d in options.pop("data")]
+    return from_config(RecoverySettings, options, "recover")
+
+
+def used_text(data: DictConfig | None, eval_cfg: DictConfig) -> dict[str, str]:
+    """The text a run calibrated, searched and evaluates on: role -> source."""
+    used = {f"evaluation ({s})": str(s) for s in eval_cfg.perplexity}
+    for role in ("calibration", "search", "gradient"):
+        if data is not None and data.get(role) is not None:
+            used[role] = str(data[role].source)
+    return used
+
+
+def recovery_settings(cfg: DictConfig, data: DictConfig | None = None) -> RecoverySettings | None:
+    """The typed ``cfg.recover`` (None when it is null), validated: a bad setting, evaluation text, or text that
+    overlaps calibration / search / evaluation text raises :class:`RecoveryError` or ``ValueError``."""
+    if cfg.get("recover") is None:
+        return None
+    from tyr.recovery.data import check_disjoint
+
+    s = settings_from(cfg.recover)
+    s.validate()
+    check_disjoint([src for src, _ in s.sources], used_text(data if data is not None else cfg.get("data"), cfg.eval))
+    return s
+
+
 def check_finalists(cfg: DictConfig) -> None:
     """The recovery stage's settings and text, and the finalists' (which need a recovery: their short one is
     the pipeline's recovery with ``finalists.tokens``), before the run directory is made."""
     import dataclasses
 
     from tyr.finalists import FinalistSettings
-    from tyr.recipes.recover import recovery_settings
 
     try:
         recovery = recovery_settings(cfg)

@@ -28,38 +28,11 @@ from tyr.data import TokenSetSpec, get_token_set
 from tyr.models import load_model
 from tyr.pipeline.layout import eval_protocol
 from tyr.pipeline.recover import recover_model, searched_student, training_windows
+from tyr.recipes.checks import recovery_settings
 from tyr.recipes.common import log, recorded, start, to_container, token_cache
-from tyr.recovery.data import RecoveryError, check_disjoint
+from tyr.recovery.data import RecoveryError
 from tyr.recovery.student import load_sliced, read_meta, save_sliced
 from tyr.recovery.trainer import RecoverySettings
-from tyr.settings import from_config
-
-
-def settings_from(r: DictConfig) -> RecoverySettings:
-    """The typed settings of a ``recover`` config node (``data``: the ``sources`` as ``{source, weight}``)."""
-    options = to_container(r)
-    options["sources"] = [(d["source"], d["weight"]) for d in options.pop("data")]
-    return from_config(RecoverySettings, options, "recover")
-
-
-def used_text(data: DictConfig | None, eval_cfg: DictConfig) -> dict[str, str]:
-    """The text a run calibrated, searched and evaluates on: role -> source."""
-    used = {f"evaluation ({s})": str(s) for s in eval_cfg.perplexity}
-    for role in ("calibration", "search", "gradient"):
-        if data is not None and data.get(role) is not None:
-            used[role] = str(data[role].source)
-    return used
-
-
-def recovery_settings(cfg: DictConfig, data: DictConfig | None = None) -> RecoverySettings | None:
-    """The typed ``cfg.recover`` (None when it is null), validated: a bad setting, evaluation text, or text that
-    overlaps calibration / search / evaluation text raises :class:`RecoveryError` or ``ValueError``."""
-    if cfg.get("recover") is None:
-        return None
-    s = settings_from(cfg.recover)
-    s.validate()
-    check_disjoint([src for src, _ in s.sources], used_text(data if data is not None else cfg.get("data"), cfg.eval))
-    return s
 
 
 def check(cfg: DictConfig, data: DictConfig | None = None) -> RecoverySettings | None:
