@@ -99,6 +99,8 @@ def test_f32_logits_equal_the_pruned_model(name, plan, tmp):
     # generation reads only the last position: the path that selects output rows in the last layer
     assert rel_error(run_llama(rec["out"], ids, logits_all=False, **F32_KV), want[-1]) <= F32_BOUND
     assert rec["tensor_types"] == {"F32": sum(rec["tensor_types"].values())}
+    # every MLP padded with zero channels to a multiple of 32 (llama.cpp's tiled matmul), and still exact
+    assert all(p["n_ff"] % 32 == 0 and p["n_ff"] >= p["channels"] for p in rec["layers"]), rec["layers"]
     assert bool(rec["warnings"]) == (name == "tiny-mistral")  # the sliding window is named
 
 
