@@ -154,13 +154,13 @@ def run(args) -> None:
 
     from experiments.runs import load_run
     from tyr.artifacts import read_json_checked
-    from tyr.coarse_to_fine import build_path_supernet, keep_counts
     from tyr.data import TokenSetSpec, get_token_set
     from tyr.recipes.common import taylor_for, token_cache
     from tyr.search.budget import allocation_cost
     from tyr.search.settings import search_settings
     from tyr.supernet.assemble import Assembler
     from tyr.supernet.costs import real_costs
+    from tyr.supernet.path import build_path_supernet, keep_counts
     from tyr.supernet.store import SupernetStore
 
     r = load_run(args.run, args.threads)

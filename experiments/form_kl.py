@@ -31,7 +31,7 @@ from tyr.supernet.store import SupernetStore
 
 def forms(run: Path) -> dict[str, tuple[Path, dict]]:
     """name -> (supernet folder, levels) for every form whose supernet exists in ``run``."""
-    from tyr.coarse_to_fine import resolved
+    from tyr.search_state import resolved
 
     state = resolved(json.loads((run / "search_state.json").read_text()), run)  # paths relative to the run
     last = state["iterations"][-1]

@@ -28,9 +28,9 @@ def load_run(run_dir: Path, threads: int = 0) -> Run:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from tyr.coarse_to_fine import resolved
     from tyr.fitness import TeacherCache
     from tyr.models import load_model
+    from tyr.search_state import resolved
 
     if threads:
         torch.set_num_threads(threads)

@@ -190,8 +190,8 @@ def test_pipeline_recipe_tiny_end_to_end(tmp_path, monkeypatch, tiny):
     # the fidelity study's allocations (experiments/fidelity.py) all have the searched model's real size:
     # each fits the budget, and the ones fitted to it (uniform, OWL) leave less than one level's step free
     from experiments.fidelity import allocations
-    from tyr.coarse_to_fine import resolved
     from tyr.search.budget import allocation_cost
+    from tyr.search_state import resolved
     from tyr.supernet.costs import real_costs
     from tyr.supernet.store import SupernetStore
 

@@ -8,16 +8,18 @@ import math
 import pytest
 import torch
 
-from tyr.coarse_to_fine import SearchSettings, SearchStateError, build_path_supernet, final_allocation, full_kl, run_search
+from tyr.coarse_to_fine import SearchSettings, SearchStateError, full_kl, run_search
 from tyr.data import TokenSetSpec, build_token_set
 from tyr.fitness import KLFitness, TeacherCache, kl_sum
 from tyr.modeling.adapter import get_adapter
 from tyr.pruning.taylor import collect_taylor
 from tyr.pruning.uniform import prune_uniform, uniform_widths
 from tyr.search import Allocation
+from tyr.search_state import final_allocation
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet
 from tyr.supernet.grid import layer_shapes, make_grid
+from tyr.supernet.path import build_path_supernet
 from tyr.supernet.store import SupernetStore
 from tyr.utils import read_json
 

@@ -9,7 +9,7 @@ more at the searched widths, sequentially: every layer on the outputs of the alr
 before it (EEA mode ``path``), instead of on the expectation over a grid of variants. Both models
 are scored by KL on the ``holdout`` fraction of teacher sequences that the search never used
 (``state["reprune"]``). Which form is the result (``choose_form``: ``reprune`` by default; ``heldout``:
-the lower KL) is decided downstream, by :func:`final_allocation`, so a changed choice reuses the search.
+the lower KL) is decided downstream, by :func:`tyr.search_state.final_allocation`, so a changed choice reuses the search.
 Killing the driver and calling it again continues where it stopped; with
 the same seed it reaches the same allocation.
 
@@ -31,11 +31,13 @@ from tyr.artifacts import fault_point, read_json_checked
 from tyr.fitness import KLFitness, TeacherCache, spearman, surrogate_scores
 from tyr.pruning.local import LocalPruner
 from tyr.search import Allocation, EvolutionConfig, SearchSpace, evolve, mutate
-from tyr.search.settings import CHOOSE_FORMS, STARTS, SearchSettings
+from tyr.search.settings import STARTS, SearchSettings
+from tyr.search_state import chosen_form, drop_uncommitted, rel_path, resolved
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet
 from tyr.supernet.costs import refill, search_costs
-from tyr.supernet.grid import KINDS, SupernetGrid, layer_shapes, make_grid
+from tyr.supernet.grid import layer_shapes, make_grid
+from tyr.supernet.path import build_path_supernet, keep_counts
 from tyr.supernet.store import SupernetStore
 from tyr.utils import JsonlWriter, Progress, write_json
 
@@ -44,44 +46,6 @@ log = logging.getLogger(__name__)
 
 class SearchStateError(ValueError):
     """The run directory's search state was made with other settings (reported without a traceback)."""
-
-
-def keep_counts(grid: SupernetGrid, levels: dict[str, list[int]]) -> dict[str, list[int]]:
-    return {k: [grid.modules[k][l].keep[levels[k][l]] for l in range(grid.num_layers)] for k in KINDS}
-
-
-def build_path_supernet(
-    model,
-    model_id: dict,
-    pruner: LocalPruner,
-    calib_ids: torch.Tensor,
-    taylor: dict | None,
-    keep: dict[str, list[int]],
-    root: str | Path,
-    settings: SearchSettings,
-    store_config: dict | None = None,
-) -> SupernetStore:
-    """A one-level supernet at the kept-unit counts ``keep``, built along that allocation (EEA
-    ``path``): the sparsegpt-style sequential prune of the model to these widths, stored (and
-    resumable, and exportable) like any supernet. Level 0 of every module is the allocation."""
-    grid = make_grid(layer_shapes(model), 0.0, 1.0, 1, settings.min_heads, settings.min_channels, centre=keep)
-    store = SupernetStore.create_or_resume(
-        root, model=model_id, grid=grid, eea="path", config={**(store_config or {}), "path_keep": keep}
-    )
-    if not store.manifest["complete"]:
-        log.info("pruning sequentially along the allocation into %s", store.root)
-        build_supernet(
-            model,
-            pruner,
-            calib_ids,
-            grid,
-            store,
-            eea="path",
-            taylor=taylor,
-            path=grid.centre_levels(),
-            batch_size=settings.batch_size,
-        )
-    return SupernetStore.open(store.root, expect_model=model_id)
 
 
 def eea_of_iteration(settings: SearchSettings, it: int) -> str:
@@ -166,7 +130,7 @@ def run_search(
     state["holdout_sequences"] = n_hold
     history = JsonlWriter(run_dir / "history.jsonl")
     if dist.is_main():
-        _drop_uncommitted(history.path, state)
+        drop_uncommitted(history.path, state)
     ctx = _Search(
         model,
         model_id,
@@ -340,7 +304,7 @@ def _run_iteration(ctx: _Search, it: int, interval: float, centre) -> dict:
         "levels_given_back": given_back,
         "budget": space.budget,
         "cost": space.cost(Allocation(best)),
-        "supernet": _rel(store.root, ctx.run_dir),
+        "supernet": rel_path(store.root, ctx.run_dir),
         "build_seconds": store.manifest.get("build_seconds_total", t_build),
         "search_seconds": searched_before + time.time() - t_search,
         "fitness_stats": {k: v for k, v in asdict(fitness.stats).items() if k != "history"},
@@ -390,7 +354,7 @@ def _reprune(ctx: _Search) -> None:
     kl_reprune = full_kl(ctx.model, path_store, path_store.grid.centre_levels(), ctx.teacher, settings.batch_size, rows)
     n_tok = (rows[1] - rows[0]) * (ctx.teacher.input_ids.shape[1] - 1)
     state["reprune"] = {
-        "supernet": _rel(path_store.root, ctx.run_dir),
+        "supernet": rel_path(path_store.root, ctx.run_dir),
         "levels": path_store.grid.centre_levels(),
         "kl_sequences": list(rows),
         "kl_tokens": n_tok,
@@ -430,88 +394,3 @@ def _start_centre(
             write_json(state_file, state)
         log.info("start: the prune recipe's widths (%d heads, %d channels kept)", sum(keep["attn"]), sum(keep["mlp"]))
     return state["start"]["keep"]
-
-
-def _rel(path: Path, run_dir: Path) -> str:
-    """Paths in the run's state are relative to the run directory, so the directory can be moved."""
-    import os
-
-    return os.path.relpath(Path(path).resolve(), Path(run_dir).resolve())
-
-
-def resolved(state: dict, run_dir: str | Path) -> dict:
-    """A copy of a search state with its supernet paths made absolute (older states hold absolute ones)."""
-    import copy
-
-    out = copy.deepcopy(state)
-    for rec in out["iterations"] + ([out["reprune"]] if out.get("reprune") else []):
-        rec["supernet"] = str(Path(run_dir) / rec["supernet"])
-    return out
-
-
-def _drop_uncommitted(path: Path, state: dict) -> None:
-    """history.jsonl keeps only generations the state has committed, once each: a kill between
-    writing a generation's record and the state would otherwise leave a record that the resumed run
-    writes again."""
-    import json
-
-    if not path.exists():
-        return
-    cur = state.get("current")
-    done_gen = cur["evolution"]["generation"] if cur else 0
-    keep, seen = [], set()
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the kill
-        key = (r.get("iteration"), r.get("generation"))
-        committed = key[0] < len(state["iterations"]) or (cur is not None and key[0] == cur["iteration"] and key[1] < done_gen)
-        if committed and key not in seen:
-            seen.add(key)
-            keep.append(line)
-    text = "".join(l + "\n" for l in keep)
-    if text != path.read_text():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-
-
-def search_forms(state: dict) -> dict[str, dict]:
-    """The forms of the searched widths, each ``{"supernet", "levels", "fitness"}``: ``supernet`` (the
-    last iteration's allocation in its supernet) and, when the re-prune ran, ``reprune``. ``fitness``
-    is the KL on the re-prune's scoring sequences when it ran, else the search's last-stage KL."""
-    final, rp = state["iterations"][-1], state.get("reprune")
-    forms = {
-        "supernet": {
-            "supernet": final["supernet"],
-            "levels": final["levels"],
-            "fitness": final["fitness"] if rp is None else rp["kl_supernet"],
-        }
-    }
-    if rp is not None:
-        forms["reprune"] = {"supernet": rp["supernet"], "levels": rp["levels"], "fitness": rp["kl_reprune"]}
-    if state.get("finalist"):  # the training-aware choice (tyr.finalists), added by the pipeline's finalists stage
-        forms["finalist"] = {k: state["finalist"][k] for k in ("supernet", "levels", "fitness")}
-    return forms
-
-
-def chosen_form(reprune: dict | None, choose_form: str = "reprune") -> str:
-    """Which form of the searched widths is the result: ``supernet`` when the re-prune did not run
-    (``reprune`` is the state's record of it, or None), else ``choose_form``, ``heldout`` meaning the
-    form with the lower held-out KL."""
-    if choose_form not in CHOOSE_FORMS:
-        raise ValueError(f"choose_form={choose_form} must be one of {', '.join(CHOOSE_FORMS)}")
-    if reprune is None:
-        return "supernet"
-    if choose_form == "heldout":
-        return "reprune" if reprune["kl_reprune"] < reprune["kl_supernet"] else "supernet"
-    return choose_form
-
-
-def final_allocation(state: dict, choose_form: str = "reprune", reprune: bool = True) -> dict:
-    """The search's result: the form of :func:`search_forms` that :func:`chosen_form` picks, with its
-    name as ``source``. ``reprune=False`` (the setting) keeps the supernet form even if a re-prune is
-    in the state from an earlier run of the same search."""
-    source = "finalist" if state.get("finalist") else chosen_form(state.get("reprune") if reprune else None, choose_form)
-    return {**search_forms(state)[source], "source": source}

@@ -108,11 +108,11 @@ def run_finalists(
     its short recovery. ``searched_store``: the search's own sequential prune at the searched widths, reused for
     alpha = 1. ``recovery``: the short recovery's settings (the pipeline's recovery with ``settings.tokens``),
     ``windows`` its training windows. ``model`` stays dense."""
-    from tyr.coarse_to_fine import build_path_supernet
     from tyr.modeling.params import parameter_counts
     from tyr.recovery.trainer import train
     from tyr.supernet.assemble import Assembler
     from tyr.supernet.grid import layer_shapes
+    from tyr.supernet.path import build_path_supernet
 
     settings.validate()
     root = Path(root)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from tyr.allocation import nearest_levels, outlier_ratios, owl_sparsities
 from tyr.artifacts import read_json_checked
-from tyr.coarse_to_fine import search_forms
 from tyr.models import LoadedModel
 from tyr.pipeline.prepare import Prepared
 from tyr.pipeline.settings import PipelineSettings, RunKeys
+from tyr.search_state import search_forms
 from tyr.supernet.grid import SupernetGrid
 from tyr.supernet.store import SupernetStore
 from tyr.utils import write_json
@@ -43,7 +43,7 @@ def first_store(state: dict, model: dict) -> SupernetStore:
 
 
 def searched_forms(state: dict, model: dict, chosen: str, other: bool = True) -> dict[str, Form]:
-    """``searched`` (the ``chosen`` form, :func:`~tyr.coarse_to_fine.final_allocation`'s ``source``)
+    """``searched`` (the ``chosen`` form, :func:`~tyr.search_state.final_allocation`'s ``source``)
     first, then (``other``) the other form of the same widths, if the re-prune ran."""
     out = {}
     for source, form in sorted(search_forms(state).items(), key=lambda kv: kv[0] != chosen):

@@ -1,7 +1,7 @@
 """Stage ``finalists`` (``finalists=recovery``): the training-aware choice of the widths to ship
 (:mod:`tyr.finalists`), between the search and the evaluation. Keyed by the search key, its own settings and
 the short recovery's; its record ``finalists/finalists.json`` resumes finalist by finalist. The chosen finalist
-joins the search state as the form ``finalist``, which :func:`tyr.coarse_to_fine.final_allocation` ships."""
+joins the search state as the form ``finalist``, which :func:`tyr.search_state.final_allocation` ships."""
 
 from __future__ import annotations
 

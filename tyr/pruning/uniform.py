@@ -138,7 +138,7 @@ def prune_uniform(
 ) -> dict:
     """Prune ``model`` in place; returns a JSON-ready report (per-layer errors, budget achieved).
 
-    A one-level path build (:func:`tyr.coarse_to_fine.build_path_supernet` computes the same at these
+    A one-level path build (:func:`tyr.supernet.path.build_path_supernet` computes the same at these
     widths) that slices the layers in place. A streamed model holds one dense layer at a time: each
     pruned layer stays resident in its place, so the result is the pruned model in memory.
     Distributed, each rank passes its block of ``calib_ids``; the input statistics are summed over

@@ -31,7 +31,6 @@ from omegaconf import DictConfig
 
 from tyr import dist
 from tyr.artifacts import read_json_checked
-from tyr.coarse_to_fine import final_allocation
 from tyr.evaluation import results_table
 from tyr.modeling.params import parameter_counts
 from tyr.pipeline.compare import comparison_forms, searched_forms
@@ -48,6 +47,7 @@ from tyr.recipes import stages
 from tyr.recipes.common import load, load_in_memory, recorded, start, to_container
 from tyr.recipes.recover import check as check_recovery
 from tyr.recipes.recover import check_budget as check_recovery_budget
+from tyr.search_state import final_allocation
 from tyr.utils import peak_rss_mb, write_json
 
 
