@@ -2,6 +2,7 @@
 the same recovery?
 
     python -m experiments.claim run --model smollm2-135m --sparsity 0.5 --seeds 0 1 2 [--threads 1] [-- overrides]
+    python -m experiments.claim save      # the runs' small state into experiments/results/claim_runs (commit it)
     python -m experiments.claim report [--out experiments/results/claim.json]
 
 ``run`` runs the pipeline once per search seed (``search.seed=k``, ``data.search.seed=SEARCH_TEXT_SEED+k``: the
@@ -82,12 +83,78 @@ def overrides(model: str, sparsity: float, seed: int, tag: str, extra: list[str]
 
 def cmd_run(args) -> None:
     env = dict(os.environ, TYR_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
+    restored = restore(ROOT / CARRY_DIR, ROOT / OUT_DIR)
+    if restored:
+        print(f"restored {restored} carried files from {CARRY_DIR}", flush=True)
     for seed in args.seeds:
         cmd = [sys.executable, "-m", "tyr.recipes.pipeline", *overrides(args.model, args.sparsity, seed, args.tag, args.extra)]
         print("+", " ".join(cmd), flush=True)
         p = subprocess.run(cmd, cwd=ROOT, env=env)
+        save(ROOT / OUT_DIR, ROOT / CARRY_DIR)
         if p.returncode != 0:
             sys.exit(p.returncode)
+
+
+# --- carry: a run's small state across machines -----------------------------------------------------------------
+# One seed of the protocol takes longer than a working session on 2 cores, and a new machine starts without runs/.
+# The run's small files (its config, stage records, search state and history, every evaluation's results) are
+# carried in the repository; the big ones (supernets, teacher cache, exported folders) are deterministic and made
+# again. A restored search resumes at its last generation; a restored evaluation or finished recovery is reused by
+# its key, as in the run it came from.
+CARRY_DIR = "experiments/results/claim_runs"
+CARRY_GLOBS = (
+    ".hydra/config.yaml",
+    ".hydra/overrides.yaml",
+    "stages/*.json",
+    "search_state.json",  # before history.jsonl: a history line the state has not committed is dropped on resume
+    "history.jsonl",
+    "timings.json",
+    "**/results*.json",
+)
+
+
+def carry_files(run: Path) -> list[Path]:
+    """The files of ``run`` that are carried, in copy order."""
+    out: list[Path] = []
+    for pat in CARRY_GLOBS:
+        for p in sorted(run.glob(pat)):
+            if p.is_file() and "hf_model" not in p.relative_to(run).parts and p not in out:
+                out.append(p)
+    return out
+
+
+def save(runs: Path, carry: Path) -> int:
+    """Copy every claim run's carried files under ``runs`` to ``carry`` (paths inside made relative to the
+    repository); returns how many."""
+    n = 0
+    for run in sorted(p.parent.parent for p in runs.glob("pipeline/*/*/.hydra/config.yaml")):
+        for p in carry_files(run):
+            dst = carry / p.relative_to(runs)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            text = p.read_text().replace(str(ROOT) + os.sep, "")
+            tmp = dst.with_name(dst.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, dst)
+            n += 1
+    return n
+
+
+def restore(carry: Path, runs: Path) -> int:
+    """Copy carried files into ``runs`` where the run has none of its own; returns how many."""
+    n = 0
+    if not carry.is_dir():
+        return 0
+    for src in sorted(carry.rglob("*")):
+        dst = runs / src.relative_to(carry)
+        if src.is_file() and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(src.read_bytes())
+            n += 1
+    return n
+
+
+def cmd_save(args) -> None:
+    print(f"saved {save(ROOT / OUT_DIR, ROOT / CARRY_DIR)} files to {CARRY_DIR}")
 
 
 # --- report -------------------------------------------------------------------------------------------------------
@@ -223,10 +290,11 @@ def main() -> None:
     r.add_argument("--tag", default="claim")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("extra", nargs="*", help="further pipeline overrides (after --)")
+    sub.add_parser("save", help=f"copy the runs' small state to {CARRY_DIR} (to commit); `run` restores it")
     p = sub.add_parser("report")
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "claim.json")
     args = ap.parse_args()
-    {"run": cmd_run, "report": cmd_report}[args.cmd](args)
+    {"run": cmd_run, "save": cmd_save, "report": cmd_report}[args.cmd](args)
 
 
 if __name__ == "__main__":

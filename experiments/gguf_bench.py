@@ -45,10 +45,10 @@ class Model:
     """One GGUF loaded in llama.cpp, measured again and again."""
 
     def __init__(self, name: str, path: Path, threads: int, n_ctx: int):
-        from llama_cpp import Llama
+        from tyr.export.llamacpp import open_llama
 
         self.name, self.path = name, Path(path)
-        self.llm = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.llm = open_llama(path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
         self.prompt_s: list[float] = []
         self.decode_s: list[float] = []
 
@@ -106,6 +106,7 @@ def main() -> None:
     import llama_cpp
     from transformers import AutoTokenizer
 
+    from tyr.export.llamacpp import cpu_has_amx
     from tyr.models import GGUFPackageSource
     from tyr.pipeline.export import export_gguf
     from tyr.utils import portable_path, write_json
@@ -151,6 +152,7 @@ def main() -> None:
         "dense": portable_path(dense),
         "pruned": {s: portable_path(f) for s, f in pruned.items()},
         "llama_cpp_python": llama_cpp.__version__,
+        "extra_buffer_types": not cpu_has_amx(),  # off on a CPU with AMX (tyr.export.llamacpp)
     }
     write_json(args.out, result)
     print(f"results in {args.out}")

@@ -176,6 +176,26 @@ def test_kill_at_a_point_then_rerun_is_identical(reference, cache, tmp_path, poi
         assert man["build_seconds_total"] >= sum(l["info"]["seconds"] for l in man["layers"].values())
 
 
+def test_carried_small_state_alone_reruns_identically(reference, cache, tmp_path):
+    """A run moved to another machine as experiments/claim.py carries it (config, stage records, search state and
+    history, results; no shard, no teacher cache): nothing is searched again, the teacher and the re-prune are
+    made again byte for byte, and the searched model's results are the same."""
+    from experiments.claim import carry_files
+
+    src, run = reference[0], tmp_path / "run"
+    for p in carry_files(src):
+        dst = run / p.relative_to(src)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(p.read_bytes())
+    assert not list(run.glob("*/supernet")) and not (run / "teacher.safetensors").exists()
+    p = pipeline(run, cache)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not list(run.glob("iter*"))  # no iteration ran again: each needs its supernet
+    snap, ref = snapshot(run), reference[1]
+    assert snap["shards"] == {k: v for k, v in ref["shards"].items() if k.startswith("reprune/")}
+    assert {k: v for k, v in snap.items() if k != "shards"} == {k: v for k, v in ref.items() if k != "shards"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [round(RNG.uniform(3.0, 10.0), 2) for _ in range(3)])
 def test_kill_after_a_random_delay_then_rerun_is_identical(reference, cache, tmp_path, delay):

@@ -19,7 +19,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from llama_cpp import Llama
 from test_export import PLAN as BIAS_PLAN
 from test_export import _prune
 from test_families import PLANS, _family, _sliced_and_masked
@@ -28,6 +27,7 @@ import tyr.export.gguf as tg
 from tyr.artifacts import SettingsError, file_sha256
 from tyr.export import export_model
 from tyr.export.gguf import GGUFExportError, block_plans, check_gguf_family, write_gguf
+from tyr.export.llamacpp import cpu_has_amx, open_llama
 from tyr.recipes.checks import validate
 
 from conftest import compose
@@ -46,7 +46,7 @@ PLANS = {
 
 def run_llama(path, ids, logits_all: bool = True, **kw) -> np.ndarray:
     """llama.cpp's logits for ``ids`` (every position, or the last one only as in generation)."""
-    llm = Llama(str(path), logits_all=logits_all, n_ctx=128, n_threads=torch.get_num_threads(), verbose=False, **kw)
+    llm = open_llama(path, logits_all=logits_all, n_ctx=128, n_threads=torch.get_num_threads(), verbose=False, **kw)
     try:
         llm.eval(list(map(int, ids)))
         if logits_all:
@@ -163,6 +163,29 @@ def test_other_dtypes_within_their_bound(dtype, tmp):
             assert t.tensor_type.name == qtype, t.name
 
 
+def test_extra_buffer_types_are_off_only_on_a_cpu_with_amx(tmp):
+    # llama.cpp 0.3.36's AMX matmul segfaults on quantized files (tyr.export.llamacpp): only the flags line counts
+    info = {
+        "amx": "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_tile amx_int8\n",
+        "no_amx": "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_tile\nbugs\t\t: amx_int8\n",
+    }
+    for name, text in info.items():
+        (tmp / name).write_text(text)
+    assert cpu_has_amx(tmp / "amx") and not cpu_has_amx(tmp / "no_amx") and not cpu_has_amx(tmp / "missing")
+    import llama_cpp.llama_cpp as lc
+
+    default = lc.llama_model_default_params
+    assert default().use_extra_bufts  # llama.cpp's own default
+    _, folder = _exported("tiny-llama", "bias", tmp)
+    llm = open_llama(write_gguf(folder, tmp / "bias-q8.gguf", "q8_0")["out"], n_ctx=64, verbose=False)
+    try:
+        assert llm.model_params.use_extra_bufts == (not cpu_has_amx())
+        llm.eval(_ids(8))  # a matrix product in q8_0 runs (the AMX path would have ended the process)
+    finally:
+        llm.close()
+    assert lc.llama_model_default_params is default
+
+
 def _llama3_model(**changes):
     """A tiny Llama with an untied head, Llama-3 RoPE scaling (scaled at test lengths: original context 16),
     a RoPE base of 500000 and an RMSNorm epsilon of 1e-2 (so a wrong epsilon shows); ``changes`` to its
@@ -235,7 +258,7 @@ def test_wrong_settings_are_refused(tmp):
 
 def llama_greedy(path, prompt_ids: list[int], n: int, **kw) -> list[int]:
     """Greedy decoding in llama.cpp: the prompt, then one token at a time through its KV cache."""
-    llm = Llama(str(path), logits_all=True, n_ctx=256, n_threads=torch.get_num_threads(), verbose=False, **kw)
+    llm = open_llama(path, logits_all=True, n_ctx=256, n_threads=torch.get_num_threads(), verbose=False, **kw)
     try:
         llm.eval(prompt_ids)
         out = []
@@ -271,7 +294,7 @@ def test_real_smollm2_half_pruned_answers_as_the_hf_folder(smollm2, tmp):
     hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
     prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     ids = smollm2.tokenizer(prompt, add_special_tokens=False).input_ids
-    llm = Llama(rec["out"], vocab_only=True, verbose=False)
+    llm = open_llama(rec["out"], vocab_only=True, verbose=False)
     assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
     llm.close()
     want = reference(hf, calib[0, :64].tolist())

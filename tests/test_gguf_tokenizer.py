@@ -10,11 +10,11 @@ import struct
 
 import gguf
 import pytest
-from llama_cpp import Llama
 from test_families import _family
 from test_gguf import _exported
 
 from tyr.export.gguf import write_gguf
+from tyr.export.llamacpp import open_llama
 
 from conftest import compose
 
@@ -28,7 +28,7 @@ def test_tokenizers(tmp, smollm2_gguf):
     for src, expect in ((None, "built: gpt2 BPE, pre-tokenizer smollm"), (smollm2_gguf, "copied from")):
         rec = write_gguf(folder, tmp / "tok.gguf", "f32", tokenizer_gguf=src)
         assert rec["tokenizer"].startswith(expect)
-        llm = Llama(rec["out"], vocab_only=True, verbose=False)
+        llm = open_llama(rec["out"], vocab_only=True, verbose=False)
         try:
             for text in texts:
                 want = lm.tokenizer(text, add_special_tokens=False).input_ids
@@ -98,7 +98,7 @@ def test_sentencepiece_tokenizer_is_built_with_its_scores(tmp):
     assert (
         fields["tokenizer.ggml.token_type"].contents()[:4] == [2, 3, 3, 6] and len(fields["tokenizer.ggml.tokens"].data) == 49152
     )
-    llm = Llama(rec["out"], vocab_only=True, verbose=False)
+    llm = open_llama(rec["out"], vocab_only=True, verbose=False)
     try:
         assert llm.tokenize(b"abc", add_bos=False) == [262, 261, 265]  # ▁ ab c
         assert llm.tokenize(b"ab c", add_bos=False) == [262, 261, 262, 265]  # ▁ ab ▁ c

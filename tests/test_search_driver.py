@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 
 import pytest
 import torch
 
-from tyr.coarse_to_fine import SearchSettings, SearchStateError, full_kl, run_search
+from tyr.coarse_to_fine import SearchSettings, SearchStateError, first_grid, full_kl, run_search
 from tyr.data import TokenSetSpec, build_token_set
 from tyr.fitness import KLFitness, TeacherCache, kl_sum
 from tyr.modeling.adapter import get_adapter
@@ -115,12 +116,34 @@ def test_driver_resumes_to_the_same_allocation(tiny, data, tmp_path, monkeypatch
     monkeypatch.setattr(fit.KLFitness, "__call__", real)
     partial = read_json(tmp_path / "b" / "search_state.json")
     assert len(partial["iterations"]) < 2
+    # resumed on another machine (experiments/claim.py carries the state and history, not the shards): the
+    # supernets are built again
+    for d in (tmp_path / "b").glob("iter*"):
+        shutil.rmtree(d)
     got = run_search(
         copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(), tmp_path / "b"
     )
     for x, y in zip(ref["iterations"], got["iterations"]):
         assert x["levels"] == y["levels"] and x["keep"] == y["keep"]
         assert math.isclose(x["fitness"], y["fitness"], rel_tol=1e-6)
+    # a finished search carried without any shards: nothing is searched again, and the re-prune's store is
+    # built again byte for byte (the manifest's per-shard sha256 of the first build)
+    shards = read_json(tmp_path / "a" / "reprune" / "supernet" / "manifest.json")["layers"]
+    # the first grid (the plot's uniform line) is known without its supernet
+    first = SupernetStore.open(ref["iterations"][0]["supernet"]).grid
+    assert first_grid(tiny.model, 0.5, _settings(), ref).to_json() == first.to_json()
+    for d in [*(tmp_path / "a").glob("iter*"), tmp_path / "a" / "reprune"]:
+        shutil.rmtree(d)
+    monkeypatch.setattr(fit.KLFitness, "__call__", dying)  # any fitness call would be a search or a KL run again
+    calls["n"] = -(10**9)
+    again = run_search(
+        copy.deepcopy(tiny.model), MODEL, pruner_from_conf(), calib, taylor, teacher, 0.5, _settings(), tmp_path / "a"
+    )
+    assert calls["n"] == -(10**9)
+    assert [i["levels"] for i in again["iterations"]] == [i["levels"] for i in ref["iterations"]]
+    rebuilt = read_json(tmp_path / "a" / "reprune" / "supernet" / "manifest.json")["layers"]
+    assert {l: e["sha256"] for l, e in rebuilt.items()} == {l: e["sha256"] for l, e in shards.items()}
+    assert not list((tmp_path / "a").glob("iter*"))  # the iterations' supernets are not needed again
 
 
 def test_path_supernet_is_the_sequential_prune(tiny, data, tmp_path):
@@ -299,6 +322,7 @@ def test_recipe_start_centres_the_first_grid_on_the_recipe_widths(tiny, data, tm
     assert state["start"]["keep"] == want
     grid = SupernetStore.open(state["iterations"][0]["supernet"]).grid
     assert {k: [g.keep[g.centre] for g in grid.modules[k]] for k in ("attn", "mlp")} == want
+    assert first_grid(tiny.model, 0.5, settings, state).to_json() == grid.to_json()  # known without the supernet
     # a run killed after the start was found, before the first supernet: it resumes from the recorded start
     import json
     import shutil

@@ -36,9 +36,9 @@ from tyr.search_state import chosen_form, drop_uncommitted, rel_path, resolved
 from tyr.supernet.assemble import Assembler
 from tyr.supernet.builder import build_supernet
 from tyr.supernet.costs import refill, search_costs
-from tyr.supernet.grid import layer_shapes, make_grid
+from tyr.supernet.grid import SupernetGrid, layer_shapes, make_grid
 from tyr.supernet.path import build_path_supernet, keep_counts
-from tyr.supernet.store import SupernetStore
+from tyr.supernet.store import MANIFEST, SupernetStore
 from tyr.utils import JsonlWriter, Progress, write_json
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,11 @@ def run_search(
         centre = _run_iteration(ctx, it, interval, centre)["keep"]
     if settings.reprune and state.get("reprune") is None and state["iterations"]:
         _reprune(ctx)
+    elif settings.reprune and state.get("reprune") and not (run_dir / state["reprune"]["supernet"] / MANIFEST).exists():
+        # a finished search carried without its shards (experiments/claim.py carries run states across machines):
+        # the re-prune is deterministic, so its store is built again at the recorded widths
+        log.info("re-prune: %s is missing; pruning along the searched widths again", state["reprune"]["supernet"])
+        _path_store(ctx, state["iterations"][-1])
     return resolved(state, run_dir)
 
 
@@ -174,18 +179,22 @@ def _holdout_sequences(n: int, settings: SearchSettings, state: dict, state_file
     return n_hold
 
 
+def iteration_grid(model, target_sparsity: float, settings: SearchSettings, interval: float, centre) -> SupernetGrid:
+    """The level grid of an iteration with this ``interval``, centred on ``centre`` (None: the uniform target)."""
+    s = settings
+    return make_grid(layer_shapes(model), target_sparsity, interval, s.n_levels, s.min_heads, s.min_channels, centre=centre)
+
+
+def first_grid(model, target_sparsity: float, settings: SearchSettings, state: dict) -> SupernetGrid:
+    """Iteration 0's grid, from the settings and the state alone (no supernet needed)."""
+    centre = (state.get("start") or {}).get("keep") if settings.start == "recipe" else None
+    return iteration_grid(model, target_sparsity, settings, settings.intervals[0], centre)
+
+
 def _iteration_store(ctx: _Search, it: int, interval: float, centre) -> SupernetStore:
     """Iteration ``it``'s supernet: its grid centred on ``centre``, built (or its build resumed) if needed."""
     settings = ctx.settings
-    grid = make_grid(
-        layer_shapes(ctx.model),
-        ctx.target_sparsity,
-        interval,
-        settings.n_levels,
-        settings.min_heads,
-        settings.min_channels,
-        centre=centre,
-    )
+    grid = iteration_grid(ctx.model, ctx.target_sparsity, settings, interval, centre)
     eea = eea_of_iteration(settings, it)
     store = SupernetStore.create_or_resume(
         ctx.run_dir / f"iter{it}" / "supernet",
@@ -330,17 +339,7 @@ def _reprune(ctx: _Search) -> None:
     N = ctx.teacher.input_ids.shape[0]
     final = state["iterations"][-1]
     t0 = time.time()
-    path_store = build_path_supernet(
-        ctx.model,
-        ctx.model_id,
-        ctx.pruner,
-        ctx.calib_ids,
-        ctx.taylor,
-        final["keep"],
-        ctx.run_dir / "reprune" / "supernet",
-        settings,
-        {**ctx.store_config, "reprune_of_iteration": final["iteration"]},
-    )
+    path_store = _path_store(ctx, final)
     # Scored on the held-out sequences: the search has selected the allocation for its supernet
     # variants on the others, so their KL flatters the supernet form.
     rows = (N - n_hold, N) if n_hold else (0, N)
@@ -372,6 +371,21 @@ def _reprune(ctx: _Search) -> None:
         "held-out" if n_hold else "search",
         settings.choose_form,
         chosen_form(state["reprune"], settings.choose_form),
+    )
+
+
+def _path_store(ctx: _Search, final: dict) -> SupernetStore:
+    """The re-prune's one-level supernet along the last iteration's widths (built, resumed or opened)."""
+    return build_path_supernet(
+        ctx.model,
+        ctx.model_id,
+        ctx.pruner,
+        ctx.calib_ids,
+        ctx.taylor,
+        final["keep"],
+        ctx.run_dir / "reprune" / "supernet",
+        ctx.settings,
+        {**ctx.store_config, "reprune_of_iteration": final["iteration"]},
     )
 
 

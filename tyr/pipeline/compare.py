@@ -71,6 +71,8 @@ def comparison_forms(
     lm: LoadedModel, model: dict, prep: Prepared, s: PipelineSettings, keys: RunKeys, state: dict, run_dir: Path
 ) -> dict[str, Form]:
     """The forms of ``s.compare`` (but ``dense``, which is the model itself), in the order listed above."""
+    if not {"uniform", "owl"} & set(s.compare):
+        return {}
     first = first_store(state, model)
     out = {}
     if "uniform" in s.compare:

@@ -14,13 +14,14 @@ from tyr.artifacts import describe_diff, read_json_checked, settings_key
 from tyr.evaluation import evaluate_model
 from tyr.modeling.params import parameter_counts
 from tyr.models import LoadedModel
-from tyr.pipeline.compare import Form, first_store
+from tyr.pipeline.compare import Form
 from tyr.pipeline.layout import form_key
 from tyr.pipeline.prepare import Prepared
 from tyr.pipeline.settings import PipelineSettings, RunKeys
 from tyr.plots import plot_allocation, plot_search_history
 from tyr.pruning.uniform import kept_widths, prune_uniform
 from tyr.supernet.assemble import Assembler
+from tyr.supernet.grid import SupernetGrid
 from tyr.supernet.store import SupernetStore
 from tyr.utils import write_json
 
@@ -238,10 +239,10 @@ def evaluate_forms(
     return rows, searched_sparsity
 
 
-def plot_run(run_dir: Path, state: dict, model: dict, searched_sparsity: dict, title: str) -> None:
-    """``search_fitness.png`` (the history) and ``allocation.png`` (searched against uniform sparsity)."""
+def plot_run(run_dir: Path, state: dict, grid: SupernetGrid, searched_sparsity: dict, title: str) -> None:
+    """``search_fitness.png`` (the history) and ``allocation.png`` (searched against uniform sparsity: the centre
+    of the first iteration's ``grid``)."""
     run_dir = Path(run_dir)
-    grid = first_store(state, model).grid
     uniform_sparsity = {k: [g.sparsity(g.centre) for g in grid.modules[k]] for k in ("attn", "mlp")}
     history_file = run_dir / "history.jsonl"
     history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.exists() else []

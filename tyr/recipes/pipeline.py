@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from tyr import dist
 from tyr.artifacts import read_json_checked
+from tyr.coarse_to_fine import first_grid
 from tyr.evaluation import results_table
 from tyr.modeling.params import parameter_counts
 from tyr.pipeline.compare import comparison_forms, searched_forms
@@ -95,7 +96,8 @@ def main(cfg: DictConfig) -> None:
     forms.update(comparison_forms(lm, model, prep, s, keys, state, run_dir))
     form_rows, searched_sparsity = evaluate_forms(lm, forms, chosen["source"], dense_counts, s, keys, run_dir)
     rows.update(form_rows)
-    plot_run(run_dir, state, model, searched_sparsity, f"{lm.name} at {s.target_sparsity:.0%}: searched vs uniform")
+    first = first_grid(lm.model, s.target_sparsity, s.search, state)
+    plot_run(run_dir, state, first, searched_sparsity, f"{lm.name} at {s.target_sparsity:.0%}: searched vs uniform")
     exported = {}  # what to ship: the searched model's folder, and the recovered one's when recovery ran
     if s.export:
         exported["searched"] = str(run_dir / EXPORT_DIR)
