@@ -125,13 +125,13 @@ def carry_files(run: Path) -> list[Path]:
 
 def save(runs: Path, carry: Path) -> int:
     """Copy every claim run's carried files under ``runs`` to ``carry`` (paths inside made relative to the
-    repository); returns how many."""
+    repository, or to the home directory: the cache's, in the results' config records); returns how many."""
     n = 0
     for run in sorted(p.parent.parent for p in runs.glob("pipeline/*/*/.hydra/config.yaml")):
         for p in carry_files(run):
             dst = carry / p.relative_to(runs)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            text = p.read_text().replace(str(ROOT) + os.sep, "")
+            text = p.read_text().replace(str(ROOT) + os.sep, "").replace(str(Path.home()) + os.sep, "~" + os.sep)
             tmp = dst.with_name(dst.name + ".tmp")
             tmp.write_text(text)
             os.replace(tmp, dst)

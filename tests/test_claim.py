@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from experiments import claim
 
@@ -29,7 +30,7 @@ def test_carry_saves_the_small_state_and_restores_it_without_overwriting(tmp_pat
         f"{run}/search_state.json": '{"iterations": []}',
         f"{run}/history.jsonl": '{"generation": 0}\n',
         f"{run}/timings.json": "{}",
-        f"{run}/results_searched.json": json.dumps({"exported": absolute}),
+        f"{run}/results_searched.json": json.dumps({"exported": absolute, "cache_dir": f"{Path.home()}/.cache/tyr"}),
         f"{run}/results.json": "{}",
         f"{run}/recover/lora-k1/results-0123abcd.json": "{}",
         f"{run}/recover/results_before-5678-0123abcd.json": "{}",
@@ -50,8 +51,10 @@ def test_carry_saves_the_small_state_and_restores_it_without_overwriting(tmp_pat
     assert claim.save(runs, carry) == len(carried)
     assert _files(carry) == set(carried)
     assert json.loads((carry / run / "results_searched.json").read_text()) == {
-        "exported": f"runs/claim/{run}/hf_model"  # relative to the repository
+        "exported": f"runs/claim/{run}/hf_model",  # relative to the repository
+        "cache_dir": "~/.cache/tyr",  # or to the home directory
     }
+    assert str(Path.home()) + "/" not in "".join(p.read_text() for p in carry.rglob("*") if p.is_file())
     assert str(claim.ROOT) not in "".join(p.read_text() for p in carry.rglob("*") if p.is_file())
     # the search state before its history: a history line the state has not committed is dropped on resume
     order = [p.name for p in claim.carry_files(runs / run)]
