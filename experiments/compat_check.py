@@ -152,7 +152,8 @@ def main() -> int:
                 step()
             except Exception as exc:  # noqa: BLE001 - a row records what failed, and how
                 row[name] = False
-                row[f"{name}_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                # the temporary directory's name is this run's, not a result: recorded as <tmp>
+                row[f"{name}_error"] = f"{type(exc).__name__}: {exc}".replace(tmp, "<tmp>").splitlines()[0][:300]
                 traceback.print_exc()
     Path(args.out).write_text(json.dumps(row, indent=2) + "\n")
     print(json.dumps(row))

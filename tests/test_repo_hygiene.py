@@ -45,7 +45,7 @@ def machine_paths(root: Path) -> list[str]:
     """``file:line: match`` for every machine path in a tracked text file but the shipped data sets (copied
     byte for byte: a web page may mention ``/root``); results (experiments/results) hold no absolute path."""
     pattern, hits = machine_path_pattern(root), []
-    any_absolute = re.compile(r'"/[^"\s]+"')
+    any_absolute = re.compile(r'"/[^"\s]+"|(?<![\w.~$-])/tmp/[\w.-]+')  # a whole path, or a temporary one in a message
     for rel in _tracked(root):
         path = root / rel
         if path.is_symlink() or not path.is_file() or rel.startswith("data/"):  # data/: third-party text, byte for byte
@@ -100,6 +100,7 @@ def test_the_checks_catch_a_planted_link_and_a_planted_path(tmp_path):
         ("tyr_script.sh", "P=/work/main/.venv/bin/python\n", "/work/main"),
         ("conf/cache.yaml", f"cache_dir: {Path.home()}/.cache/tyr\n", str(Path.home())),
         ("experiments/results/r.json", '{"run": "/srv/runs/pipeline/x"}\n', '"/srv/runs/pipeline/x"'),
+        ("experiments/results/e.json", '{"error": "no repo \'/tmp/tyr-compat-ab12/padded\'"}\n', "/tmp/tyr-compat-ab12"),
         ("docs/notes.md", f"ran in {repo.resolve()}/runs\n", str(repo.resolve())),
     ]:
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
